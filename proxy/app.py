@@ -1,0 +1,54 @@
+"""Builds the aiohttp Application and wires the parts together; no request logic of its own.
+
+Background parts (the upstream connection pool for now; rule watcher and health checks later) start in
+`cleanup_ctx` generators and are closed after `yield`, so tests and `serve` share one lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from proxy.config.model import Snapshot
+from proxy.context import CONTEXT, ProxyContext
+from proxy.observe.metrics import Metrics
+from proxy.pipeline import handler
+from proxy.pipeline.errors import error_middleware
+from proxy.upstream.pool import ConnectionPool
+
+# Hard ceiling for aiohttp's own body reader; the configurable limit (`server.max_body_bytes`) is checked
+# per request in `pipeline/handler.py` so a reload can change it.
+CLIENT_MAX_SIZE = 1024 * 1024 * 1024
+
+
+def client_keys_from_env() -> list[str]:
+    """Client API keys accepted by the proxy: SPLITSTREAM_API_KEYS, comma-separated. Unset = open."""
+    return [k.strip() for k in os.environ.get("SPLITSTREAM_API_KEYS", "").split(",") if k.strip()]
+
+
+async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
+    context = app[CONTEXT]
+    context.pool = ConnectionPool(asyncio.get_running_loop())
+    yield
+    context.pool.close()
+
+
+def build_app(snapshot: Snapshot, metrics: Metrics | None = None, client_keys: list[str] | None = None) -> web.Application:
+    context = ProxyContext(
+        snapshot, metrics or Metrics(), client_keys if client_keys is not None else client_keys_from_env()
+    )
+    context.metrics.rules_generation.set(snapshot.generation)
+    context.metrics.rules_reloads_total.labels("success").inc()
+    app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
+    app[CONTEXT] = context
+    app.cleanup_ctx.append(_upstream_pool)
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        app.router.add_post(path, handler.inference)
+    app.router.add_get("/v1/models", handler.list_models)
+    app.router.add_get("/healthz", handler.healthz)
+    app.router.add_get("/readyz", handler.readyz)
+    app.router.add_get("/metrics", handler.metrics)
+    return app

@@ -1,0 +1,189 @@
+"""Command line: `splitstream serve | check | sim-backend | demo` (also `python -m proxy`).
+
+Parses arguments and runs the matching coroutine on uvloop; the work itself lives in `app.py`,
+`config/loader.py` and `sim/runtime.py`. `serve` drains on SIGTERM: it stops accepting, lets requests
+and streams in flight finish up to `server.drain_timeout`, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from proxy.app import build_app
+from proxy.config.loader import RulesError, load_rules
+from proxy.observe.logs import configure_logging
+from proxy.sim.runtime import SimConfig
+from proxy.sim.runtime import serve as serve_sim
+
+log = logging.getLogger("splitstream")
+
+DEMO_BACKENDS = (
+    (9101, ("llama-3.1-8b-instruct", "sim-embed")),
+    (9102, ("llama-3.2-3b-instruct", "sim-embed")),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitstream", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--rules", default="rules", help="directory of *.yaml rule files")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--redis", default=None, help="redis://host:port/db (default: embedded store)")
+
+    check = commands.add_parser("check", help="validate a rules directory and exit 0 (valid) or 1")
+    check.add_argument("rules")
+
+    sim = commands.add_parser("sim-backend", help="run a simulated OpenAI-compatible runtime")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, required=True)
+    sim.add_argument("--model", required=True, help="model name(s), comma-separated")
+    sim.add_argument("--tokens-per-second", type=float, default=50.0)
+    sim.add_argument("--ttft-ms", type=float, default=20.0)
+    sim.add_argument("--max-batch", type=int, default=16)
+    sim.add_argument("--fail-rate", type=float, default=0.0)
+    sim.add_argument("--stream-fail-rate", type=float, default=0.0)
+
+    demo = commands.add_parser("demo", help="two simulated runtimes and the proxy on the demo rules")
+    demo.add_argument("--rules", default="rules")
+    demo.add_argument("--port", type=int, default=8080)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    if args.command == "check":
+        return check(args.rules)
+    if args.command == "serve":
+        return uvloop.run(serve(args.rules, args.host, args.port))
+    if args.command == "sim-backend":
+        config = SimConfig(
+            models=tuple(m.strip() for m in args.model.split(",") if m.strip()),
+            tokens_per_second=args.tokens_per_second,
+            ttft_ms=args.ttft_ms,
+            max_batch=args.max_batch,
+            fail_rate=args.fail_rate,
+            stream_fail_rate=args.stream_fail_rate,
+        )
+        return uvloop.run(_run_until_signal(serve_sim(config, args.host, args.port)))
+    if args.command == "demo":
+        return uvloop.run(demo(args.rules, args.port))
+    raise AssertionError(args.command)
+
+
+def check(rules_dir: str) -> int:
+    try:
+        snapshot = load_rules(rules_dir)
+    except RulesError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        print(f"{rules_dir}: {len(exc.errors)} error(s)", file=sys.stderr)
+        return 1
+    print(f"{rules_dir}: ok ({len(snapshot.routes)} routes, {len(snapshot.pools)} pools, "
+          f"{len(snapshot.backends)} backends)")
+    return 0
+
+
+async def serve(rules_dir: str, host: str, port: int, ready: asyncio.Event | None = None) -> int:
+    try:
+        snapshot = load_rules(rules_dir, generation=1)
+    except RulesError as exc:
+        for line in exc.errors:
+            log.error("invalid rules: %s", line)
+        return 2
+    app = build_app(snapshot)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=snapshot.server.drain_timeout
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        await runner.cleanup()
+        return 2
+    log.info("splitstream listening on http://%s:%d (rules %s, generation %d)", host, port, rules_dir,
+             snapshot.generation)
+    if ready is not None:
+        ready.set()
+    await _wait_for_signal()
+    log.info("draining: no new connections; waiting up to %.0fs for requests in flight",
+             snapshot.server.drain_timeout)
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+async def demo(rules_dir: str, port: int) -> int:
+    sims = [
+        asyncio.create_task(serve_sim(SimConfig(models=models, tokens_per_second=40.0, ttft_ms=80.0), "127.0.0.1", p))
+        for p, models in DEMO_BACKENDS
+    ]
+    ready = asyncio.Event()
+    proxy = asyncio.create_task(serve(rules_dir, "127.0.0.1", port, ready))
+    waiting = asyncio.create_task(ready.wait())
+    await asyncio.wait({proxy, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.is_set():
+        _print_demo_help(port)
+    code = await proxy
+    waiting.cancel()
+    for task in sims:
+        task.cancel()
+    await asyncio.gather(*sims, return_exceptions=True)
+    return code
+
+
+def _print_demo_help(port: int) -> None:
+    base = f"http://127.0.0.1:{port}/v1"
+    print(f"""
+splitstream demo is running: base_url = {base}
+  simulated runtimes on 127.0.0.1:9101 and :9102; rules in rules/; metrics at http://127.0.0.1:{port}/metrics
+
+  curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "llama-3.1-8b", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='none'); \\
+print(c.chat.completions.create(model='llama-3.1-8b', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
+
+Ctrl-C (or SIGTERM) stops it.
+""", flush=True)
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _run_until_signal(coro: object) -> int:
+    task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    stopper = asyncio.ensure_future(_wait_for_signal())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, stopper):
+        pending.cancel()
+    await asyncio.gather(task, stopper, return_exceptions=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

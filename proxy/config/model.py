@@ -1,0 +1,141 @@
+"""The rule snapshot: immutable, fully resolved, built once per load by `config/loader.py`.
+
+Durations are float seconds, globs are compiled, names are resolved to objects, so the request path
+never parses or looks anything up by string. A snapshot is never edited: a reload builds a new one and
+`RulesHolder` swaps it in one assignment; a request reads `holder.current` once and keeps it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+BACKEND_KINDS = ("vllm", "llamacpp", "ollama", "tgi", "openai")
+BALANCE_POLICIES = ("least_cost", "least_conn", "round_robin")
+ENDPOINTS = ("chat", "completions", "embeddings")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-phase upstream limits in seconds (aiohttp `ClientTimeout` shape).
+
+    connect: opening a connection to the backend.
+    first_token: request sent → first byte of a streamed body (non-streamed bodies come whole, so for them
+        only `total` applies: the runtime sends nothing before it is done).
+    idle: gap between two chunks of a stream.
+    total: the whole exchange.
+    """
+
+    connect: float = 2.0
+    first_token: float = 60.0
+    idle: float = 30.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One runtime endpoint. `identity` decides whether live state carries over a reload."""
+
+    name: str
+    url: str
+    host: str
+    port: int
+    base_path: str  # '' or '/prefix' without trailing slash; request paths are appended
+    kind: str = "openai"
+    weight: float = 1.0
+    max_inflight: int = 0  # 0 = unlimited
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        return (self.name, self.url)
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """Backends serving one model. `model` is the name the runtime knows; None passes the client's through."""
+
+    name: str
+    backends: tuple[Backend, ...]
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """A weighted share of a route's traffic, served by one pool (Envoy: weighted cluster)."""
+
+    name: str
+    pool: Pool
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which requests (model globs, optional endpoints) go to which variants, with what limits."""
+
+    name: str
+    models: tuple[str, ...]  # patterns as written; fnmatch globs
+    model_pattern: re.Pattern[str]  # all patterns compiled into one
+    endpoints: tuple[str, ...]  # subset of ENDPOINTS; empty = all
+    variants: tuple[Variant, ...]
+    timeouts: Timeouts = Timeouts()
+    balance: str = "least_cost"
+    source: str = ""  # "file:line" where the route is defined, for messages
+
+    def matches(self, model: str, endpoint: str) -> bool:
+        if self.endpoints and endpoint not in self.endpoints:
+            return False
+        return self.model_pattern.fullmatch(model) is not None
+
+    @property
+    def advertised_models(self) -> tuple[str, ...]:
+        """Model names listed in /v1/models: the patterns that are plain names, not globs."""
+        return tuple(m for m in self.models if not any(c in m for c in "*?["))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Process-wide limits, from the optional `server:` block."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_inflight: int = 4096  # requests in flight in this process before 429
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the rule files say, merged. `files` is ((path, sha256), ...) for /admin/rules."""
+
+    backends: tuple[Backend, ...]
+    pools: tuple[Pool, ...]
+    routes: tuple[Route, ...]
+    server: ServerSettings = ServerSettings()
+    files: tuple[tuple[str, str], ...] = ()
+    generation: int = 0
+
+    def match(self, model: str, endpoint: str) -> Route | None:
+        """First route in file order whose patterns match; rule files decide precedence, not specificity."""
+        for route in self.routes:
+            if route.matches(model, endpoint):
+                return route
+        return None
+
+    @property
+    def advertised_models(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for route in self.routes:
+            for name in route.advertised_models:
+                seen.setdefault(name, None)
+        return tuple(seen)
+
+
+class RulesHolder:
+    """Holds the running snapshot; replacing it is one assignment, so readers never see half a reload."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.current = snapshot
+
+    def swap(self, snapshot: Snapshot) -> None:
+        self.current = snapshot

@@ -1,0 +1,67 @@
+"""The parts one proxy process shares between requests, under a typed app key (aiohttp `AppKey`).
+
+`app.py` builds one `ProxyContext` and stores it under `CONTEXT`; handlers read it from there. It holds
+parts, not logic: rules holder, connection pool, backend state, metrics, request-id source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from proxy.config.model import RulesHolder, Snapshot
+from proxy.observe.metrics import Metrics
+from proxy.upstream.pool import ConnectionPool
+from proxy.upstream.state import BackendState, BackendStates
+
+
+class RequestIds:
+    """Process-unique request ids: a random prefix and a counter (no uuid4 per request)."""
+
+    __slots__ = ("_prefix", "_counter")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = 0
+
+    def next(self) -> str:
+        self._counter += 1
+        return f"{self._prefix}-{self._counter:x}"
+
+
+def hash_api_key(key: str) -> str:
+    """A client key as stored and compared: its SHA-256, so keys never sit in memory dumps or logs."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ProxyContext:
+    """Shared parts of one proxy process. `pool` exists only while the app runs (see `app.py`)."""
+
+    __slots__ = ("rules", "metrics", "backends", "ids", "pool", "turns", "inflight", "client_key_hashes")
+
+    def __init__(self, snapshot: Snapshot, metrics: Metrics, client_keys: Iterable[str] = ()) -> None:
+        self.rules = RulesHolder(snapshot)
+        self.metrics = metrics
+        self.backends = BackendStates(self._mirror_state)
+        self.backends.sync(snapshot.backends)
+        self.ids = RequestIds()
+        self.pool: ConnectionPool | None = None
+        self.turns: dict[str, int] = {}  # per-pool request counter for round_robin
+        self.inflight = 0  # client requests being served by this process
+        self.client_key_hashes = frozenset(hash_api_key(k) for k in client_keys if k)
+
+    def next_turn(self, pool_name: str) -> int:
+        turn = self.turns.get(pool_name, 0)
+        self.turns[pool_name] = turn + 1
+        return turn
+
+    def _mirror_state(self, state: BackendState) -> None:
+        name = state.backend.name
+        self.metrics.upstream_inflight.labels(name).set(state.inflight)
+        self.metrics.upstream_predicted_load.labels(name).set(state.predicted_load)
+
+
+CONTEXT = web.AppKey("CONTEXT", ProxyContext)

@@ -1,0 +1,123 @@
+"""Every error a client can see, as one tree; each class carries its HTTP status, OpenAI `type` and `code`.
+
+Raise these anywhere on the request path; `pipeline/errors.py` renders them once, as a JSON body before
+the response started or as an SSE `error` event after. Nothing else builds an error body.
+
+    SplitstreamError                      500 server_error / internal_error
+    ├── InvalidRequestError               400 invalid_request_error
+    │   ├── MalformedBodyError            400 ... / invalid_json
+    │   ├── ContentTypeError              400 ... / invalid_content_type
+    │   ├── BodyTooLargeError             413 ... / body_too_large
+    │   ├── UnknownModelError             404 ... / model_not_found
+    │   └── UnknownPathError              404 ... / unknown_url
+    ├── ClientAuthError                   401 authentication_error / invalid_api_key
+    ├── OverloadedError                   429 rate_limit_error / overloaded  (+ Retry-After)
+    └── UpstreamError                     502 api_error / upstream_error
+        ├── BackendConnectError           502 ... / backend_unreachable     reason=connect
+        ├── BackendStatusError            502 ... / backend_error           reason=status_5xx
+        ├── BackendResetError             502 ... / backend_reset           reason=reset
+        ├── BackendProtocolError          502 ... / backend_protocol_error  reason=protocol
+        ├── BackendTimeoutError           504 timeout_error / backend_timeout  reason=timeout
+        └── NoHealthyBackendError         503 api_error / no_healthy_backend
+"""
+
+from __future__ import annotations
+
+
+class SplitstreamError(Exception):
+    """Root of the tree. `reason` is the closed label set of `upstream_errors_total`."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+    reason: str | None = None
+    retry_after: float | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(SplitstreamError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class MalformedBodyError(InvalidRequestError):
+    code = "invalid_json"
+
+
+class ContentTypeError(InvalidRequestError):
+    code = "invalid_content_type"
+
+
+class BodyTooLargeError(InvalidRequestError):
+    status = 413
+    code = "body_too_large"
+
+
+class UnknownModelError(InvalidRequestError):
+    status = 404
+    code = "model_not_found"
+
+
+class UnknownPathError(InvalidRequestError):
+    status = 404
+    code = "unknown_url"
+
+
+class ClientAuthError(SplitstreamError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class OverloadedError(SplitstreamError):
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamError(SplitstreamError):
+    """The runtime failed us. Raised only by `pipeline/forward.py` and `upstream/`."""
+
+    status = 502
+    type = "api_error"
+    code = "upstream_error"
+
+
+class BackendConnectError(UpstreamError):
+    code = "backend_unreachable"
+    reason = "connect"
+
+
+class BackendStatusError(UpstreamError):
+    code = "backend_error"
+    reason = "status_5xx"
+
+
+class BackendResetError(UpstreamError):
+    code = "backend_reset"
+    reason = "reset"
+
+
+class BackendProtocolError(UpstreamError):
+    code = "backend_protocol_error"
+    reason = "protocol"
+
+
+class BackendTimeoutError(UpstreamError):
+    status = 504
+    type = "timeout_error"
+    code = "backend_timeout"
+    reason = "timeout"
+
+
+class NoHealthyBackendError(UpstreamError):
+    status = 503
+    code = "no_healthy_backend"

@@ -1,0 +1,1 @@
+"""Metrics (the contract in shared/DESIGN.md) and structured per-request logs."""

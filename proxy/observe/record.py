@@ -1,0 +1,84 @@
+"""The per-request record: filled in along the path, written once at the end as one log line and metrics.
+
+Holds ids, names, sizes, timings and token counts — never prompt or completion text. Created and
+finished by the error middleware (`pipeline/errors.py`), so every request is recorded exactly once,
+whichever way it ended (answer, error, client gone).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+
+from proxy.observe.metrics import Metrics, status_class
+
+access_log = logging.getLogger("splitstream.access")
+
+NONE = "none"  # label value when a request ended before a route/variant/backend was chosen
+
+# Status logged for a client that went away before the answer was complete (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+class RequestRecord:
+    """Mutable facts about one request; label fields default to NONE until the pipeline knows them."""
+
+    __slots__ = (
+        "request_id", "method", "path", "started", "route", "variant", "backend", "status",
+        "bytes_in", "bytes_out", "prompt_tokens", "completion_tokens", "ttft", "stream", "error", "attempts",
+    )
+
+    def __init__(self, request_id: str, method: str, path: str, started: float) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.path = path
+        self.started = started
+        self.route = NONE
+        self.variant = NONE
+        self.backend = NONE
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.ttft: float | None = None
+        self.stream = False
+        self.error: str | None = None  # error code, never a message that could echo client text
+        self.attempts = 0
+
+
+def finish(record: RequestRecord, metrics: Metrics, now: float) -> None:
+    """Write the access-log line and the request metrics."""
+    duration = now - record.started
+    if record.route is not NONE:
+        labels = (record.route, record.variant, record.backend)
+        metrics.requests_total.labels(*labels, status_class(record.status)).inc()
+        metrics.request_duration.labels(*labels).observe(duration)
+        if record.ttft is not None:
+            metrics.ttft.labels(*labels).observe(record.ttft)
+        if record.prompt_tokens:
+            metrics.tokens_total.labels(*labels, "prompt").inc(record.prompt_tokens)
+        if record.completion_tokens:
+            metrics.tokens_total.labels(*labels, "completion").inc(record.completion_tokens)
+    elif record.path.startswith("/v1/"):
+        metrics.requests_total.labels(NONE, NONE, NONE, status_class(record.status)).inc()
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(orjson.dumps({
+            "request_id": record.request_id,
+            "method": record.method,
+            "path": record.path,
+            "route": record.route,
+            "variant": record.variant,
+            "backend": record.backend,
+            "status": record.status,
+            "stream": record.stream,
+            "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out,
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "ttft_ms": None if record.ttft is None else round(record.ttft * 1000, 3),
+            "duration_ms": round(duration * 1000, 3),
+            "attempts": record.attempts,
+            "error": record.error,
+        }).decode())

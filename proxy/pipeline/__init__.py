@@ -1,0 +1,1 @@
+"""The request path, one module per stage: request view, routing, forward, relay."""

@@ -1,0 +1,118 @@
+"""Forward: send the upstream request on a pooled connection and wait for the runtime's answer to begin.
+
+Owns the upstream request bytes (client keys never go out: the backend's own key or none), the retry of
+a stale keep-alive connection, the phase deadlines, and turning runtime 5xx answers into our errors.
+Everything here happens before a byte reaches the client; relaying the body is `pipeline/relay.py`.
+"""
+
+from __future__ import annotations
+
+from proxy.config.model import Backend, Timeouts
+from proxy.errors import BackendResetError, BackendStatusError, UpstreamError
+from proxy.observe.metrics import Metrics
+from proxy.upstream.connection import UpstreamConnection
+from proxy.upstream.pool import ConnectionPool
+
+# A runtime's error body is read to free the connection; it is not relayed, so it is not read forever.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+
+
+def build_request(backend: Backend, path: str, body: bytes, request_id: str, stream: bool) -> bytes:
+    """Request head and body in one buffer. Only these headers go upstream: nothing of the client's."""
+    auth = f"Authorization: Bearer {backend.api_key}\r\n" if backend.api_key else ""
+    accept = "text/event-stream" if stream else "application/json"
+    head = (
+        f"POST {backend.base_path}{path} HTTP/1.1\r\n"
+        f"Host: {backend.host}:{backend.port}\r\n"
+        f"Content-Type: application/json\r\n"
+        f"Accept: {accept}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"X-Request-Id: {request_id}\r\n"
+        f"{auth}\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+class Deadlines:
+    """Absolute loop times for each phase, all capped by the total (aiohttp `ClientTimeout` semantics)."""
+
+    __slots__ = ("timeouts", "total")
+
+    def __init__(self, timeouts: Timeouts, started: float) -> None:
+        self.timeouts = timeouts
+        self.total = started + timeouts.total
+
+    def connect(self, now: float) -> float:
+        return max(0.0, min(self.timeouts.connect, self.total - now))
+
+    def first_token(self, now: float) -> float:
+        return min(now + self.timeouts.first_token, self.total)
+
+    def idle(self, now: float) -> float:
+        return min(now + self.timeouts.idle, self.total)
+
+
+async def open_exchange(
+    pool: ConnectionPool,
+    backend: Backend,
+    request_bytes: bytes,
+    deadlines: Deadlines,
+    now: float,
+    stream: bool,
+    metrics: Metrics,
+) -> UpstreamConnection:
+    """A connection whose response head has arrived with a status below 500.
+
+    A reused keep-alive connection that the runtime closed before answering is retried once on a new
+    connection (the close raced our request). Runtime 5xx answers raise `BackendStatusError`.
+    """
+    try:
+        conn = await _exchange(pool, backend, request_bytes, deadlines, now, stream)
+    except UpstreamError as exc:
+        metrics.count_upstream_error(backend.name, exc)
+        raise
+    if conn.status >= 500:
+        status = conn.status
+        await _discard_body(conn, deadlines)
+        pool.release(conn)
+        error = BackendStatusError(f"The backend '{backend.name}' answered HTTP {status}.")
+        metrics.count_upstream_error(backend.name, error)
+        raise error
+    return conn
+
+
+async def _exchange(
+    pool: ConnectionPool, backend: Backend, request_bytes: bytes, deadlines: Deadlines, now: float, stream: bool
+) -> UpstreamConnection:
+    head_deadline = deadlines.first_token(now) if stream else deadlines.total
+    phase = "first_token" if stream else "total"
+    for attempt in (0, 1):
+        conn, reused = await pool.acquire(backend.host, backend.port, deadlines.connect(now))
+        done = False
+        try:
+            conn.start(request_bytes)
+            await conn.read_head(head_deadline, phase)
+            done = True
+            return conn
+        except BackendResetError:
+            if reused and not conn.received_any and attempt == 0:
+                continue  # stale keep-alive connection: the runtime never saw this request
+            raise
+        finally:
+            if not done:
+                conn.abort()
+    raise AssertionError("unreachable")
+
+
+async def _discard_body(conn: UpstreamConnection, deadlines: Deadlines) -> None:
+    """Read a small error body so the connection can be reused; give up on anything else."""
+    read = 0
+    try:
+        while read <= MAX_ERROR_BODY_BYTES:
+            chunk = await conn.read_chunk(deadlines.total, "total")
+            if chunk is None:
+                return
+            read += len(chunk)
+    except UpstreamError:
+        pass  # the status already says the backend failed; pool.release drops this connection
+    conn.abort()

@@ -1,0 +1,174 @@
+"""HTTP handlers: the inference endpoints walk the pipeline stages in order; the rest answer from state.
+
+inference: read body → parse (once) → route → variant → backend lease → forward → relay → release.
+Each stage lives in its own module; this one only sequences them and owns the lease and connection
+lifetimes (`finally`), so load and connections are given back however a request ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from proxy.config.model import Pool, Route, Snapshot, Variant
+from proxy.context import CONTEXT, ProxyContext, hash_api_key
+from proxy.errors import (
+    BodyTooLargeError,
+    ClientAuthError,
+    ContentTypeError,
+    OverloadedError,
+    UnknownModelError,
+    UpstreamError,
+)
+from proxy.observe.record import RequestRecord
+from proxy.pipeline import request as request_view
+from proxy.pipeline.balancer import pick_backend, predict_cost
+from proxy.pipeline.errors import RECORD
+from proxy.pipeline.forward import Deadlines, build_request, open_exchange
+from proxy.pipeline.relay import is_event_stream, relay_body, relay_stream
+from proxy.upstream.probe import is_reachable
+from proxy.upstream.state import Lease
+
+
+def check_client_key(context: ProxyContext, request: web.Request) -> None:
+    """When client keys are configured (SPLITSTREAM_API_KEYS), require one of them as a Bearer token."""
+    if not context.client_key_hashes:
+        return
+    auth = request.headers.get("Authorization", "")
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or hash_api_key(key.strip()) not in context.client_key_hashes:
+        raise ClientAuthError("Incorrect API key provided.")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing anything over `limit` before reading it when the length is announced."""
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None and "json" not in content_type.lower():
+        raise ContentTypeError(f"Unsupported Content-Type '{content_type[:64]}': send application/json.")
+    length = request.content_length
+    too_large = BodyTooLargeError(f"The request body is larger than the limit of {limit} bytes.")
+    if length is not None:
+        if length > limit:
+            raise too_large
+        return await request.read()
+    parts = []
+    size = 0
+    async for part in request.content.iter_any():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        parts.append(part)
+    return b"".join(parts)
+
+
+def choose_variant(route: Route) -> Variant:
+    """The variant serving this request. Split policy (weights, sticky subjects) comes with the split issue."""
+    return route.variants[0]
+
+
+def lease_backend(context: ProxyContext, pool: Pool, route: Route, cost: float) -> Lease:
+    states = [context.backends.get(b) for b in pool.backends]
+    state = pick_backend(states, route.balance, context.next_turn(pool.name))
+    if state is None:
+        raise OverloadedError(f"Every backend of pool '{pool.name}' is at its max_inflight limit.")
+    return state.lease(cost)
+
+
+async def inference(request: web.Request) -> web.StreamResponse:
+    context = request.app[CONTEXT]
+    record = request[RECORD]
+    snapshot = context.rules.current  # read once: this request finishes on these rules
+    if context.inflight >= snapshot.server.max_inflight:
+        raise OverloadedError("splitstream is at its limit of requests in flight; retry shortly.")
+    check_client_key(context, request)
+    context.inflight += 1
+    try:
+        return await _serve(request, context, snapshot, record)
+    finally:
+        context.inflight -= 1
+
+
+async def _serve(
+    request: web.Request, context: ProxyContext, snapshot: Snapshot, record: RequestRecord
+) -> web.StreamResponse:
+    body = await read_body(request, snapshot.server.max_body_bytes)
+    record.bytes_in = len(body)
+    view = request_view.parse(request_view.ENDPOINT_BY_PATH[request.path], body)
+    route = snapshot.match(view.model, view.endpoint)
+    if route is None:
+        raise UnknownModelError(f"The model `{view.model[:256]}` does not exist or no route serves it.")
+    variant = choose_variant(route)
+    pool = variant.pool
+    record.route, record.variant = route.name, variant.name
+    payload = view.upstream_body(pool.model)
+    lease = lease_backend(context, pool, route, predict_cost(len(body), view.max_tokens))
+    backend = lease.state.backend
+    record.backend = backend.name
+    assert context.pool is not None
+    loop_time = asyncio.get_running_loop().time
+    deadlines = Deadlines(route.timeouts, record.started)
+    try:
+        record.attempts = 1
+        conn = await open_exchange(
+            context.pool,
+            backend,
+            build_request(backend, request.path, payload, record.request_id, view.is_stream),
+            deadlines,
+            loop_time(),
+            view.is_stream,
+            context.metrics,
+        )
+        try:
+            if view.is_stream and conn.status == 200 and is_event_stream(conn.headers):
+                return await relay_stream(request, conn, view, deadlines, record, context.metrics, loop_time)
+            return await relay_body(conn, deadlines, record)
+        except UpstreamError as exc:  # failed before anything reached the client
+            context.metrics.count_upstream_error(backend.name, exc)
+            raise
+        finally:
+            context.pool.release(conn)
+    finally:
+        lease.release()
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The models clients may ask for: plain (non-glob) names from the routes' match patterns."""
+    context = request.app[CONTEXT]
+    check_client_key(context, request)
+    created = int(time.time())
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "splitstream"}
+        for name in context.rules.current.advertised_models
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Says nothing about backends (that is /readyz)."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: rules are loaded and every route has at least one backend that answers its probe."""
+    context = request.app[CONTEXT]
+    snapshot = context.rules.current
+    assert context.pool is not None
+    backends = {b.identity: b for route in snapshot.routes for v in route.variants for b in v.pool.backends}
+    results = dict(zip(backends, await asyncio.gather(*(is_reachable(b) for b in backends.values())), strict=True))
+    unready = [
+        route.name
+        for route in snapshot.routes
+        if not any(results[b.identity] for v in route.variants for b in v.pool.backends)
+    ]
+    body = {"status": "ready" if not unready else "unready", "generation": snapshot.generation,
+            "routes_without_backend": unready}
+    return web.json_response(body, status=200 if not unready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[CONTEXT].metrics.exposition(request.headers.get("Accept"))
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type  # carries a `;` that content_type= would reject
+    return response

@@ -1,0 +1,70 @@
+"""The request view: the client's body parsed once, and the upstream body derived from it.
+
+Parsing happens here and nowhere else (orjson, once). The upstream body is the client's bytes untouched
+unless something must change (the model name, or `stream_options.include_usage` for a stream); then it is
+re-serialised once. Pure: no aiohttp, no I/O — `pipeline/handler.py` reads the bytes and calls `parse`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.errors import InvalidRequestError, MalformedBodyError
+
+# Client path → endpoint name used in rules (`match.endpoints`) and logs.
+ENDPOINT_BY_PATH = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+
+
+class RequestView:
+    """What the pipeline needs to know about one client request; `body` is kept for untouched forwarding."""
+
+    __slots__ = ("endpoint", "body", "data", "model", "is_stream", "wants_usage", "max_tokens")
+
+    def __init__(self, endpoint: str, body: bytes, data: dict[str, Any], model: str) -> None:
+        self.endpoint = endpoint
+        self.body = body
+        self.data = data
+        self.model = model
+        self.is_stream = data.get("stream") is True
+        options = data.get("stream_options")
+        self.wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+        self.max_tokens = max_tokens if type(max_tokens) is int and max_tokens > 0 else None
+
+    def upstream_body(self, pool_model: str | None) -> bytes:
+        """Bytes for the runtime: the model renamed, usage requested for streams, nothing else touched."""
+        rename = pool_model is not None and pool_model != self.model
+        add_usage = self.is_stream and not self.wants_usage
+        if not rename and not add_usage:
+            return self.body
+        data = dict(self.data)
+        if rename:
+            data["model"] = pool_model
+        if add_usage:
+            options = self.data.get("stream_options")
+            data["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {
+                "include_usage": True
+            }
+        return orjson.dumps(data)
+
+
+def parse(endpoint: str, body: bytes) -> RequestView:
+    """Validate the parts splitstream relies on; everything else is the runtime's business."""
+    if not body:
+        raise MalformedBodyError("We could not parse the JSON body of your request: the body is empty.")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBodyError(f"We could not parse the JSON body of your request: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedBodyError("The request body must be a JSON object.")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("You must provide a model parameter (a non-empty string).")
+    return RequestView(endpoint, body, data, model)

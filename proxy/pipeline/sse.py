@@ -1,0 +1,120 @@
+"""Server-sent events as they pass through: find the usage chunk, drop it if the client did not ask for it.
+
+Sans-I/O (h11 style): bytes in, bytes out, no sockets. The relay never re-frames: in pass-through mode it
+returns each network chunk exactly as received; when it must strip the usage chunk it returns whole events
+and holds back only an incomplete trailing event (runtimes flush whole events, so that is normally
+nothing). Usage is read from the one event that carries it, so the JSON of token chunks is never parsed.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+USAGE_KEY = b'"usage"'
+
+
+def find_usage_object(data: bytes) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) from the last `"usage": {...}` in a JSON text, else None.
+
+    Scans from the end: the usage object of a completion comes last, and an embeddings body can be
+    megabytes of floats that are not worth parsing.
+    """
+    at = data.rfind(USAGE_KEY)
+    while at >= 0:
+        start = at + len(USAGE_KEY)
+        while start < len(data) and data[start] in b" \t\r\n:":
+            start += 1
+        if start < len(data) and data[start] == 0x7B:  # '{'
+            end = _matching_brace(data, start)
+            if end > 0:
+                try:
+                    usage = orjson.loads(data[start:end])
+                except orjson.JSONDecodeError:
+                    return None
+                if isinstance(usage, dict):
+                    return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+            return None
+        at = data.rfind(USAGE_KEY, 0, at)
+    return None
+
+
+def _matching_brace(data: bytes, start: int) -> int:
+    """Index after the '}' closing the '{' at `start`, or -1. Usage objects hold no strings with braces."""
+    depth = 0
+    for i in range(start, min(len(data), start + 4096)):
+        c = data[i]
+        if c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return -1
+
+
+def _int(value: object) -> int:
+    return value if type(value) is int else 0
+
+
+def _last_event_end(data: bytes) -> int:
+    """Index just after the last complete event (blank line: LF LF or CRLF CRLF), or -1."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    if lf < 0 and crlf < 0:
+        return -1
+    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
+
+
+def is_usage_event(event: bytes) -> bool:
+    """An event whose usage is an object (the final usage chunk), not `"usage": null` of token chunks."""
+    at = event.find(USAGE_KEY)
+    while at >= 0:
+        rest = event[at + len(USAGE_KEY) : at + len(USAGE_KEY) + 8].lstrip(b" \t:")
+        if rest.startswith(b"{"):
+            return True
+        at = event.find(USAGE_KEY, at + 1)
+    return False
+
+
+class SseRelay:
+    """Feeds upstream body chunks through; records usage; strips the usage event when asked to."""
+
+    __slots__ = ("strip_usage", "usage", "_tail")
+
+    def __init__(self, strip_usage: bool) -> None:
+        self.strip_usage = strip_usage
+        self.usage: tuple[int, int] | None = None
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to send to the client now (possibly empty)."""
+        data = self._tail + chunk if self._tail else chunk
+        end = _last_event_end(data)
+        if end < 0:
+            self._tail = data
+            return b"" if self.strip_usage else chunk
+        complete = data[:end]
+        self._tail = data[end:]
+        if USAGE_KEY in complete:
+            complete = self._take_usage(complete)
+        return complete if self.strip_usage else chunk
+
+    def finish(self) -> bytes:
+        """What is left at the end of the upstream body (an unterminated last event)."""
+        tail, self._tail = self._tail, b""
+        if tail and USAGE_KEY in tail:
+            kept = self._take_usage(tail)
+            return kept if self.strip_usage else b""
+        return tail if self.strip_usage else b""
+
+    def _take_usage(self, complete: bytes) -> bytes:
+        events = complete.split(b"\n\n") if b"\r\n\r\n" not in complete else complete.split(b"\r\n\r\n")
+        sep = b"\n\n" if b"\r\n\r\n" not in complete else b"\r\n\r\n"
+        kept = []
+        for event in events:
+            if event and is_usage_event(event):
+                self.usage = find_usage_object(event)
+                if self.strip_usage:
+                    continue
+            kept.append(event)
+        return sep.join(kept)

@@ -1,0 +1,565 @@
+"""A simulated OpenAI-compatible LLM runtime that speaks vLLM's HTTP protocol without a GPU.
+
+Integration tests, the demo and the benchmarks need an upstream with real wire behaviour (SSE framing,
+batch queueing, mid-stream crashes, client-disconnect cancellation) and controllable timing. With
+`ttft_ms=0, tokens_per_second=0` it never sleeps, so the per-request path is kept lean for benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import math
+import random
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import orjson
+from aiohttp import web
+
+__all__ = ["Pacer", "SimConfig", "SimRuntime", "SimStats", "serve"]
+
+# 64 one-word tokens; a token is a word followed by a space so token count == word count.
+_WORDS: Final[tuple[str, ...]] = tuple(
+    w + " "
+    for w in (
+        "the of and to in is that for it as with was on be by at this from or an are not but all have "
+        "one can more when will would there their what about which out up time into only other some "
+        "could these two may first then do any like my now over such our man me even most made after "
+        "also"
+    ).split()
+)
+assert len(_WORDS) == 64
+
+_JSON: Final = "application/json"
+_SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_DONE: Final = b"data: [DONE]\n\n"
+_OWNER: Final = "splitstream-sim"
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Knobs of one simulated runtime; the defaults look like a small model on one GPU."""
+
+    models: tuple[str, ...] = ("sim-model",)
+    tokens_per_second: float = 50.0  # decode speed per running request; 0 = no delay between tokens
+    ttft_ms: float = 20.0  # base time to first token
+    prefill_tokens_per_second: float = 20000.0  # TTFT grows by prompt_tokens / this (0 = no growth)
+    max_batch: int = 16  # requests generating at once; the rest wait FIFO (vLLM "waiting")
+    fail_rate: float = 0.0  # share of requests answered 500 with an OpenAI error body
+    stream_fail_rate: float = 0.0  # share of streams cut mid-way (transport aborted after some chunks)
+    default_max_tokens: int = 32  # completion length when the request has no max_tokens
+    embedding_dim: int = 8
+    seed: int | None = None  # RNG seed for failure draws and non-deterministic text
+
+
+@dataclass(slots=True)
+class SimStats:
+    """Live counters; tests read them to observe what the proxy did to the upstream."""
+
+    requests: int = 0  # inference requests received (chat, completions, embeddings)
+    running: int = 0
+    waiting: int = 0
+    completed: int = 0
+    failed: int = 0  # injected 500s
+    cut: int = 0  # injected stream cuts
+    cancelled: int = 0  # client (the proxy) went away before the response was complete
+
+
+class Pacer(Protocol):
+    """Awaited before emitting token `index` (0-based) of request `request_id`; replaces all sleeping."""
+
+    async def __call__(self, request_id: str, index: int) -> None: ...
+
+
+class _Headers(dict[str, str]):
+    """Request headers with case-insensitive lookup (RFC 9110): keys are stored lower-cased.
+
+    Clients re-case names on the wire (aiohttp sends `X-Request-Id` as `X-Request-ID`), so tests must
+    be able to ask for a header in any case.
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> str:
+        return dict.__getitem__(self, key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and dict.__contains__(self, key.lower())
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self, key.lower(), default)
+
+
+class _BadRequest(Exception):
+    """Validation failure, turned into an OpenAI error body by the handler."""
+
+    __slots__ = ("status", "type", "code", "message")
+
+    def __init__(self, status: int, message: str, type_: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+
+
+@dataclass(slots=True)
+class _Job:
+    """One parsed generation request."""
+
+    chat: bool
+    model: str
+    rid: str
+    created: int
+    prompt_tokens: int
+    tokens: list[str]
+    include_usage: bool = False
+
+
+def _error(status: int, message: str, type_: str, code: str) -> web.Response:
+    body = orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+    return web.Response(status=status, body=body, content_type=_JSON)
+
+
+def _invalid(message: str, code: str = "invalid_request") -> _BadRequest:
+    return _BadRequest(400, message, "invalid_request_error", code)
+
+
+def _content_chars(content: Any) -> int:
+    """Characters of a chat message content: a string, or a list of parts whose `text` counts."""
+    if isinstance(content, str):
+        return len(content)
+    if content is None:
+        return 0
+    if isinstance(content, list):
+        return sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    raise _invalid("message content must be a string, a list of content parts or null")
+
+
+def _chat_prompt_tokens(messages: Any) -> int:
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("`messages` must be a non-empty list")
+    chars = 0
+    for m in messages:
+        if not isinstance(m, dict):
+            raise _invalid("each message must be an object")
+        chars += _content_chars(m.get("content"))
+    return max(1, chars // 4) + 4 * len(messages)
+
+
+def _completion_prompt_tokens(prompt: Any) -> int:
+    if isinstance(prompt, str):
+        return max(1, len(prompt) // 4)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return max(1, sum(len(p) for p in prompt) // 4)
+    raise _invalid("`prompt` must be a string or a non-empty list of strings")
+
+
+def _max_tokens(body: dict[str, Any], default: int) -> int:
+    n = body.get("max_tokens")
+    if n is None:
+        n = body.get("max_completion_tokens")
+    if n is None:
+        return default
+    if type(n) is not int or n < 1:
+        raise _invalid("`max_tokens` must be a positive integer")
+    return n
+
+
+def _seeded_rng(*parts: Any) -> random.Random:
+    """An RNG seeded from the request's content, so temperature 0 gives the same text every time."""
+    digest = hashlib.blake2b(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def _embedding(text: str, dim: int) -> list[float]:
+    """A unit vector derived from the text only: same input, same vector, across runs and processes."""
+    rng = _seeded_rng(text)
+    vec = [rng.gauss(0.0, 1.0) for _ in range(dim)]
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [v / norm for v in vec]
+
+
+class SimRuntime:
+    """One simulated runtime: its config, live stats, batch slots and the aiohttp app serving it."""
+
+    __slots__ = (
+        "config",
+        "stats",
+        "last_headers",
+        "last_body",
+        "cancelled_event",
+        "_pacer",
+        "_rng",
+        "_seq",
+        "_free",
+        "_waiters",
+        "_ttft",
+        "_gap",
+        "_metric_label",
+    )
+
+    def __init__(self, config: SimConfig, pacer: Pacer | None = None) -> None:
+        if config.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if not config.models:
+            raise ValueError("at least one model is required")
+        self.config = config
+        self.stats = SimStats()
+        self.last_headers: dict[str, str] | None = None
+        self.last_body: dict[str, Any] | None = None
+        self.cancelled_event = asyncio.Event()
+        self._pacer = pacer
+        self._rng = random.Random(config.seed)
+        self._seq = 0
+        self._free = config.max_batch
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._ttft = config.ttft_ms / 1000.0
+        self._gap = 1.0 / config.tokens_per_second if config.tokens_per_second > 0 else 0.0
+        self._metric_label = orjson.dumps(config.models[0]).decode()
+
+    def build_app(self) -> web.Application:
+        """The aiohttp app; serve it with `handler_cancellation=True` so disconnects cancel handlers."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    # ---- batch slots: a FIFO hand-off so a freed slot goes to the oldest waiter, never to a newcomer
+
+    async def _acquire(self) -> None:
+        stats = self.stats
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            stats.running += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        stats.waiting += 1
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.cancelled():  # still queued (or popped after cancel): leave the queue
+                stats.waiting -= 1
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            else:  # a slot was handed over just before the cancel: pass it on
+                self._release()
+            raise
+
+    def _release(self) -> None:
+        stats = self.stats
+        stats.running -= 1
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                stats.waiting -= 1
+                stats.running += 1
+                fut.set_result(None)
+                return
+        self._free += 1
+
+    # ---- pacing
+
+    def _ttft_for(self, prompt_tokens: int) -> float:
+        pps = self.config.prefill_tokens_per_second
+        return self._ttft + (prompt_tokens / pps if pps > 0 else 0.0)
+
+    async def _pace(self, rid: str, index: int, prompt_tokens: int) -> None:
+        """Wait before token `index`: the custom pacer if any, else TTFT before token 0, a gap after."""
+        if self._pacer is not None:
+            await self._pacer(rid, index)
+            return
+        delay = self._ttft_for(prompt_tokens) if index == 0 else self._gap
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _pace_all(self, job: _Job) -> None:
+        """Pace a whole non-streamed generation; with the default pacer this is one sleep, not n."""
+        if self._pacer is not None:
+            for i in range(len(job.tokens)):
+                await self._pacer(job.rid, i)
+            return
+        delay = self._ttft_for(job.prompt_tokens) + self._gap * (len(job.tokens) - 1)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    # ---- common request handling
+
+    def _note_cancel(self) -> None:
+        self.stats.cancelled += 1
+        self.cancelled_event.set()
+
+    async def _read_json(self, request: web.Request) -> dict[str, Any]:
+        self.stats.requests += 1
+        self.last_headers = _Headers((k.lower(), v) for k, v in request.headers.items())
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise _invalid("request body is not valid JSON", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise _invalid("request body must be a JSON object", "invalid_json")
+        self.last_body = body
+        model = body.get("model")
+        if not isinstance(model, str) or model not in self.config.models:
+            raise _BadRequest(
+                404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found"
+            )
+        return body
+
+    def _draw_failure(self) -> bool:
+        rate = self.config.fail_rate
+        if rate > 0 and self._rng.random() < rate:
+            self.stats.failed += 1
+            return True
+        return False
+
+    def _parse_generation(self, body: dict[str, Any], chat: bool) -> _Job:
+        if chat:
+            source = body.get("messages")
+            prompt_tokens = _chat_prompt_tokens(source)
+        else:
+            source = body.get("prompt")
+            prompt_tokens = _completion_prompt_tokens(source)
+        n = _max_tokens(body, self.config.default_max_tokens)
+        model: str = body["model"]
+        rng = _seeded_rng(model, source, n) if body.get("temperature") == 0 else self._rng
+        self._seq += 1
+        opts = body.get("stream_options")
+        return _Job(
+            chat=chat,
+            model=model,
+            rid=f"{'chatcmpl' if chat else 'cmpl'}-{self._seq}",
+            created=int(time.time()),
+            prompt_tokens=prompt_tokens,
+            tokens=rng.choices(_WORDS, k=n),
+            include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
+        )
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            try:
+                body = await self._read_json(request)
+                job = self._parse_generation(body, chat)
+            except _BadRequest as e:
+                return _error(e.status, e.message, e.type, e.code)
+            if self._draw_failure():
+                return _error(500, "simulated backend failure", "server_error", "internal_error")
+            if body.get("stream") is True:
+                return await self._stream(request, job)
+            await self._acquire()
+            try:
+                await self._pace_all(job)
+            finally:
+                self._release()
+            self.stats.completed += 1
+            return web.Response(body=orjson.dumps(_full_body(job)), content_type=_JSON)
+        except asyncio.CancelledError:
+            self._note_cancel()
+            raise
+
+    async def _stream(self, request: web.Request, job: _Job) -> web.StreamResponse:
+        """One SSE event per token, each its own write, so an unbuffered relay is observable."""
+        n = len(job.tokens)
+        rate = self.config.stream_fail_rate
+        cut_after = max(1, n // 2) if rate > 0 and self._rng.random() < rate else 0
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        try:
+            await resp.prepare(request)
+            await self._acquire()
+            try:
+                for i, token in enumerate(job.tokens):
+                    await self._pace(job.rid, i, job.prompt_tokens)
+                    await resp.write(_sse(_chunk(job, i, token, i == n - 1)))
+                    if i + 1 == cut_after:
+                        self._cut(request)
+                        return resp
+                if job.include_usage:
+                    await resp.write(_sse(_usage_chunk(job)))
+                await resp.write(_DONE)
+            finally:
+                self._release()
+            await resp.write_eof()
+        except ConnectionError:  # the write noticed the client left before the cancellation arrived
+            self._note_cancel()
+            return resp
+        self.stats.completed += 1
+        return resp
+
+    def _cut(self, request: web.Request) -> None:
+        """Crash mid-stream: drop the connection with no [DONE] and no chunked terminator."""
+        self.stats.cut += 1
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        try:
+            try:
+                body = await self._read_json(request)
+                texts = _embedding_inputs(body.get("input"))
+                fmt = body.get("encoding_format", "float")
+                if fmt not in ("float", "base64"):
+                    raise _invalid("`encoding_format` must be 'float' or 'base64'")
+            except _BadRequest as e:
+                return _error(e.status, e.message, e.type, e.code)
+            if self._draw_failure():
+                return _error(500, "simulated backend failure", "server_error", "internal_error")
+            prompt_tokens = sum(max(1, len(t) // 4) for t in texts)
+            self._seq += 1
+            await self._acquire()
+            try:
+                await self._pace(f"embd-{self._seq}", 0, prompt_tokens)
+            finally:
+                self._release()
+            dim = self.config.embedding_dim
+            data = [
+                {"object": "embedding", "index": i, "embedding": _encode(_embedding(t, dim), fmt)}
+                for i, t in enumerate(texts)
+            ]
+            out = {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            }
+            self.stats.completed += 1
+            return web.Response(body=orjson.dumps(out), content_type=_JSON)
+        except asyncio.CancelledError:
+            self._note_cancel()
+            raise
+
+    # ---- control endpoints
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": _OWNER} for m in self.config.models]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=_JSON)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        """vLLM's gauge names, written by hand: several sims can share a process, so no global registry."""
+        label = f"{{model_name={self._metric_label}}}"
+        s = self.stats
+        text = (
+            "# HELP vllm:num_requests_running Number of requests currently generating.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{label} {s.running}\n"
+            "# HELP vllm:num_requests_waiting Number of requests waiting for a batch slot.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{label} {s.waiting}\n"
+            "# HELP vllm:request_success_total Requests answered in full.\n"
+            "# TYPE vllm:request_success_total counter\n"
+            f"vllm:request_success_total{label} {s.completed}\n"
+        )
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+# ---- response bodies
+
+
+def _usage(job: _Job) -> dict[str, int]:
+    n = len(job.tokens)
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": n, "total_tokens": job.prompt_tokens + n}
+
+
+def _full_body(job: _Job) -> dict[str, Any]:
+    text = "".join(job.tokens)
+    choice: dict[str, Any]
+    if job.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text}
+        obj = "text_completion"
+    choice["finish_reason"] = "length"
+    choice["logprobs"] = None
+    return {
+        "id": job.rid,
+        "object": obj,
+        "created": job.created,
+        "model": job.model,
+        "choices": [choice],
+        "usage": _usage(job),
+    }
+
+
+def _chunk(job: _Job, index: int, token: str, last: bool) -> dict[str, Any]:
+    finish = "length" if last else None
+    if job.chat:
+        delta = {"role": "assistant", "content": token} if index == 0 else {"content": token}
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": token, "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    out: dict[str, Any] = {
+        "id": job.rid,
+        "object": obj,
+        "created": job.created,
+        "model": job.model,
+        "choices": [choice],
+    }
+    if job.include_usage:
+        out["usage"] = None
+    return out
+
+
+def _usage_chunk(job: _Job) -> dict[str, Any]:
+    return {
+        "id": job.rid,
+        "object": "chat.completion.chunk" if job.chat else "text_completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": [],
+        "usage": _usage(job),
+    }
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+def _embedding_inputs(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise _invalid("`input` must be a string or a non-empty list of strings")
+
+
+def _encode(vec: list[float], fmt: str) -> list[float] | str:
+    """`base64` is little-endian float32, as OpenAI and vLLM send it (the openai SDK asks for it)."""
+    if fmt == "float":
+        return vec
+    return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+
+
+async def serve(config: SimConfig, host: str, port: int) -> None:
+    """Serve one simulated runtime until cancelled."""
+    runner = web.AppRunner(SimRuntime(config).build_app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,212 @@
+"""One keep-alive HTTP/1.1 connection to a backend: request bytes out, response head and body chunks in.
+
+An asyncio Protocol fed by the llhttp parser (httptools), so a response costs a few callbacks instead of
+aiohttp's client machinery. It only speaks HTTP: which backend, retries and error wording belong to
+`upstream/pool.py` and `pipeline/forward.py`. Every wait takes an absolute deadline (loop time) and
+raises `BackendTimeoutError` when it passes, so timeouts cost one timer and no task cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import httptools
+
+from proxy.errors import BackendProtocolError, BackendResetError, BackendTimeoutError
+
+# Above this many unread body bytes we stop reading the socket until the client side catches up:
+# a slow client then slows the runtime's socket instead of growing our memory.
+HIGH_WATER_BYTES = 256 * 1024
+LOW_WATER_BYTES = 64 * 1024
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A connection that carries one exchange at a time; `pool.py` decides when it is reused."""
+
+    __slots__ = (
+        "_loop", "_transport", "_parser", "_waiter", "_chunks", "_buffered", "_paused",
+        "_exc", "_has_length", "status", "headers", "head_done", "message_done", "closed",
+        "received_any", "idle_since", "key",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> None:
+        self._loop = loop
+        self.key = key
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[None] | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._exc: Exception | None = None
+        self._has_length = False
+        self.status = 0
+        self.headers: Headers = []
+        self.head_done = False
+        self.message_done = False
+        self.closed = False
+        self.received_any = False
+        self.idle_since = 0.0
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(BackendProtocolError(f"backend sent invalid HTTP: {exc}"))
+            self.abort()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.head_done and not self.message_done and not self._has_length:
+            # Body delimited by connection close (no Content-Length, not chunked): EOF is its end.
+            self.message_done = True
+            self._wake()
+        elif not self.message_done and (self.head_done or self._waiter is not None):
+            self._fail(BackendResetError("backend closed the connection before the response was complete"))
+        self._wake()
+
+    def pause_writing(self) -> None:  # request bodies are small and written at once
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        lname = name.lower()
+        if lname == b"content-length" or (lname == b"transfer-encoding" and b"chunked" in value.lower()):
+            self._has_length = True
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self.head_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER_BYTES and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status == 100:  # interim response: the real one follows on the same parser
+            self.head_done = False
+            self.headers = []
+            return
+        self.message_done = True
+        self._wake()
+
+    # -- exchange API (used by pipeline/forward.py) ------------------------------------------------
+
+    def start(self, data: bytes) -> None:
+        """Write a whole request (head and body in one buffer: one syscall)."""
+        assert self._transport is not None
+        self._transport.write(data)
+
+    async def read_head(self, deadline: float | None, phase: str) -> None:
+        while not self.head_done:
+            await self._wait(deadline, phase)
+
+    async def read_chunk(self, deadline: float | None, phase: str) -> bytes | None:
+        """Next body bytes as they arrived (chunked framing already removed), or None at the end."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._paused and self._buffered < LOW_WATER_BYTES and self._transport is not None:
+                    self._paused = False
+                    self._transport.resume_reading()
+                return chunk
+            if self.message_done:
+                return None
+            await self._wait(deadline, phase)
+
+    async def read_body(self, deadline: float | None, phase: str) -> bytes:
+        parts = []
+        while (chunk := await self.read_chunk(deadline, phase)) is not None:
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @property
+    def is_reusable(self) -> bool:
+        """True when the exchange ended cleanly and both sides agreed to keep the connection."""
+        return (
+            self.message_done
+            and not self.closed
+            and self._exc is None
+            and not self._chunks
+            and self._parser.should_keep_alive()
+        )
+
+    def reset_for_reuse(self, now: float) -> None:
+        self.status = 0
+        self.headers = []
+        self.head_done = False
+        self.message_done = False
+        self.received_any = False
+        self._has_length = False
+        self.idle_since = now
+
+    def abort(self) -> None:
+        """Drop the connection at once: the runtime sees the disconnect and frees its slot."""
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _fail(self, exc: Exception) -> None:
+        if self._exc is None:
+            self._exc = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, deadline: float | None, phase: str) -> None:
+        if self._exc is not None:
+            raise self._exc
+        if self.closed:
+            raise BackendResetError("backend closed the connection")
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        timer = None
+        if deadline is not None:
+            timer = self._loop.call_at(deadline, _expire, waiter, phase)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        if self._exc is not None:
+            raise self._exc
+
+
+def _expire(waiter: asyncio.Future[None], phase: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(BackendTimeoutError(f"backend did not answer within the {phase} timeout"))

@@ -1,0 +1,75 @@
+"""Keep-alive connections to backends, shared by every request of the process (aiohttp `connector.py`).
+
+Owns opening (with the connect timeout), reusing and closing `UpstreamConnection`s. It does not know
+about requests, routes or retries: `pipeline/forward.py` borrows a connection, runs one exchange and
+gives it back with `release()` — which closes it unless the exchange ended cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from proxy.errors import BackendConnectError, BackendTimeoutError
+from proxy.upstream.connection import UpstreamConnection
+
+# Runtimes behind uvicorn (vLLM) close idle keep-alive connections after 5 s; reusing one near that edge
+# races the close, so older idle connections are dropped instead of reused.
+MAX_IDLE_SECONDS = 4.0
+MAX_IDLE_PER_BACKEND = 256
+
+
+class ConnectionPool:
+    """Idle connections per (host, port), most recently used first (warm sockets, fewer stale ones)."""
+
+    __slots__ = ("_loop", "_idle", "_closed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._idle: dict[tuple[str, int], deque[UpstreamConnection]] = {}
+        self._closed = False
+
+    async def acquire(self, host: str, port: int, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
+        """A connection ready for one exchange, and whether it was reused (a reused one may be stale)."""
+        key = (host, port)
+        idle = self._idle.get(key)
+        if idle:
+            oldest_allowed = self._loop.time() - MAX_IDLE_SECONDS
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and conn.idle_since >= oldest_allowed:
+                    return conn, True
+                conn.close()
+        return await self._open(key, connect_timeout), False
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if self._closed or not conn.is_reusable:
+            conn.abort()  # unread or half-sent bytes make the socket useless; abort frees the runtime now
+            return
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = deque()
+        if len(idle) >= MAX_IDLE_PER_BACKEND:
+            idle.popleft().close()
+        conn.reset_for_reuse(self._loop.time())
+        idle.append(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+    async def _open(self, key: tuple[str, int], connect_timeout: float) -> UpstreamConnection:
+        host, port = key
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, conn = await self._loop.create_connection(
+                    lambda: UpstreamConnection(self._loop, key), host, port
+                )
+        except TimeoutError as exc:
+            raise BackendTimeoutError(f"connecting to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise BackendConnectError(f"cannot connect to backend {host}:{port}: {exc.strerror or exc}") from exc
+        return conn  # asyncio and uvloop set TCP_NODELAY on TCP transports already

@@ -1,0 +1,132 @@
+"""Shared fixtures: simulated runtimes and splitstream proxies on real loopback sockets.
+
+`sim` starts a `proxy.sim` runtime; `proxy` writes rule YAML to a temp dir, loads it with the real
+loader and serves the real app. After every test that used a proxy, its servers are closed (which waits
+for handlers to finish) and every backend's in-flight count and predicted load must be back to zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from proxy.app import build_app
+from proxy.config.loader import load_rules
+from proxy.context import CONTEXT, ProxyContext
+from proxy.sim.runtime import Pacer, SimConfig, SimRuntime
+
+
+class Gate:
+    """A pacer the test drives: token i of any request is emitted only after `open(i)`."""
+
+    def __init__(self) -> None:
+        self._events: dict[int, asyncio.Event] = {}
+        self.reached: dict[int, asyncio.Event] = {}
+
+    def _event(self, table: dict[int, asyncio.Event], index: int) -> asyncio.Event:
+        if index not in table:
+            table[index] = asyncio.Event()
+        return table[index]
+
+    def open(self, *indexes: int) -> None:
+        for index in indexes:
+            self._event(self._events, index).set()
+
+    def open_all(self, upto: int = 1000) -> None:
+        self.open(*range(upto))
+
+    async def wait_reached(self, index: int) -> None:
+        await self._event(self.reached, index).wait()
+
+    async def __call__(self, request_id: str, index: int) -> None:
+        self._event(self.reached, index).set()
+        await self._event(self._events, index).wait()
+
+
+SimFactory = Callable[..., Awaitable[tuple[SimRuntime, TestServer]]]
+
+
+@pytest.fixture
+async def sim(aiohttp_server: Any) -> SimFactory:
+    async def make(pacer: Pacer | None = None, **config: Any) -> tuple[SimRuntime, TestServer]:
+        config.setdefault("tokens_per_second", 0.0)
+        config.setdefault("ttft_ms", 0.0)
+        if "models" in config:
+            config["models"] = tuple(config["models"])
+        runtime = SimRuntime(SimConfig(**config), pacer)
+        server = await aiohttp_server(runtime.build_app())  # TestServer enables handler_cancellation itself
+        return runtime, server
+
+    return make
+
+
+def backend_url(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+class ProxyHandle:
+    def __init__(self, server: TestServer, rules_dir: Path) -> None:
+        self.server = server
+        self.rules_dir = rules_dir
+
+    @property
+    def context(self) -> ProxyContext:
+        return self.server.app[CONTEXT]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}/v1"
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.port}{path}"
+
+
+@pytest.fixture
+async def proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ProxyHandle]]]:
+    handles: list[ProxyHandle] = []
+
+    async def make(rules_yaml: str, client_keys: list[str] | None = None, env: dict[str, str] | None = None) -> ProxyHandle:
+        rules_dir = tmp_path / f"rules{len(handles)}"
+        rules_dir.mkdir()
+        (rules_dir / "rules.yaml").write_text(rules_yaml)
+        snapshot = load_rules(rules_dir, env=env or {}, generation=1)
+        app = build_app(snapshot, client_keys=client_keys or [])
+        server = await aiohttp_server(app)  # TestServer enables handler_cancellation itself
+        handle = ProxyHandle(server, rules_dir)
+        handles.append(handle)
+        return handle
+
+    yield make
+    for handle in handles:
+        context = handle.context
+        await handle.server.close()  # waits for every handler to finish
+        leftovers = [(s.backend.name, s.inflight, s.predicted_load) for s in context.backends if s.inflight or s.predicted_load]
+        assert not leftovers, f"backend load not released: {leftovers}"
+        assert context.inflight == 0
+
+
+def simple_rules(*servers: TestServer, model: str = "sim-model", client_model: str = "my-model",
+                 extra_route: str = "", server_block: str = "", timeouts: str = "", backend_extra: str = "") -> str:
+    """One route `main` matching `client_model` onto a pool of the given runtimes."""
+    backends = "\n".join(
+        f'  b{i}: {{url: "{backend_url(s)}", kind: vllm{backend_extra}}}' for i, s in enumerate(servers)
+    )
+    names = ", ".join(f"b{i}" for i in range(len(servers)))
+    return f"""
+{server_block}
+backends:
+{backends}
+pools:
+  main-pool: {{backends: [{names}], model: "{model}"}}
+routes:
+  - name: main
+    match: {{model: "{client_model}"}}
+    pool: main-pool
+{timeouts}
+{extra_route}
+"""
