@@ -25,6 +25,7 @@ SIZE_UNITS: dict[str, int] = {
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
 _DURATION = re.compile(_NUMBER + r"\s*(ms|s|m|h|d)?")
 _SIZE = re.compile(_NUMBER + r"\s*([a-z]*)", re.IGNORECASE)
+_LARGEST = 1e15  # ~31 million years or a petabyte: anything above is a typo
 _DURATION_HINT = "expected seconds or a number with a unit ms, s, m, h, d, e.g. 500ms, 2s, 10m, 1h, 7d"
 _SIZE_HINT = "expected bytes or a number with a unit B, KB, MB, GB, KiB, MiB, GiB, e.g. 16MiB"
 
@@ -35,7 +36,7 @@ def parse_duration(value: object) -> float:
     Raises ValueError for anything else, for negatives and for non-finite numbers.
     """
     if _is_number(value):
-        return _checked(float(value), value, "duration")
+        return _checked(_as_float(value), value, "duration")
     if isinstance(value, str):
         match = _DURATION.fullmatch(value.strip())
         if match:
@@ -46,19 +47,32 @@ def parse_duration(value: object) -> float:
 def parse_size(value: object) -> int:
     """Bytes from an integer or a string like '512KiB', '16MiB', '10MB', '1024'. Raises ValueError otherwise."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return int(_checked(float(value), value, "size"))
-    if isinstance(value, str):
-        match = _SIZE.fullmatch(value.strip())
-        if match and match[2].lower() in SIZE_UNITS:
-            return int(float(match[1]) * SIZE_UNITS[match[2].lower()])
-    raise ValueError(f"invalid size {value!r} ({_SIZE_HINT})")
+        return int(_checked(_as_float(value), value, "size"))
+    size = _size_from_text(value) if isinstance(value, str) else None
+    if size is None or not size.is_integer():
+        raise ValueError(f"invalid size {value!r} ({_SIZE_HINT})")
+    return int(_checked(size, value, "size"))
+
+
+def _size_from_text(text: str) -> float | None:
+    match = _SIZE.fullmatch(text.strip())
+    if not match or match[2].lower() not in SIZE_UNITS:
+        return None
+    return float(match[1]) * SIZE_UNITS[match[2].lower()]
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _as_float(number: int | float) -> float:
+    try:
+        return float(number)
+    except OverflowError:  # an int too large for a float: let _checked reject it as infinite
+        return math.inf
+
+
 def _checked(number: float, original: object, what: str) -> float:
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"invalid {what} {original!r} (must be a finite number >= 0)")
+    if not math.isfinite(number) or number < 0 or number > _LARGEST:
+        raise ValueError(f"invalid {what} {original!r} (must be a number from 0 to {_LARGEST:g})")
     return number

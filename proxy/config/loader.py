@@ -110,10 +110,13 @@ class _Map(dict[Any, Any]):
         self.line = line
         self.key_lines: dict[Any, int] = {}
         self.pairs: list[tuple[Any, Any, int]] = []
+        self.duplicates: list[tuple[Any, int]] = []  # (key, line) of each repeat; the first one wins
 
     def add(self, key: Any, value: Any, line: int) -> None:
         self.pairs.append((key, value, line))
-        if key not in self.key_lines:
+        if key in self.key_lines:
+            self.duplicates.append((key, line))
+        else:
             self[key] = value
             self.key_lines[key] = line
 
@@ -217,7 +220,13 @@ def _show(value: object) -> str:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (not a bool, which YAML makes of 'yes'/'on')."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _is_int(value: object) -> bool:
@@ -264,9 +273,9 @@ class _Reader:
         where = f"{self.prefix.rstrip('.')} of {self.label}" if self.prefix else self.label
         for key, _, line in self.data.pairs:
             if key not in allowed:
-                message = f"unknown key {key!r} in {where}{_suggest(key, allowed)}"
-                self.errors.add(self.loc.at(line), message)
-            elif self.data.key_lines[key] != line:
+                self.errors.add(self.loc.at(line), f"unknown key {key!r} in {where}{_suggest(key, allowed)}")
+        for key, line in self.data.duplicates:
+            if key in allowed:
                 message = f"duplicate key {key!r} in {where} (first at line {self.data.key_lines[key]})"
                 self.errors.add(self.loc.at(line), message)
 
@@ -360,14 +369,17 @@ class _Sections:
     pools: dict[str, _Entry] = field(default_factory=dict)
     routes: list[_Entry] = field(default_factory=list)
     shadowed: list[tuple[str, _Entry]] = field(default_factory=list)  # duplicates: validated, then dropped
+    unreadable: bool = False  # some file could not be parsed, so "no routes" would be a guess
 
 
 def _collect(sections: _Sections, document: _Map, path: str, errors: _Errors) -> None:
     for key, _, line in document.pairs:
         if key not in TOP_KEYS:
             errors.add(_Loc(path, line), f"unknown top-level key {key!r}{_suggest(key, TOP_KEYS)}")
-        elif document.key_lines[key] != line:
-            errors.add(_Loc(path, line), f"duplicate top-level key {key!r} (first at line {document.key_lines[key]})")
+    for key, line in document.duplicates:
+        if key in TOP_KEYS:
+            first = document.key_lines[key]
+            errors.add(_Loc(path, line), f"duplicate top-level key {key!r} (first at line {first})")
     for key in TOP_KEYS:
         if key in document:
             loc = _Loc(path, document.line_of(key))
@@ -723,7 +735,9 @@ def _split(reader: _Reader, ctx: _RouteContext) -> tuple[Variant, ...]:
     names: set[str] = set()
     built = [_variant(item, line, reader, ctx, names) for item, line in zip(raw, raw.item_lines)]
     variants = tuple(v for v in built if v is not None)
-    if len(variants) == len(built) and all(v.weight == 0 for v in variants):
+    if len(variants) < len(built):  # a broken variant (or its pool) was reported; never a partial split
+        return ()
+    if all(v.weight == 0 for v in variants):
         split.fail("variants", "split weights are all 0 (at least one variant needs a weight > 0)")
     return variants
 
@@ -866,10 +880,13 @@ def _read_files(paths: Sequence[str], sections: _Sections, errors: _Errors) -> t
                 data = handle.read()
         except OSError as exc:
             errors.add(_Loc(path), f"cannot read: {exc.strerror or exc}")
+            sections.unreadable = True
             continue
         hashes.append((path, hashlib.sha256(data).hexdigest()))
         document = _parse_yaml(path, data, errors)
-        if document is not None:
+        if document is None:
+            sections.unreadable = True
+        else:
             _collect(sections, document, path, errors)
     return tuple(hashes)
 
@@ -888,7 +905,7 @@ def _resolve(sections: _Sections, env: Mapping[str, str], errors: _Errors, root:
     built = [(_build_route(entry, ctx), entry.loc) for entry in sections.routes]
     routes = [(route, loc) for route, loc in built if route is not None]
     _check_shadowing(routes, errors)
-    if not sections.routes:
+    if not sections.routes and not sections.unreadable:
         errors.add(_Loc(root), "no routes defined in any rule file")
     return Snapshot(
         backends=tuple(b for b in backends.values() if b is not None),

@@ -101,7 +101,7 @@ async def _serve(
         raise UnknownModelError(f"The model `{view.model[:256]}` does not exist or no route serves it.")
     variant = choose_variant(route)
     pool = variant.pool
-    record.route, record.variant = route.name, variant.name
+    record.route, record.variant, record.stream = route.name, variant.name, view.is_stream
     payload = view.upstream_body(pool.model)
     lease = lease_backend(context, pool, route, predict_cost(len(body), view.max_tokens))
     backend = lease.state.backend

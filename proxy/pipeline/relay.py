@@ -72,7 +72,6 @@ async def relay_stream(
     The caller gives the connection back to the pool afterwards (which aborts it unless it ended cleanly).
     """
     sse = SseRelay(strip_usage=not view.wants_usage)
-    record.stream = True
     chunk = await conn.read_chunk(deadlines.first_token(clock()), "first_token")
     record.ttft = clock() - record.started
     response = web.StreamResponse(status=conn.status, headers=response_headers(conn.headers, record))

@@ -28,7 +28,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "_loop", "_transport", "_parser", "_waiter", "_chunks", "_buffered", "_paused",
-        "_exc", "_has_length", "status", "headers", "head_done", "message_done", "closed",
+        "_exc", "_has_length", "_keep_alive", "status", "headers", "head_done", "message_done", "closed",
         "received_any", "idle_since", "key",
     )
 
@@ -43,6 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused = False
         self._exc: Exception | None = None
         self._has_length = False
+        self._keep_alive = False
         self.status = 0
         self.headers: Headers = []
         self.head_done = False
@@ -54,8 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
@@ -94,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
+        self._keep_alive = self._parser.should_keep_alive()  # only meaningful before the message ends
         self.head_done = True
         self._wake()
 
@@ -152,7 +153,7 @@ class UpstreamConnection(asyncio.Protocol):
             and not self.closed
             and self._exc is None
             and not self._chunks
-            and self._parser.should_keep_alive()
+            and self._keep_alive
         )
 
     def reset_for_reuse(self, now: float) -> None:

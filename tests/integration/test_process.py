@@ -1,0 +1,116 @@
+"""splitstream as operators run it: separate processes, signals, the CLI and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import Gate, simple_rules
+
+ROOT = Path(__file__).resolve().parents[2]
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+async def wait_for_line(stream: asyncio.StreamReader, needle: str) -> str:
+    """Read lines until one contains `needle` (the process says it reached a state; no polling)."""
+    seen = []
+    while True:
+        line = (await asyncio.wait_for(stream.readline(), 60)).decode()
+        if not line:
+            raise AssertionError(f"stream ended before {needle!r}; saw: {''.join(seen)[-2000:]}")
+        seen.append(line)
+        if needle in line:
+            return line
+
+
+async def test_sigterm_drains_streams_in_flight(sim: Any, tmp_path: Path) -> None:
+    gate = Gate()
+    runtime, server = await sim(pacer=gate)
+    (tmp_path / "rules.yaml").write_text(simple_rules(server))
+    port = free_port()
+    proc = await start("serve", "--rules", str(tmp_path), "--port", str(port))
+    try:
+        assert proc.stderr is not None
+        await wait_for_line(proc.stderr, "listening")
+        gate.open(0)
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "my-model", "messages": MESSAGES, "stream": True, "max_tokens": 4}
+            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as response:
+                first = await response.content.readuntil(b"\n\n")
+                assert first.startswith(b"data: ")
+                proc.send_signal(signal.SIGTERM)
+                await wait_for_line(proc.stderr, "draining")
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    async with aiohttp.ClientSession() as other:
+                        await other.get(f"http://127.0.0.1:{port}/healthz")
+                gate.open_all()
+                rest = await response.read()
+        assert rest.rstrip().endswith(b"data: [DONE]")
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_invalid_rules_exit_nonzero_with_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("backends:\n  a: {url: 'ftp://x'}\nroutes: []\n")
+    proc = await start("serve", "--rules", str(tmp_path), "--port", str(free_port()))
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode != 0
+    assert f"{tmp_path / 'bad.yaml'}:2:" in stderr.decode()
+    check = await start("check", str(tmp_path))
+    _, check_err = await asyncio.wait_for(check.communicate(), 60)
+    assert check.returncode == 1 and "bad.yaml:2:" in check_err.decode()
+
+
+async def test_check_accepts_the_shipped_rules() -> None:
+    proc = await start("check", "rules")
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    assert "ok" in stdout.decode()
+
+
+async def test_demo_starts_and_answers() -> None:
+    port = free_port()
+    proc = await start("demo", "--port", str(port))
+    try:
+        assert proc.stdout is not None
+        line = await wait_for_line(proc.stdout, "base_url")
+        assert f"http://127.0.0.1:{port}/v1" in line
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        chat = await client.chat.completions.create(model="llama-3.1-8b", messages=MESSAGES, max_tokens=5)
+        assert chat.choices[0].message.content
+        stream = await client.chat.completions.create(model="llama-3.1-8b", messages=MESSAGES, max_tokens=3, stream=True)
+        assert len([c async for c in stream]) == 3
+        embedding = await client.embeddings.create(model="text-embedding-3-small", input="hello")
+        assert embedding.data[0].embedding
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
