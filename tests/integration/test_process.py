@@ -87,8 +87,9 @@ async def test_invalid_rules_exit_nonzero_with_file_and_line(tmp_path: Path) -> 
     assert check.returncode == 1 and "bad.yaml:2:" in check_err.decode()
 
 
-async def test_check_accepts_the_shipped_rules() -> None:
-    proc = await start("check", "rules")
+@pytest.mark.parametrize("rules_dir", ["rules", "compose/rules"])
+async def test_check_accepts_the_shipped_rules(rules_dir: str) -> None:
+    proc = await start("check", rules_dir)
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, stderr.decode()
     assert "ok" in stdout.decode()

@@ -1,0 +1,61 @@
+"""RequestView: parse once, forward untouched unless the model or stream options must change."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from proxy.errors import InvalidRequestError, MalformedBodyError
+from proxy.pipeline.request import parse
+
+
+def test_untouched_when_nothing_changes() -> None:
+    body = b'{"model": "m",  "messages": [], "temperature": 0.70}'
+    view = parse("chat", body)
+    assert view.upstream_body("m") is body
+    assert view.upstream_body(None) is body
+
+
+def test_model_rename_keeps_every_other_field() -> None:
+    body = b'{"model":"client","messages":[{"role":"user","content":"x"}],"temperature":0.7,"tools":[{"a":1}]}'
+    out = orjson.loads(parse("chat", body).upstream_body("runtime"))
+    assert out == {**orjson.loads(body), "model": "runtime"}
+
+
+def test_stream_gets_include_usage_and_keeps_other_options() -> None:
+    body = b'{"model":"m","stream":true,"stream_options":{"continuous_usage_stats":false}}'
+    view = parse("chat", body)
+    assert view.is_stream and not view.wants_usage
+    out = orjson.loads(view.upstream_body("m"))
+    assert out["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
+
+
+def test_stream_that_asked_for_usage_is_untouched() -> None:
+    body = b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}'
+    view = parse("chat", body)
+    assert view.wants_usage
+    assert view.upstream_body("m") is body
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"", MalformedBodyError),
+        (b"{", MalformedBodyError),
+        (b'"text"', MalformedBodyError),
+        (b"{}", InvalidRequestError),
+        (b'{"model": ""}', InvalidRequestError),
+        (b'{"model": ["a"]}', InvalidRequestError),
+    ],
+)
+def test_bad_bodies(body: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        parse("chat", body)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [("max_tokens", 100, 100), ("max_completion_tokens", 7, 7), ("max_tokens", -1, None), ("max_tokens", "9", None)],
+)
+def test_max_tokens(field: str, value: object, expected: int | None) -> None:
+    assert parse("chat", orjson.dumps({"model": "m", field: value})).max_tokens == expected
