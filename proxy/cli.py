@@ -12,7 +12,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 from pathlib import Path
 
 import uvloop
@@ -175,8 +176,8 @@ async def _wait_for_signal() -> None:
             loop.remove_signal_handler(sig)
 
 
-async def _run_until_signal(coro: object) -> int:
-    task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+async def _run_until_signal(coro: Coroutine[Any, Any, None]) -> int:
+    task = asyncio.ensure_future(coro)
     stopper = asyncio.ensure_future(_wait_for_signal())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     for pending in (task, stopper):

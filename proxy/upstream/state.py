@@ -8,7 +8,7 @@ read and write, so they are always back to zero when traffic stops. State is key
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from proxy.config.model import Backend
 
@@ -83,7 +83,7 @@ class BackendStates:
         for backend in wanted.values():
             self.get(backend)
 
-    def __iter__(self) -> Iterable[BackendState]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[BackendState]:
         return iter(list(self._states.values()))
 
     @property
