@@ -14,6 +14,7 @@ from aiohttp import web
 
 from proxy.config.model import Snapshot
 from proxy.context import CONTEXT, ProxyContext
+from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.pipeline import handler
 from proxy.pipeline.errors import error_middleware
@@ -34,11 +35,20 @@ async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     context.pool = ConnectionPool(asyncio.get_running_loop())
     yield
     context.pool.close()
+    context.access_log.flush()
 
 
-def build_app(snapshot: Snapshot, metrics: Metrics | None = None, client_keys: list[str] | None = None) -> web.Application:
+def build_app(
+    snapshot: Snapshot,
+    metrics: Metrics | None = None,
+    client_keys: list[str] | None = None,
+    access_log: AccessLog | None = None,
+) -> web.Application:
     context = ProxyContext(
-        snapshot, metrics or Metrics(), client_keys if client_keys is not None else client_keys_from_env()
+        snapshot,
+        metrics or Metrics(),
+        access_log or AccessLog(),
+        client_keys if client_keys is not None else client_keys_from_env(),
     )
     context.metrics.rules_generation.set(snapshot.generation)
     context.metrics.rules_reloads_total.labels("success").inc()

@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from proxy.config.model import RulesHolder, Snapshot
+from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.upstream.pool import ConnectionPool
-from proxy.upstream.state import BackendState, BackendStates
+from proxy.upstream.state import BackendStates
 
 
 class RequestIds:
@@ -40,13 +41,19 @@ def hash_api_key(key: str) -> str:
 class ProxyContext:
     """Shared parts of one proxy process. `pool` exists only while the app runs (see `app.py`)."""
 
-    __slots__ = ("rules", "metrics", "backends", "ids", "pool", "turns", "inflight", "client_key_hashes")
+    __slots__ = (
+        "rules", "metrics", "access_log", "backends", "ids", "pool", "turns", "inflight", "client_key_hashes",
+    )
 
-    def __init__(self, snapshot: Snapshot, metrics: Metrics, client_keys: Iterable[str] = ()) -> None:
+    def __init__(
+        self, snapshot: Snapshot, metrics: Metrics, access_log: AccessLog, client_keys: Iterable[str] = ()
+    ) -> None:
         self.rules = RulesHolder(snapshot)
         self.metrics = metrics
-        self.backends = BackendStates(self._mirror_state)
+        self.access_log = access_log
+        self.backends = BackendStates()
         self.backends.sync(snapshot.backends)
+        metrics.watch_backends(self.backends.samples)
         self.ids = RequestIds()
         self.pool: ConnectionPool | None = None
         self.turns: dict[str, int] = {}  # per-pool request counter for round_robin
@@ -57,11 +64,6 @@ class ProxyContext:
         turn = self.turns.get(pool_name, 0)
         self.turns[pool_name] = turn + 1
         return turn
-
-    def _mirror_state(self, state: BackendState) -> None:
-        name = state.backend.name
-        self.metrics.upstream_inflight.labels(name).set(state.inflight)
-        self.metrics.upstream_predicted_load.labels(name).set(state.predicted_load)
 
 
 CONTEXT = web.AppKey("CONTEXT", ProxyContext)

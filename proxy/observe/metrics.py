@@ -7,7 +7,10 @@ error reason, token kind) — never a client-supplied string.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from proxy.errors import SplitstreamError
@@ -46,16 +49,7 @@ class Metrics:
         self.tokens_total = Counter(
             "splitstream_tokens_total", "Tokens reported by backends.", (*REQUEST_LABELS, "kind"), registry=r
         )
-        self.upstream_inflight = Gauge(
-            "splitstream_upstream_inflight", "Requests in flight per backend.", ("backend",), registry=r
-        )
-        self.upstream_predicted_load = Gauge(
-            "splitstream_upstream_predicted_load", "Predicted cost of in-flight work per backend.", ("backend",),
-            registry=r,
-        )
-        self.upstream_healthy = Gauge(
-            "splitstream_upstream_healthy", "1 when the backend takes traffic.", ("backend",), registry=r
-        )
+        self._request_children: dict[tuple[str, str, str], RequestMetrics] = {}
         self.upstream_errors_total = Counter(
             "splitstream_upstream_errors_total", "Backend failures by reason.", ("backend", "reason"), registry=r
         )
@@ -66,6 +60,18 @@ class Metrics:
             "splitstream_rules_generation", "Generation of the running rule snapshot.", registry=r
         )
 
+    def for_request(self, route: str, variant: str, backend: str) -> RequestMetrics:
+        """The labelled children for one (route, variant, backend): looked up once, reused per request."""
+        key = (route, variant, backend)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = RequestMetrics(self, key)
+        return children
+
+    def watch_backends(self, sample: Callable[[], Iterable[BackendSample]]) -> None:
+        """Serve the upstream gauges from live backend state at scrape time: no per-request cost."""
+        self.registry.register(BackendGauges(sample))
+
     def count_upstream_error(self, backend: str, exc: SplitstreamError) -> None:
         if exc.reason is not None:
             self.upstream_errors_total.labels(backend, exc.reason).inc()
@@ -74,3 +80,57 @@ class Metrics:
         """Body and content type for GET /metrics (OpenMetrics when the scraper asks for it)."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+class RequestMetrics:
+    """Cached metric children of one label set (`labels()` takes a lock and a dict lookup per call)."""
+
+    __slots__ = ("_metrics", "_key", "_by_status", "duration", "ttft", "prompt_tokens", "completion_tokens")
+
+    def __init__(self, metrics: Metrics, key: tuple[str, str, str]) -> None:
+        self._metrics = metrics
+        self._key = key
+        self._by_status: dict[int, Counter] = {}
+        self.duration = metrics.request_duration.labels(*key)
+        self.ttft = metrics.ttft.labels(*key)
+        self.prompt_tokens = metrics.tokens_total.labels(*key, "prompt")
+        self.completion_tokens = metrics.tokens_total.labels(*key, "completion")
+
+    def count(self, status: int) -> None:
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self._metrics.requests_total.labels(*self._key, status_class(status))
+        counter.inc()
+
+
+# (backend name, requests in flight, predicted load, healthy)
+BackendSample = tuple[str, int, float, bool]
+
+
+class BackendGauges:
+    """A custom collector: upstream_inflight / _predicted_load / _healthy read from state when scraped."""
+
+    def __init__(self, sample: Callable[[], Iterable[BackendSample]]) -> None:
+        self._sample = sample
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        inflight, load, healthy = self._families()
+        for name, n, predicted, is_healthy in self._sample():
+            inflight.add_metric([name], n)
+            load.add_metric([name], predicted)
+            healthy.add_metric([name], 1.0 if is_healthy else 0.0)
+        yield from (inflight, load, healthy)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("splitstream_upstream_inflight", "Requests in flight per backend.", labels=["backend"]),
+            GaugeMetricFamily(
+                "splitstream_upstream_predicted_load", "Predicted cost of in-flight work per backend.",
+                labels=["backend"],
+            ),
+            GaugeMetricFamily("splitstream_upstream_healthy", "1 when the backend takes traffic.", labels=["backend"]),
+        )

@@ -7,13 +7,8 @@ whichever way it ended (answer, error, client gone).
 
 from __future__ import annotations
 
-import logging
-
-import orjson
-
+from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics, status_class
-
-access_log = logging.getLogger("splitstream.access")
 
 NONE = "none"  # label value when a request ended before a route/variant/backend was chosen
 
@@ -48,23 +43,23 @@ class RequestRecord:
         self.attempts = 0
 
 
-def finish(record: RequestRecord, metrics: Metrics, now: float) -> None:
-    """Write the access-log line and the request metrics."""
+def finish(record: RequestRecord, metrics: Metrics, access_log: AccessLog, now: float) -> None:
+    """Write the request metrics and the access-log line."""
     duration = now - record.started
     if record.route is not NONE:
-        labels = (record.route, record.variant, record.backend)
-        metrics.requests_total.labels(*labels, status_class(record.status)).inc()
-        metrics.request_duration.labels(*labels).observe(duration)
+        children = metrics.for_request(record.route, record.variant, record.backend)
+        children.count(record.status)
+        children.duration.observe(duration)
         if record.ttft is not None:
-            metrics.ttft.labels(*labels).observe(record.ttft)
+            children.ttft.observe(record.ttft)
         if record.prompt_tokens:
-            metrics.tokens_total.labels(*labels, "prompt").inc(record.prompt_tokens)
+            children.prompt_tokens.inc(record.prompt_tokens)
         if record.completion_tokens:
-            metrics.tokens_total.labels(*labels, "completion").inc(record.completion_tokens)
+            children.completion_tokens.inc(record.completion_tokens)
     elif record.path.startswith("/v1/"):
         metrics.requests_total.labels(NONE, NONE, NONE, status_class(record.status)).inc()
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info(orjson.dumps({
+    if access_log.enabled:
+        access_log.write({
             "request_id": record.request_id,
             "method": record.method,
             "path": record.path,
@@ -81,4 +76,4 @@ def finish(record: RequestRecord, metrics: Metrics, now: float) -> None:
             "duration_ms": round(duration * 1000, 3),
             "attempts": record.attempts,
             "error": record.error,
-        }).decode())
+        })

@@ -88,4 +88,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         record.status, record.error = internal.status, internal.code
         return error_response(internal, record.request_id)
     finally:
-        finish(record, context.metrics, loop_time())
+        finish(record, context.metrics, context.access_log, loop_time())

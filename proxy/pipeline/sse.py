@@ -39,17 +39,19 @@ def find_usage_object(data: bytes) -> tuple[int, int] | None:
 
 
 def _matching_brace(data: bytes, start: int) -> int:
-    """Index after the '}' closing the '{' at `start`, or -1. Usage objects hold no strings with braces."""
-    depth = 0
-    for i in range(start, min(len(data), start + 4096)):
-        c = data[i]
-        if c == 0x7B:
-            depth += 1
-        elif c == 0x7D:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return -1
+    """Index after the '}' closing the '{' at `start`, or -1. Usage objects hold no strings with braces.
+
+    Jumps from '}' to '}' with bytes.find (C speed) instead of walking bytes in Python.
+    """
+    limit = min(len(data), start + 4096)
+    pos = start
+    while True:
+        end = data.find(b"}", pos, limit)
+        if end < 0:
+            return -1
+        if data.count(b"{", start, end) == data.count(b"}", start, end) + 1:
+            return end + 1
+        pos = end + 1
 
 
 def _int(value: object) -> int:

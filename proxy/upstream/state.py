@@ -8,27 +8,25 @@ read and write, so they are always back to zero when traffic stops. State is key
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from proxy.config.model import Backend
 
 
 class BackendState:
-    """Mutable counters for one backend; `on_change` mirrors them into gauges."""
+    """Mutable counters for one backend (gauges read them at scrape time)."""
 
-    __slots__ = ("backend", "inflight", "predicted_load", "on_change")
+    __slots__ = ("backend", "inflight", "predicted_load", "healthy")
 
-    def __init__(self, backend: Backend, on_change: Callable[[BackendState], None] | None = None) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.inflight = 0
         self.predicted_load = 0.0
-        self.on_change = on_change
+        self.healthy = True
 
     def lease(self, cost: float) -> Lease:
         self.inflight += 1
         self.predicted_load += cost
-        if self.on_change is not None:
-            self.on_change(self)
         return Lease(self, cost)
 
 
@@ -51,25 +49,20 @@ class Lease:
         state.predicted_load -= self.cost
         if state.inflight == 0:
             state.predicted_load = 0.0  # no float drift left behind once idle
-        if state.on_change is not None:
-            state.on_change(state)
 
 
 class BackendStates:
     """All backends' state by identity; `sync` keeps entries for backends still configured."""
 
-    __slots__ = ("_states", "_on_change")
+    __slots__ = ("_states",)
 
-    def __init__(self, on_change: Callable[[BackendState], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._states: dict[tuple[str, str], BackendState] = {}
-        self._on_change = on_change
 
     def get(self, backend: Backend) -> BackendState:
         state = self._states.get(backend.identity)
         if state is None:
-            state = self._states[backend.identity] = BackendState(backend, self._on_change)
-            if self._on_change is not None:
-                self._on_change(state)
+            state = self._states[backend.identity] = BackendState(backend)
         return state
 
     def sync(self, backends: Iterable[Backend]) -> None:
@@ -85,6 +78,10 @@ class BackendStates:
 
     def __iter__(self) -> Iterator[BackendState]:
         return iter(list(self._states.values()))
+
+    def samples(self) -> list[tuple[str, int, float, bool]]:
+        """(name, in flight, predicted load, healthy) per backend, for the scrape-time gauges."""
+        return [(s.backend.name, s.inflight, s.predicted_load, s.healthy) for s in self._states.values()]
 
     @property
     def total_inflight(self) -> int:
