@@ -175,3 +175,70 @@ async def test_health_and_readiness(sim: Any, proxy: Any) -> None:
         await server.close()
         async with session.get(handle.url("/readyz")) as r:
             assert r.status == 503 and (await r.json())["routes_without_backend"] == ["main"]
+
+
+async def test_access_log_has_numbers_not_text(sim: Any, aiohttp_server: Any, tmp_path: Any) -> None:
+    import io
+
+    from proxy.app import build_app
+    from proxy.config.loader import load_rules
+    from proxy.observe.logs import AccessLog
+
+    runtime, server = await sim()
+    (tmp_path / "r.yaml").write_text(simple_rules(server))
+    sink = io.BytesIO()
+    log = AccessLog(sink)
+    log.enabled = True
+    app = build_app(load_rules(tmp_path), client_keys=[], access_log=log)
+    proxy_server = await aiohttp_server(app)
+    secret = "my very private prompt"
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{proxy_server.port}/v1", api_key="sk-client-key")
+    answer = await client.chat.completions.create(
+        model="my-model", messages=[{"role": "user", "content": secret}], max_tokens=6
+    )
+    stream = await client.chat.completions.create(
+        model="my-model", messages=[{"role": "user", "content": secret}], max_tokens=4, stream=True
+    )
+    [c async for c in stream]
+    await proxy_server.close()  # flushes the access log
+    lines = [orjson.loads(line) for line in sink.getvalue().splitlines()]
+    assert [line["stream"] for line in lines] == [False, True]
+    first, second = lines
+    assert first["status"] == 200 and first["route"] == "main" and first["backend"] == "b0"
+    assert first["completion_tokens"] == 6 and first["prompt_tokens"] > 0 and first["bytes_in"] > 0
+    assert second["completion_tokens"] == 4 and second["ttft_ms"] is not None
+    raw = sink.getvalue().decode()
+    assert secret not in raw and "sk-client-key" not in raw
+    assert (answer.choices[0].message.content or "x") not in raw
+
+
+async def test_metric_contract_names(sim: Any, proxy: Any) -> None:
+    runtime, server = await sim()
+    handle = await proxy(simple_rules(server))
+    client = openai.AsyncOpenAI(base_url=handle.base_url, api_key="k")
+    await client.chat.completions.create(model="my-model", messages=MESSAGES, max_tokens=3)
+    stream = await client.chat.completions.create(model="my-model", messages=MESSAGES, max_tokens=3, stream=True)
+    [c async for c in stream]
+    async with aiohttp.ClientSession() as session, session.get(handle.url("/metrics")) as r:
+        text = await r.text()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    labels = (("backend", "b0"), ("route", "main"), ("variant", "main-pool"))
+
+    def value(name: str, *extra: tuple[str, str]) -> float:
+        return samples[(name, tuple(sorted(labels + extra)))]
+
+    assert value("splitstream_requests_total", ("status", "2xx")) == 2
+    assert value("splitstream_request_duration_seconds_count") == 2
+    assert value("splitstream_time_to_first_token_seconds_count") == 1
+    assert value("splitstream_tokens_total", ("kind", "completion")) == 6
+    assert value("splitstream_tokens_total", ("kind", "prompt")) > 0
+    for gauge, expected in [("inflight", 0), ("predicted_load", 0), ("healthy", 1)]:
+        assert samples[(f"splitstream_upstream_{gauge}", (("backend", "b0"),))] == expected
+    assert samples[("splitstream_rules_generation", ())] == 1
+    assert "# TYPE splitstream_upstream_errors_total counter" in text
