@@ -7,8 +7,9 @@ Background parts (the upstream connection pool for now; rule watcher and health 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -18,6 +19,8 @@ from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.pipeline import handler
 from proxy.pipeline.errors import error_middleware
+from proxy.store import MemoryStore, OwnedStore
+from proxy.upstream.health import HealthChecker
 from proxy.upstream.pool import ConnectionPool
 
 # Hard ceiling for aiohttp's own body reader; the configurable limit (`server.max_body_bytes`) is checked
@@ -30,6 +33,16 @@ def client_keys_from_env() -> list[str]:
     return [k.strip() for k in os.environ.get("SPLITSTREAM_API_KEYS", "").split(",") if k.strip()]
 
 
+async def _health_checks(app: web.Application) -> AsyncIterator[None]:
+    context = app[CONTEXT]
+    context.health = HealthChecker(context.backends, lambda: context.rules.current)
+    task = asyncio.create_task(context.health.run(), name="splitstream-health")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     context = app[CONTEXT]
     context.pool = ConnectionPool(asyncio.get_running_loop())
@@ -38,12 +51,23 @@ async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     context.access_log.flush()
 
 
+def _store_lifecycle(store: OwnedStore) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await store.start()
+        yield
+        await store.close()
+
+    return lifecycle
+
+
 def build_app(
     snapshot: Snapshot,
     metrics: Metrics | None = None,
     client_keys: list[str] | None = None,
     access_log: AccessLog | None = None,
+    store: OwnedStore | None = None,
 ) -> web.Application:
+    """The proxy app. `store` (default: embedded) is opened and closed with the app, which owns it."""
     context = ProxyContext(
         snapshot,
         metrics or Metrics(),
@@ -55,6 +79,10 @@ def build_app(
     app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
     app[CONTEXT] = context
     app.cleanup_ctx.append(_upstream_pool)
+    app.cleanup_ctx.append(_health_checks)
+    owned = store if store is not None else MemoryStore()
+    context.store = owned
+    app.cleanup_ctx.append(_store_lifecycle(owned))
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, handler.inference)
     app.router.add_get("/v1/models", handler.list_models)

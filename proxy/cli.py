@@ -14,7 +14,6 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
-from pathlib import Path
 
 import uvloop
 from aiohttp import web
@@ -130,10 +129,18 @@ async def serve(rules_dir: str, host: str, port: int, ready: asyncio.Event | Non
 
 
 async def demo(rules_dir: str, port: int) -> int:
+    readiness = [asyncio.Event() for _ in DEMO_BACKENDS]
     sims = [
-        asyncio.create_task(serve_sim(SimConfig(models=models, tokens_per_second=40.0, ttft_ms=80.0), "127.0.0.1", p))
-        for p, models in DEMO_BACKENDS
+        asyncio.create_task(serve_sim(SimConfig(models=models, tokens_per_second=40.0, ttft_ms=80.0), "127.0.0.1", p, up))
+        for (p, models), up in zip(DEMO_BACKENDS, readiness, strict=True)
     ]
+    # The proxy probes backends at start: let the runtimes listen first, as a deployment's would.
+    if not await _all_listening(readiness, sims):
+        for task in sims:
+            task.cancel()
+        results = await asyncio.gather(*sims, return_exceptions=True)
+        log.error("simulated runtimes failed to start: %s", [str(r) for r in results if isinstance(r, Exception)])
+        return 2
     ready = asyncio.Event()
     proxy = asyncio.create_task(serve(rules_dir, "127.0.0.1", port, ready))
     waiting = asyncio.create_task(ready.wait())
@@ -146,6 +153,19 @@ async def demo(rules_dir: str, port: int) -> int:
         task.cancel()
     await asyncio.gather(*sims, return_exceptions=True)
     return code
+
+
+async def _all_listening(readiness: list[asyncio.Event], sims: list[asyncio.Task[None]]) -> bool:
+    """True once every runtime listens; False as soon as one of them fails (e.g. its port is taken)."""
+    waiters = [asyncio.ensure_future(up.wait()) for up in readiness]
+    pending: set[asyncio.Future[Any]] = {*waiters, *sims}
+    while not all(up.is_set() for up in readiness):
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if any(task in done for task in sims):
+            for waiter in waiters:
+                waiter.cancel()
+            return False
+    return True
 
 
 def _print_demo_help(port: int) -> None:

@@ -6,8 +6,10 @@ parts, not logic: rules holder, connection pool, backend state, metrics, request
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import random
 from collections.abc import Iterable
 
 from aiohttp import web
@@ -15,8 +17,12 @@ from aiohttp import web
 from proxy.config.model import RulesHolder, Snapshot
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
+from proxy.store.base import Store
+from proxy.store.memory import MemoryStore
 from proxy.upstream.pool import ConnectionPool
-from proxy.upstream.state import BackendStates
+from proxy.upstream.health import HealthChecker
+from proxy.upstream.queue import WaitQueue
+from proxy.upstream.state import BackendStates, ModelStats
 
 
 class RequestIds:
@@ -43,6 +49,7 @@ class ProxyContext:
 
     __slots__ = (
         "rules", "metrics", "access_log", "backends", "ids", "pool", "turns", "inflight", "client_key_hashes",
+        "model_stats", "queue", "health", "store", "rng",
     )
 
     def __init__(
@@ -53,12 +60,23 @@ class ProxyContext:
         self.access_log = access_log
         self.backends = BackendStates()
         self.backends.sync(snapshot.backends)
-        metrics.watch_backends(self.backends.samples)
+        metrics.watch_backends(lambda: self.backends.samples(asyncio.get_running_loop().time()))
         self.ids = RequestIds()
         self.pool: ConnectionPool | None = None
         self.turns: dict[str, int] = {}  # per-pool request counter for round_robin
         self.inflight = 0  # client requests being served by this process
         self.client_key_hashes = frozenset(hash_api_key(k) for k in client_keys if k)
+        self.model_stats: dict[str, ModelStats] = {}  # learned per upstream model (see pipeline/cost.py)
+        self.queue = WaitQueue()
+        self.health: HealthChecker | None = None  # exists only while the app runs
+        self.store: Store = MemoryStore()  # app.py swaps in the configured one (Redis) and owns its lifecycle
+        self.rng = random.Random()  # per-request split draws; tests seed it
+
+    @property
+    def upstream(self) -> ConnectionPool:
+        """The connection pool; only while the app runs (created in app.py's cleanup_ctx)."""
+        assert self.pool is not None, "the upstream pool exists only while the app runs"
+        return self.pool
 
     def next_turn(self, pool_name: str) -> int:
         turn = self.turns.get(pool_name, 0)

@@ -12,12 +12,14 @@ the response started or as an SSE `error` event after. Nothing else builds an er
     │   └── UnknownPathError              404 ... / unknown_url
     ├── ClientAuthError                   401 authentication_error / invalid_api_key
     ├── OverloadedError                   429 rate_limit_error / overloaded  (+ Retry-After)
+    ├── StoreUnavailableError             internal: the caller falls back; never reaches a client
     └── UpstreamError                     502 api_error / upstream_error
         ├── BackendConnectError           502 ... / backend_unreachable     reason=connect
         ├── BackendStatusError            502 ... / backend_error           reason=status_5xx
         ├── BackendResetError             502 ... / backend_reset           reason=reset
         ├── BackendProtocolError          502 ... / backend_protocol_error  reason=protocol
         ├── BackendTimeoutError           504 timeout_error / backend_timeout  reason=timeout
+        ├── BackendThrottledError         429 rate_limit_error / backend_rate_limited  reason=status_429
         └── NoHealthyBackendError         503 api_error / no_healthy_backend
 """
 
@@ -118,6 +120,26 @@ class BackendTimeoutError(UpstreamError):
     reason = "timeout"
 
 
+class BackendThrottledError(UpstreamError):
+    """The runtime answered 429; its Retry-After is honoured (the backend is skipped until then)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "backend_rate_limited"
+    reason = "status_429"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NoHealthyBackendError(UpstreamError):
     status = 503
     code = "no_healthy_backend"
+
+
+class StoreUnavailableError(SplitstreamError):
+    """A `Store` could not answer (Redis down, timed out, circuit open). Raised only by `store/`; every
+    caller catches it and degrades (sticky split → hash fallback), so no client ever sees it."""
+
+    code = "store_unavailable"

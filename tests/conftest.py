@@ -19,6 +19,7 @@ from proxy.app import build_app
 from proxy.config.loader import load_rules
 from proxy.context import CONTEXT, ProxyContext
 from proxy.sim.runtime import Pacer, SimConfig, SimRuntime
+from proxy.store import OwnedStore
 
 
 class Gate:
@@ -90,12 +91,13 @@ class ProxyHandle:
 async def proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ProxyHandle]]]:
     handles: list[ProxyHandle] = []
 
-    async def make(rules_yaml: str, client_keys: list[str] | None = None, env: dict[str, str] | None = None) -> ProxyHandle:
+    async def make(rules_yaml: str, client_keys: list[str] | None = None, env: dict[str, str] | None = None,
+                   store: OwnedStore | None = None) -> ProxyHandle:
         rules_dir = tmp_path / f"rules{len(handles)}"
         rules_dir.mkdir()
         (rules_dir / "rules.yaml").write_text(rules_yaml)
         snapshot = load_rules(rules_dir, env=env or {}, generation=1)
-        app = build_app(snapshot, client_keys=client_keys or [])
+        app = build_app(snapshot, client_keys=client_keys or [], store=store)
         server = await aiohttp_server(app)  # TestServer enables handler_cancellation itself
         handle = ProxyHandle(server, rules_dir)
         handles.append(handle)

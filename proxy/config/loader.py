@@ -24,26 +24,34 @@ import yaml
 
 from proxy.config.durations import parse_duration, parse_size
 from proxy.config.model import (
+    DEFAULT_STICKY_TTL,
     BACKEND_KINDS,
     BALANCE_POLICIES,
     ENDPOINTS,
     Backend,
     Pool,
     Route,
+    HealthSettings,
     ServerSettings,
     Snapshot,
+    Sticky,
     Timeouts,
     Variant,
 )
 
 RULE_SUFFIXES = (".yaml", ".yml")
-TOP_KEYS = ("server", "defaults", "backends", "pools", "routes")
-SERVER_KEYS = ("max_body_bytes", "max_inflight", "drain_timeout")
+TOP_KEYS = ("server", "defaults", "health", "backends", "pools", "routes")
+SERVER_KEYS = ("max_body_bytes", "max_inflight", "drain_timeout", "max_queue")
+HEALTH_KEYS = ("interval", "unhealthy_interval", "timeout", "failures", "ejection", "max_ejection")
+RETRY_KEYS = ("attempts",)
+DEFAULT_RETRY_ATTEMPTS = 3
 DEFAULTS_KEYS = ("timeouts", "balance")
-TIMEOUT_KEYS = ("connect", "first_token", "idle", "total")
+TIMEOUT_KEYS = ("connect", "first_token", "idle", "total", "queue")
 BACKEND_KEYS = ("url", "kind", "weight", "max_inflight", "api_key_env")
 POOL_KEYS = ("backends", "model")
-ROUTE_KEYS = ("name", "match", "pool", "split", "balance", "timeouts", "shadow", "cache", "rollout")
+ROUTE_KEYS = (
+    "name", "match", "pool", "split", "balance", "timeouts", "retry", "runtime_load", "shadow", "cache", "rollout",
+)
 MATCH_KEYS = ("model", "endpoints")
 SPLIT_KEYS = ("variants", "sticky")
 VARIANT_KEYS = ("name", "pool", "weight")
@@ -443,6 +451,25 @@ def _build_server(entry: _Entry | None, errors: _Errors) -> ServerSettings:
         max_body_bytes=_body_limit(reader, base.max_body_bytes),
         max_inflight=reader.integer("max_inflight", base.max_inflight, minimum=1),
         drain_timeout=reader.duration("drain_timeout", base.drain_timeout, positive=False),
+        max_queue=reader.integer("max_queue", base.max_queue, minimum=0),
+    )
+
+
+def _build_health(entry: _Entry | None, errors: _Errors) -> HealthSettings:
+    base = HealthSettings()
+    if entry is None:
+        return base
+    reader = _reader(entry.value, "health", entry.loc, errors, "")
+    if reader is None:
+        return base
+    reader.check_keys(HEALTH_KEYS)
+    return HealthSettings(
+        interval=reader.duration("interval", base.interval, positive=True),
+        unhealthy_interval=reader.duration("unhealthy_interval", base.unhealthy_interval, positive=True),
+        timeout=reader.duration("timeout", base.timeout, positive=True),
+        failures=reader.integer("failures", base.failures, minimum=1),
+        ejection=reader.duration("ejection", base.ejection, positive=True),
+        max_ejection=reader.duration("max_ejection", base.max_ejection, positive=True),
     )
 
 
@@ -707,18 +734,32 @@ def _variant(item: object, line: int, reader: _Reader, ctx: _RouteContext, names
     return Variant(name=name, pool=pool, weight=weight)
 
 
-def _sticky(reader: _Reader | None) -> None:
-    """Validated only: the snapshot has no field for stickiness yet."""
+def _sticky(reader: _Reader | None) -> Sticky | None:
+    """`split.sticky` as the snapshot holds it; None for `by: none`, an absent block, or an invalid one."""
     if reader is None:
-        return
+        return None
     reader.check_keys(STICKY_KEYS)
     by = reader.text("by", required=True)
+    header = None
     if by is not None and by not in STICKY_BY_FIXED:
         header = by[len("header:"):] if by.startswith("header:") else None
         if header is None or not _HEADER_TOKEN.fullmatch(header):
             choices = "'header:NAME', " + ", ".join(repr(c) for c in STICKY_BY_FIXED)
             reader.fail("by", f"split.sticky.by must be one of {choices}, got {by!r}")
-    reader.duration("ttl", 0.0, positive=True)
+    ttl = reader.duration("ttl", DEFAULT_STICKY_TTL, positive=True)
+    if reader.failed or by is None or by == "none":
+        return None
+    if header is not None:
+        return Sticky(by="header", header=header.lower(), ttl=ttl)
+    return Sticky(by="user" if by == "body:user" else "api_key", ttl=ttl)
+
+
+def _route_sticky(reader: _Reader) -> Sticky | None:
+    """The route's `split.sticky`; a `split` that is not a mapping was already reported by `_split`."""
+    split = reader.get("split")
+    if not isinstance(split, _Map):
+        return None
+    return _sticky(_Reader(split, reader.label, reader.loc, reader.errors, "split.").mapping("sticky"))
 
 
 def _split(reader: _Reader, ctx: _RouteContext) -> tuple[Variant, ...]:
@@ -726,7 +767,6 @@ def _split(reader: _Reader, ctx: _RouteContext) -> tuple[Variant, ...]:
     if split is None:
         return ()
     split.check_keys(SPLIT_KEYS)
-    _sticky(split.mapping("sticky"))
     raw = split.get("variants")
     if not isinstance(raw, _Seq) or not raw:
         got = "nothing" if not split.has("variants") else _show(raw)
@@ -767,12 +807,31 @@ def _build_route(entry: _Entry, ctx: _RouteContext) -> Route | None:
     name = _route_name(reader, entry, ctx.seen)
     models, endpoints = _match(reader)
     variants = _variants(reader, ctx)
+    sticky = _route_sticky(reader)
     balance = reader.choice("balance", ctx.balance, BALANCE_POLICIES)
     timeouts = _timeouts(reader.mapping("timeouts"), ctx.timeouts)
+    attempts = _retry_attempts(reader.mapping("retry"))
+    runtime_load = _flag(reader, "runtime_load")
     if reader.failed or name is None or not models or not variants:
         return None
     return Route(name=name, models=models, model_pattern=_compile_models(models), endpoints=endpoints,
-                 variants=variants, timeouts=timeouts, balance=balance, source=str(entry.loc))
+                 variants=variants, timeouts=timeouts, balance=balance, source=str(entry.loc),
+                 retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky)
+
+
+def _retry_attempts(reader: _Reader | None) -> int:
+    if reader is None:
+        return DEFAULT_RETRY_ATTEMPTS
+    reader.check_keys(RETRY_KEYS)
+    return reader.integer("attempts", DEFAULT_RETRY_ATTEMPTS, minimum=1)
+
+
+def _flag(reader: _Reader, key: str) -> bool:
+    value = reader.get(key, False)
+    if not isinstance(value, bool):
+        reader.fail(key, f"{reader.name(key)} must be true or false, got {_show(value)}")
+        return False
+    return value
 
 
 # ------------------------------------------------------------------------------------ glob shadowing
@@ -893,6 +952,7 @@ def _read_files(paths: Sequence[str], sections: _Sections, errors: _Errors) -> t
 
 def _resolve(sections: _Sections, env: Mapping[str, str], errors: _Errors, root: str) -> Snapshot:
     server = _build_server(sections.singles.get("server"), errors)
+    health = _build_health(sections.singles.get("health"), errors)
     timeouts, balance = _build_defaults(sections.singles.get("defaults"), errors)
     backends = {name: _build_backend(entry, env, errors) for name, entry in sections.backends.items()}
     pools = {name: _build_pool(entry, backends, errors) for name, entry in sections.pools.items()}
@@ -912,6 +972,7 @@ def _resolve(sections: _Sections, env: Mapping[str, str], errors: _Errors, root:
         pools=tuple(p for p in pools.values() if p is not None),
         routes=tuple(route for route, _ in routes),
         server=server,
+        health=health,
     )
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 BACKEND_KINDS = ("vllm", "llamacpp", "ollama", "tgi", "openai")
 BALANCE_POLICIES = ("least_cost", "least_conn", "round_robin")
 ENDPOINTS = ("chat", "completions", "embeddings")
+STICKY_KINDS = ("header", "user", "api_key")
+DEFAULT_STICKY_TTL = 7 * 86400.0  # split.sticky.ttl when absent
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,12 +26,14 @@ class Timeouts:
         only `total` applies: the runtime sends nothing before it is done).
     idle: gap between two chunks of a stream.
     total: the whole exchange.
+    queue: how long a request may wait for a free backend slot (all at max_inflight) before a 429.
     """
 
     connect: float = 2.0
     first_token: float = 60.0
     idle: float = 30.0
     total: float = 600.0
+    queue: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,19 @@ class Variant:
 
 
 @dataclass(frozen=True, slots=True)
+class Sticky:
+    """How a split keeps a subject on one variant: who the subject is, and how long the assignment lasts.
+
+    by: 'header' (the `header` request header's value), 'user' (the body's OpenAI `user` field) or
+        'api_key' (a hash of the client's bearer key). `split.sticky.by: none` is no `Sticky` at all.
+    """
+
+    by: str
+    header: str | None = None  # lower-cased header name when by == 'header'
+    ttl: float = DEFAULT_STICKY_TTL
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Which requests (model globs, optional endpoints) go to which variants, with what limits."""
 
@@ -81,6 +98,9 @@ class Route:
     timeouts: Timeouts = Timeouts()
     balance: str = "least_cost"
     source: str = ""  # "file:line" where the route is defined, for messages
+    retry_attempts: int = 3  # tries per request (first included), only before a byte reached the client
+    runtime_load: bool = False  # fold the runtimes' own queue depth (their /metrics) into the balancer
+    sticky: Sticky | None = None  # None: each request draws its variant by weight
 
     def matches(self, model: str, endpoint: str) -> bool:
         if self.endpoints and endpoint not in self.endpoints:
@@ -100,6 +120,24 @@ class ServerSettings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_inflight: int = 4096  # requests in flight in this process before 429
     drain_timeout: float = 30.0
+    max_queue: int = 1024  # requests waiting per pool for a backend slot before 429
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Active probes and passive ejection (Envoy: health checks + outlier detection), the `health:` block.
+
+    interval: probe period for healthy backends; unhealthy_interval: for ejected/unhealthy ones (faster, to
+    re-admit quickly). failures: consecutive failed requests that eject a backend. ejection: first ejection
+    time; it doubles with each ejection in a row, capped by max_ejection.
+    """
+
+    interval: float = 5.0
+    unhealthy_interval: float = 1.0
+    timeout: float = 1.0
+    failures: int = 5
+    ejection: float = 5.0
+    max_ejection: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +148,7 @@ class Snapshot:
     pools: tuple[Pool, ...]
     routes: tuple[Route, ...]
     server: ServerSettings = ServerSettings()
+    health: HealthSettings = HealthSettings()
     files: tuple[tuple[str, str], ...] = ()
     generation: int = 0
 

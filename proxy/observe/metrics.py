@@ -59,6 +59,12 @@ class Metrics:
         self.rules_generation = Gauge(
             "splitstream_rules_generation", "Generation of the running rule snapshot.", registry=r
         )
+        self.split_assignments_total = Counter(
+            "splitstream_split_assignments_total",
+            "Split decisions by source: sticky (found in the store), new (drawn), fallback (store unavailable).",
+            ("route", "variant", "source"), registry=r,
+        )
+        self._assignment_children: dict[tuple[str, str, str], Counter] = {}
 
     def for_request(self, route: str, variant: str, backend: str) -> RequestMetrics:
         """The labelled children for one (route, variant, backend): looked up once, reused per request."""
@@ -71,6 +77,14 @@ class Metrics:
     def watch_backends(self, sample: Callable[[], Iterable[BackendSample]]) -> None:
         """Serve the upstream gauges from live backend state at scrape time: no per-request cost."""
         self.registry.register(BackendGauges(sample))
+
+    def count_assignment(self, route: str, variant: str, source: str) -> None:
+        """One split decision; children cached per label set (this runs on every split request)."""
+        key = (route, variant, source)
+        child = self._assignment_children.get(key)
+        if child is None:
+            child = self._assignment_children[key] = self.split_assignments_total.labels(*key)
+        child.inc()
 
     def count_upstream_error(self, backend: str, exc: SplitstreamError) -> None:
         if exc.reason is not None:

@@ -1,9 +1,11 @@
-"""Which backend of a pool takes a request: pure policy over backend state, no I/O, no clocks.
+"""Which backend of a pool takes a request: pure policy over backend state, no I/O, no clocks of its own.
 
-`least_cost` picks the least predicted load per unit of weight, `least_conn` the fewest requests in flight
-per unit of weight, `round_robin` walks the backends in weighted turns. Ties go to the earlier backend in
-the pool. Backends at their `max_inflight` are skipped; when all are, the caller gets None (and answers
-429). Called by `pipeline/handler.py`; state comes from `upstream/state.py`.
+`least_cost` picks the backend where the request would add the least predicted work per unit of weight:
+(predicted seconds in flight + this request's predicted seconds there [+ the runtime's foreign queue]) /
+weight, so a slow backend or one holding long generations gets less. `least_conn` counts requests in flight
+per unit of weight (nginx, LiteLLM least-busy); `round_robin` walks weighted turns. Ties go to the earlier
+backend in the pool. Unavailable backends (unhealthy, ejected, throttled) and full ones (max_inflight) are
+never picked. Called by `pipeline/handler.py`; state from `upstream/state.py`, prices from `cost.py`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,8 @@ from collections.abc import Sequence
 
 from proxy.upstream.state import BackendState
 
-# Predicted cost in token units: prefill is cheap per token next to decode (one forward pass per output
-# token), so a prompt token counts this fraction of a completion token.
-PREFILL_WEIGHT = 0.1
-BYTES_PER_TOKEN = 4.0
-DEFAULT_COMPLETION_TOKENS = 256
-
-
-def predict_cost(body_bytes: int, max_tokens: int | None) -> float:
-    """Token-cost estimate from the body size and max_tokens; no tokenizer on the hot path."""
-    completion = min(max_tokens, DEFAULT_COMPLETION_TOKENS) if max_tokens else DEFAULT_COMPLETION_TOKENS
-    return body_bytes / BYTES_PER_TOKEN * PREFILL_WEIGHT + completion
+# Runtime metrics older than this many seconds are ignored: a stale queue depth misleads more than none.
+RUNTIME_METRICS_MAX_AGE = 3.0
 
 
 def has_room(state: BackendState) -> bool:
@@ -30,33 +23,57 @@ def has_room(state: BackendState) -> bool:
     return limit == 0 or state.inflight < limit
 
 
-def pick_backend(states: Sequence[BackendState], policy: str, turn: int) -> BackendState | None:
-    """The backend to use, or None when every backend is full. `turn` is a per-pool request counter."""
+def foreign_requests(state: BackendState, now: float) -> float:
+    """Requests the runtime reports beyond our own in flight (other replicas, other clients), if fresh."""
+    if now - state.runtime_sampled_at > RUNTIME_METRICS_MAX_AGE:
+        return 0.0
+    return max(0.0, state.runtime_waiting + state.runtime_running - state.inflight)
+
+
+def pick_backend(
+    states: Sequence[BackendState],
+    costs: Sequence[float],
+    policy: str,
+    turn: int,
+    now: float,
+    runtime_load: bool = False,
+) -> int | None:
+    """Index into `states` of the backend to use, or None when none is available with room.
+
+    `costs[i]` is the request's predicted seconds on `states[i]`; `turn` is a per-pool request counter.
+    """
     if policy == "round_robin":
-        return _round_robin(states, turn)
-    best: BackendState | None = None
+        return _round_robin(states, turn, now)
+    best: int | None = None
     best_score = 0.0
-    for state in states:
-        if not has_room(state):
+    for i, state in enumerate(states):
+        if not state.is_available(now) or not has_room(state):
             continue
-        load = state.predicted_load if policy == "least_cost" else float(state.inflight)
+        if policy == "least_cost":
+            load = state.predicted_load + costs[i]
+            if runtime_load:
+                load += foreign_requests(state, now) * costs[i]
+        else:
+            load = float(state.inflight)
         score = load / state.backend.weight
         if best is None or score < best_score:
-            best, best_score = state, score
+            best, best_score = i, score
     return best
 
 
-def _round_robin(states: Sequence[BackendState], turn: int) -> BackendState | None:
+def _round_robin(states: Sequence[BackendState], turn: int, now: float) -> int | None:
     """Weighted turns: backend i owns weight_i consecutive slots of each cycle (weights rounded, min 1)."""
+    if not states:
+        return None
     slots = [max(1, round(s.backend.weight)) for s in states]
     position = turn % sum(slots)
-    start = 0
+    index = 0
     for index, width in enumerate(slots):
-        if position < start + width:
+        if position < width:
             break
-        start += width
+        position -= width
     for offset in range(len(states)):
-        state = states[(index + offset) % len(states)]
-        if has_room(state):
-            return state
+        i = (index + offset) % len(states)
+        if states[i].is_available(now) and has_room(states[i]):
+            return i
     return None

@@ -12,7 +12,7 @@ import time
 
 from aiohttp import web
 
-from proxy.config.model import Pool, Route, Snapshot, Variant
+from proxy.config.model import Route, Snapshot, Variant
 from proxy.context import CONTEXT, ProxyContext, hash_api_key
 from proxy.errors import (
     BodyTooLargeError,
@@ -20,16 +20,15 @@ from proxy.errors import (
     ContentTypeError,
     OverloadedError,
     UnknownModelError,
-    UpstreamError,
 )
-from proxy.observe.record import RequestRecord
+from proxy.observe.record import CLIENT_CLOSED, RequestRecord
 from proxy.pipeline import request as request_view
-from proxy.pipeline.balancer import pick_backend, predict_cost
+from proxy.pipeline.assignment import assign_variant, find_subject
+from proxy.pipeline.dispatch import dispatch, settle
 from proxy.pipeline.errors import RECORD
-from proxy.pipeline.forward import Deadlines, build_request, open_exchange
-from proxy.pipeline.relay import is_event_stream, relay_body, relay_stream
+from proxy.pipeline.forward import Deadlines
+from proxy.pipeline.relay import relay_body, relay_stream
 from proxy.upstream.probe import is_reachable
-from proxy.upstream.state import Lease
 
 
 def check_client_key(context: ProxyContext, request: web.Request) -> None:
@@ -63,17 +62,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def choose_variant(route: Route) -> Variant:
-    """The variant serving this request. Split policy (weights, sticky subjects) comes with the split issue."""
-    return route.variants[0]
-
-
-def lease_backend(context: ProxyContext, pool: Pool, route: Route, cost: float) -> Lease:
-    states = [context.backends.get(b) for b in pool.backends]
-    state = pick_backend(states, route.balance, context.next_turn(pool.name))
-    if state is None:
-        raise OverloadedError(f"Every backend of pool '{pool.name}' is at its max_inflight limit.")
-    return state.lease(cost)
+async def choose_variant(
+    context: ProxyContext, route: Route, request: web.Request, view: request_view.RequestView
+) -> Variant:
+    """The variant serving this request (policy: `pipeline/split.py`; store I/O: `pipeline/assignment.py`)."""
+    if route.sticky is None and len(route.variants) == 1:
+        return route.variants[0]  # a plain `pool:` route: nothing to decide, nothing to count
+    subject = find_subject(route.sticky, request.headers, view)
+    variant, source = await assign_variant(route, subject, context.store, context.rng)
+    context.metrics.count_assignment(route.name, variant.name, source)
+    return variant
 
 
 async def inference(request: web.Request) -> web.StreamResponse:
@@ -99,38 +97,24 @@ async def _serve(
     route = snapshot.match(view.model, view.endpoint)
     if route is None:
         raise UnknownModelError(f"The model `{view.model[:256]}` does not exist or no route serves it.")
-    variant = choose_variant(route)
+    variant = await choose_variant(context, route, request, view)
     pool = variant.pool
     record.route, record.variant, record.stream = route.name, variant.name, view.is_stream
     payload = view.upstream_body(pool.model)
-    lease = lease_backend(context, pool, route, predict_cost(len(body), view.max_tokens))
-    backend = lease.state.backend
-    record.backend = backend.name
-    assert context.pool is not None
     loop_time = asyncio.get_running_loop().time
     deadlines = Deadlines(route.timeouts, record.started)
+    attempt = await dispatch(context, route, pool, view, payload, request.path, record, deadlines)
     try:
-        record.attempts = 1
-        conn = await open_exchange(
-            context.pool,
-            backend,
-            build_request(backend, request.path, payload, record.request_id, view.is_stream),
-            deadlines,
-            loop_time(),
-            view.is_stream,
-            context.metrics,
+        if attempt.body is not None:
+            return relay_body(attempt.conn, attempt.body, record)
+        return await relay_stream(
+            request, attempt.conn, attempt.first_chunk, view, deadlines, record, context.metrics, loop_time
         )
-        try:
-            if view.is_stream and conn.status == 200 and is_event_stream(conn.headers):
-                return await relay_stream(request, conn, view, deadlines, record, context.metrics, loop_time)
-            return await relay_body(conn, deadlines, record)
-        except UpstreamError as exc:  # failed before anything reached the client
-            context.metrics.count_upstream_error(backend.name, exc)
-            raise
-        finally:
-            context.pool.release(conn)
+    except asyncio.CancelledError:
+        record.status = CLIENT_CLOSED
+        raise
     finally:
-        lease.release()
+        settle(context, attempt, record, len(body))
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -47,9 +47,8 @@ def is_event_stream(upstream: Headers) -> bool:
     return False
 
 
-async def relay_body(conn: UpstreamConnection, deadlines: Deadlines, record: RequestRecord) -> web.Response:
-    """A whole (non-stream) answer: read it, answer with the same bytes."""
-    body = await conn.read_body(deadlines.total, "total")
+def relay_body(conn: UpstreamConnection, body: bytes, record: RequestRecord) -> web.Response:
+    """A whole (non-stream) answer, already read: the same bytes, with our headers."""
     if conn.status == 200:
         usage = find_usage_object(body)
         if usage is not None:
@@ -61,6 +60,7 @@ async def relay_body(conn: UpstreamConnection, deadlines: Deadlines, record: Req
 async def relay_stream(
     request: web.Request,
     conn: UpstreamConnection,
+    first_chunk: bytes | None,
     view: RequestView,
     deadlines: Deadlines,
     record: RequestRecord,
@@ -69,10 +69,11 @@ async def relay_stream(
 ) -> web.StreamResponse:
     """An SSE answer, relayed as it arrives; the usage chunk is kept or stripped as the client asked.
 
-    The caller gives the connection back to the pool afterwards (which aborts it unless it ended cleanly).
+    `first_chunk` was read by dispatch (a stream commits with it). The caller gives the connection back to
+    the pool afterwards (which aborts it unless it ended cleanly).
     """
     sse = SseRelay(strip_usage=not view.wants_usage)
-    chunk = await conn.read_chunk(deadlines.first_token(clock()), "first_token")
+    chunk = first_chunk
     record.ttft = clock() - record.started
     response = web.StreamResponse(status=conn.status, headers=response_headers(conn.headers, record))
     await response.prepare(request)

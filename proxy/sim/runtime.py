@@ -554,12 +554,14 @@ def _encode(vec: list[float], fmt: str) -> list[float] | str:
     return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
 
 
-async def serve(config: SimConfig, host: str, port: int) -> None:
-    """Serve one simulated runtime until cancelled."""
+async def serve(config: SimConfig, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    """Serve one simulated runtime until cancelled; `ready` is set once it accepts connections."""
     runner = web.AppRunner(SimRuntime(config).build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
+        if ready is not None:
+            ready.set()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

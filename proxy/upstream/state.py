@@ -13,21 +13,60 @@ from collections.abc import Iterable, Iterator
 from proxy.config.model import Backend
 
 
-class BackendState:
-    """Mutable counters for one backend (gauges read them at scrape time)."""
+# Before a backend has reported anything, assume a modest GPU runtime; the first completions replace these.
+PRIOR_PREFILL_TPS = 2000.0  # prompt tokens per second
+PRIOR_DECODE_TPS = 30.0  # completion tokens per second, per stream
 
-    __slots__ = ("backend", "inflight", "predicted_load", "healthy")
+
+class BackendState:
+    """Mutable facts about one backend: load, learned speed, health. Policies read and update it;
+    gauges read it at scrape time. No await ever sits between a read and a write of these fields."""
+
+    __slots__ = (
+        "backend", "inflight", "predicted_load", "healthy", "prefill_tps", "decode_tps",
+        "consecutive_failures", "ejections", "ejected_until", "throttled_until", "next_probe_at",
+        "runtime_waiting", "runtime_running", "runtime_kv_usage", "runtime_sampled_at", "ejections_total",
+        "completed",
+    )
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.inflight = 0
-        self.predicted_load = 0.0
-        self.healthy = True
+        self.predicted_load = 0.0  # predicted seconds of work in flight
+        self.healthy = True  # the active probe's verdict (and passive ejection's)
+        self.prefill_tps = PRIOR_PREFILL_TPS
+        self.decode_tps = PRIOR_DECODE_TPS
+        self.consecutive_failures = 0
+        self.ejections = 0  # ejections in a row (sets the back-off); reset once the backend serves again
+        self.ejected_until = 0.0
+        self.throttled_until = 0.0  # the runtime's own Retry-After
+        self.next_probe_at = 0.0
+        self.runtime_waiting = 0.0  # from the runtime's /metrics, when a route asks for it
+        self.runtime_running = 0.0
+        self.runtime_kv_usage = 0.0
+        self.runtime_sampled_at = -1.0
+        self.ejections_total = 0
+        self.completed = 0  # requests that taught us something about speed
 
     def lease(self, cost: float) -> Lease:
         self.inflight += 1
         self.predicted_load += cost
         return Lease(self, cost)
+
+    def is_available(self, now: float) -> bool:
+        """Takes new requests: healthy, not ejected, not asked by the runtime to back off."""
+        return self.healthy and now >= self.ejected_until and now >= self.throttled_until
+
+
+class ModelStats:
+    """What we learned about one upstream model's traffic: body bytes per prompt token, completion length."""
+
+    __slots__ = ("bytes_per_token", "completion_tokens", "samples")
+
+    def __init__(self, bytes_per_token: float, completion_tokens: float) -> None:
+        self.bytes_per_token = bytes_per_token
+        self.completion_tokens = completion_tokens
+        self.samples = 0
 
 
 class Lease:
@@ -79,9 +118,10 @@ class BackendStates:
     def __iter__(self) -> Iterator[BackendState]:
         return iter(list(self._states.values()))
 
-    def samples(self) -> list[tuple[str, int, float, bool]]:
-        """(name, in flight, predicted load, healthy) per backend, for the scrape-time gauges."""
-        return [(s.backend.name, s.inflight, s.predicted_load, s.healthy) for s in self._states.values()]
+    def samples(self, now: float) -> list[tuple[str, int, float, bool]]:
+        """(name, in flight, predicted load, takes traffic) per backend, for the scrape-time gauges."""
+        return [(s.backend.name, s.inflight, s.predicted_load, s.healthy and now >= s.ejected_until)
+                for s in self._states.values()]
 
     @property
     def total_inflight(self) -> int:

@@ -116,16 +116,48 @@ async def test_proxy_overload_is_429_with_retry_after(sim: Any, proxy: Any) -> N
         response.release()
 
 
-async def test_backend_full_is_429(sim: Any, proxy: Any) -> None:
+async def until(predicate: Any) -> None:
+    """Yield to the event loop until an in-process condition holds (bounded)."""
+    for _ in range(10_000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+async def test_full_backend_queues_then_answers(sim: Any, proxy: Any) -> None:
     gate = Gate()
     runtime, server = await sim(pacer=gate)
     handle = await proxy(simple_rules(server, backend_extra=", max_inflight: 1"))
+    body = {"model": "my-model", "messages": MESSAGES, "max_tokens": 2}
+    async with aiohttp.ClientSession() as session:
+        first = asyncio.ensure_future(session.post(handle.url("/v1/chat/completions"), json=body))
+        await gate.wait_reached(0)
+        second = asyncio.ensure_future(session.post(handle.url("/v1/chat/completions"), json=body))
+        await until(lambda: handle.context.queue.waiting("main-pool") == 1)
+        assert runtime.stats.requests == 1  # the second one waits in splitstream, not at the runtime
+        gate.open_all()
+        for response in (await first, await second):
+            assert response.status == 200
+            response.release()
+    assert runtime.stats.requests == 2
+
+
+@pytest.mark.parametrize("server_block", ["server: {max_queue: 0}", ""])
+async def test_full_backend_and_queue_is_429(sim: Any, proxy: Any, server_block: str) -> None:
+    gate = Gate()
+    runtime, server = await sim(pacer=gate)
+    rules = simple_rules(server, backend_extra=", max_inflight: 1", server_block=server_block,
+                         timeouts="    timeouts: {queue: 50ms}")
+    handle = await proxy(rules)
     async with aiohttp.ClientSession() as session:
         held = asyncio.ensure_future(session.post(handle.url("/v1/chat/completions"),
                                                   json={"model": "my-model", "messages": MESSAGES, "max_tokens": 2}))
         await gate.wait_reached(0)
         status, headers, body = await post(handle.url("/v1/chat/completions"), json={"model": "my-model", "messages": MESSAGES})
-        assert status == 429 and "Retry-After" in headers
+        assert status == 429 and int(headers["Retry-After"]) >= 1
+        assert_error_shape(body, "overloaded")
+        assert handle.context.queue.waiting("main-pool") == 0
         gate.open_all()
         (await held).release()
 
@@ -148,16 +180,27 @@ async def test_backend_4xx_is_relayed(sim: Any, proxy: Any) -> None:
     assert headers["x-splitstream-route"] == "main"
 
 
-async def test_dead_backend_is_502_unreachable(sim: Any, proxy: Any) -> None:
-    rules = simple_rules().replace("backends:\n", f'backends:\n  dead: {{url: "http://127.0.0.1:{free_port()}"}}\n')
-    rules = rules.replace("backends: []", "backends: [dead]")
-    handle = await proxy(rules)
+async def test_backend_gone_between_probes_is_502_unreachable(sim: Any, proxy: Any) -> None:
+    runtime, server = await sim()
+    handle = await proxy(simple_rules(server, server_block="health: {interval: 10m}"))
+    await handle.context.health.wait_round()  # the first probe found it healthy
+    await server.close()  # ...and now it is gone, long before the next probe
     status, _, body = await post(handle.url("/v1/chat/completions"), json={"model": "my-model", "messages": MESSAGES})
     assert status == 502
     assert_error_shape(body, "backend_unreachable")
     async with aiohttp.ClientSession() as session:
         async with session.get(handle.url("/metrics")) as r:
-            assert 'splitstream_upstream_errors_total{backend="dead",reason="connect"} 1.0' in await r.text()
+            assert 'splitstream_upstream_errors_total{backend="b0",reason="connect"} 3.0' in await r.text()
+
+
+async def test_dead_backend_found_by_probe_is_503(sim: Any, proxy: Any) -> None:
+    rules = simple_rules().replace("backends:\n", f'backends:\n  dead: {{url: "http://127.0.0.1:{free_port()}"}}\n')
+    rules = rules.replace("backends: []", "backends: [dead]")
+    handle = await proxy(rules)
+    await handle.context.health.wait_round()
+    status, _, body = await post(handle.url("/v1/chat/completions"), json={"model": "my-model", "messages": MESSAGES})
+    assert status == 503
+    assert_error_shape(body, "no_healthy_backend")
 
 
 async def test_first_token_timeout_is_504(sim: Any, proxy: Any) -> None:

@@ -1,16 +1,18 @@
-"""Balancer policies over hand-built backend state (no I/O, deterministic)."""
+"""Balancer policies over hand-built backend state (no I/O, fixed `now`, deterministic)."""
 
 from __future__ import annotations
 
 import pytest
 
 from proxy.config.model import Backend
-from proxy.pipeline.balancer import pick_backend, predict_cost
+from proxy.pipeline.balancer import foreign_requests, pick_backend
 from proxy.upstream.state import BackendState, BackendStates
+
+NOW = 1000.0
 
 
 def states(*specs: tuple[float, int, float, int]) -> list[BackendState]:
-    """(weight, inflight, load, max_inflight) per backend."""
+    """(weight, inflight, predicted load seconds, max_inflight) per backend."""
     out = []
     for i, (weight, inflight, load, limit) in enumerate(specs):
         state = BackendState(Backend(f"b{i}", f"http://h{i}:1", f"h{i}", 1, "", weight=weight, max_inflight=limit))
@@ -20,34 +22,47 @@ def states(*specs: tuple[float, int, float, int]) -> list[BackendState]:
 
 
 @pytest.mark.parametrize(
-    ("policy", "specs", "expected"),
+    ("policy", "specs", "costs", "expected"),
     [
-        ("least_cost", [(1, 1, 500.0, 0), (1, 5, 100.0, 0)], "b1"),  # fewer tokens beats fewer requests
-        ("least_conn", [(1, 1, 500.0, 0), (1, 5, 100.0, 0)], "b0"),
-        ("least_cost", [(1, 0, 100.0, 0), (4, 0, 300.0, 0)], "b1"),  # load per unit of weight
-        ("least_conn", [(1, 1, 0.0, 0), (1, 1, 0.0, 0)], "b0"),  # ties go to the first
-        ("least_cost", [(1, 2, 0.0, 2), (1, 9, 900.0, 0)], "b1"),  # full backends are skipped
+        ("least_cost", [(1, 1, 50.0, 0), (1, 5, 10.0, 0)], [1.0, 1.0], 1),  # less work beats fewer requests
+        ("least_conn", [(1, 1, 50.0, 0), (1, 5, 10.0, 0)], [1.0, 1.0], 0),
+        ("least_cost", [(1, 0, 10.0, 0), (4, 0, 30.0, 0)], [1.0, 1.0], 1),  # load per unit of weight
+        ("least_cost", [(1, 0, 0.0, 0), (1, 0, 0.0, 0)], [4.0, 1.0], 1),  # idle: the faster backend for this request
+        ("least_conn", [(1, 1, 0.0, 0), (1, 1, 0.0, 0)], [1.0, 1.0], 0),  # ties go to the first
+        ("least_cost", [(1, 2, 0.0, 2), (1, 9, 90.0, 0)], [1.0, 1.0], 1),  # full backends are skipped
     ],
 )
-def test_pick(policy: str, specs: list[tuple[float, int, float, int]], expected: str) -> None:
-    chosen = pick_backend(states(*specs), policy, 0)
-    assert chosen is not None and chosen.backend.name == expected
+def test_pick(policy: str, specs: list[tuple[float, int, float, int]], costs: list[float], expected: int) -> None:
+    assert pick_backend(states(*specs), costs, policy, 0, NOW) == expected
+
+
+def test_unavailable_backends_are_never_picked() -> None:
+    pool = states((1, 0, 0.0, 0), (1, 9, 99.0, 0), (1, 9, 99.0, 0))
+    pool[0].ejected_until = NOW + 1
+    pool[1].throttled_until = NOW + 1
+    assert pick_backend(pool, [1, 1, 1], "least_cost", 0, NOW) == 2
+    pool[2].healthy = False
+    assert pick_backend(pool, [1, 1, 1], "least_cost", 0, NOW) is None
+    assert pick_backend(pool, [1, 1, 1], "least_cost", 0, NOW + 1) == 0  # ejection and throttle expired
 
 
 def test_all_full_is_none() -> None:
-    assert pick_backend(states((1, 1, 0.0, 1), (1, 3, 0.0, 3)), "least_cost", 0) is None
-    assert pick_backend(states((1, 1, 0.0, 1)), "round_robin", 5) is None
+    assert pick_backend(states((1, 1, 0.0, 1), (1, 3, 0.0, 3)), [1, 1], "least_cost", 0, NOW) is None
+    assert pick_backend(states((1, 1, 0.0, 1)), [1], "round_robin", 5, NOW) is None
 
 
 def test_weighted_round_robin_turns() -> None:
     pool = states((1, 0, 0.0, 0), (2, 0, 0.0, 0))
-    picks = [pick_backend(pool, "round_robin", turn).backend.name for turn in range(6)]  # type: ignore[union-attr]
-    assert picks == ["b0", "b1", "b1", "b0", "b1", "b1"]
+    assert [pick_backend(pool, [1, 1], "round_robin", turn, NOW) for turn in range(6)] == [0, 1, 1, 0, 1, 1]
 
 
-def test_predicted_cost_grows_with_prompt_and_max_tokens() -> None:
-    assert predict_cost(40_000, 1024) > predict_cost(200, 16)
-    assert predict_cost(400, None) == predict_cost(400, 10_000)  # unknown length is capped, not infinite
+def test_runtime_load_counts_only_foreign_requests_and_only_when_fresh() -> None:
+    a, b = states((1, 2, 2.0, 0), (1, 2, 2.0, 0))
+    a.runtime_waiting, a.runtime_running, a.runtime_sampled_at = 10.0, 2.0, NOW - 1
+    assert foreign_requests(a, NOW) == 10.0  # 12 at the runtime, 2 of them ours
+    assert pick_backend([a, b], [1.0, 1.0], "least_cost", 0, NOW, runtime_load=True) == 1
+    assert pick_backend([a, b], [1.0, 1.0], "least_cost", 0, NOW, runtime_load=False) == 0
+    assert foreign_requests(a, NOW + 60) == 0.0  # stale numbers are ignored
 
 
 def test_lease_release_is_idempotent_and_returns_to_zero() -> None:

@@ -563,13 +563,13 @@ BROKEN: list[tuple[str, dict[str, str], str]] = [
     (
         "top level is a list",
         {"c.yaml": "- a\n- b\n"},
-        "c.yaml:1: top level must be a mapping of sections (server, defaults, backends, pools, routes), "
+        "c.yaml:1: top level must be a mapping of sections (server, defaults, health, backends, pools, routes), "
         "got a list",
     ),
     (
         "top level is a scalar",
         {"c.yaml": "hello\n"},
-        "c.yaml:1: top level must be a mapping of sections (server, defaults, backends, pools, routes), "
+        "c.yaml:1: top level must be a mapping of sections (server, defaults, health, backends, pools, routes), "
         "got 'hello'",
     ),
     (
