@@ -114,18 +114,19 @@ async def dispatch(
 
 def settle(context: ProxyContext, attempt: Attempt, record: RequestRecord, body_bytes: int) -> None:
     """After the relay: give the connection and lease back, and learn from how it went."""
-    context.upstream.release(attempt.conn)
+    status = record.status or attempt.conn.status  # record.status is set only when the relay failed
+    context.upstream.release(attempt.conn)  # (resets the connection's status for its next exchange)
     attempt.lease.release()
     context.queue.notify()
     state = attempt.state
     now = asyncio.get_running_loop().time()
-    if record.status >= 500:
+    if status >= 500:
         record_failure(state, context.rules.current.health, now)
         return
-    if record.status == CLIENT_CLOSED:
+    if status == CLIENT_CLOSED:
         return
     record_success(state)
-    if record.status == 200 and (record.prompt_tokens or record.completion_tokens):
+    if status == 200 and (record.prompt_tokens or record.completion_tokens):
         stats = context.model_stats.get(attempt.model)
         if stats is not None:
             ttft = None if record.ttft is None else record.ttft - (attempt.started - record.started)
