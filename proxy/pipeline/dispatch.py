@@ -144,10 +144,10 @@ async def _acquire(
     deadlines: Deadlines,
 ) -> Lease:
     """A lease on the best backend not tried yet; waits in the pool's FIFO queue while all are full."""
-    states = [context.backends.get(b) for b in pool.backends]
-    candidates = [s for s in states if s not in tried] or states
-    if not any(s.is_available(now) for s in candidates):
-        raise NoHealthyBackendError(f"No healthy backend in pool '{pool.name}'.")
+    get = context.backends.get
+    candidates = [get(b) for b in pool.backends]
+    if tried:  # fail over to backends not tried yet, when there are any
+        candidates = [s for s in candidates if s not in tried] or candidates
     queue = context.queue
     loop_time = asyncio.get_running_loop().time
     queue_deadline = min(now + route.timeouts.queue, deadlines.total)
