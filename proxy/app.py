@@ -1,6 +1,6 @@
 """Builds the aiohttp Application and wires the parts together; no request logic of its own.
 
-Background parts (the upstream connection pool for now; rule watcher and health checks later) start in
+Background parts (rules watcher, upstream connection pool, health checks, store) start in
 `cleanup_ctx` generators and are closed after `yield`, so tests and `serve` share one lifecycle.
 """
 
@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 
 from aiohttp import web
 
+from proxy.admin import ADMIN_ACCESS, RELOADER, AdminAccess, add_admin_routes, admin_token_from_env
 from proxy.config.model import Snapshot
+from proxy.config.reloader import Reloader
 from proxy.context import CONTEXT, ProxyContext
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
@@ -43,10 +46,22 @@ async def _health_checks(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+def _rules_reloader(watch: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        reloader = app[RELOADER]
+        if watch:
+            reloader.start_watching()
+        yield
+        await reloader.close()  # the watcher and any reload still running (SIGHUP, admin)
+
+    return lifecycle
+
+
 async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     context = app[CONTEXT]
     context.pool = ConnectionPool(asyncio.get_running_loop())
     yield
+    await context.shadows.close()  # shadow copies use the pool: stop them first
     context.pool.close()
     context.access_log.flush()
 
@@ -66,8 +81,16 @@ def build_app(
     client_keys: list[str] | None = None,
     access_log: AccessLog | None = None,
     store: OwnedStore | None = None,
+    rules_dir: str | Path | None = None,
+    admin_token: str | None = None,
+    rules_env: Mapping[str, str] | None = None,
+    watch_rules: bool = True,
 ) -> web.Application:
-    """The proxy app. `store` (default: embedded) is opened and closed with the app, which owns it."""
+    """The proxy app. `store` (default: embedded) is opened and closed with the app, which owns it.
+
+    `rules_dir` is where `snapshot` came from: given, the app reloads from it on POST /admin/reload and,
+    with `watch_rules`, whenever a rule file in it changes; `rules_env` is where reloads read `api_key_env`
+    values (default os.environ). `admin_token` defaults to SPLITSTREAM_ADMIN_TOKEN; '' = loopback-only."""
     context = ProxyContext(
         snapshot,
         metrics or Metrics(),
@@ -78,6 +101,9 @@ def build_app(
     context.metrics.rules_reloads_total.labels("success").inc()
     app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
     app[CONTEXT] = context
+    app[RELOADER] = Reloader(rules_dir, context.rules, context.backends, context.metrics, env=rules_env)
+    app[ADMIN_ACCESS] = AdminAccess.from_token(admin_token if admin_token is not None else admin_token_from_env())
+    app.cleanup_ctx.append(_rules_reloader(watch_rules))
     app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_health_checks)
     owned = store if store is not None else MemoryStore()
@@ -89,4 +115,5 @@ def build_app(
     app.router.add_get("/healthz", handler.healthz)
     app.router.add_get("/readyz", handler.readyz)
     app.router.add_get("/metrics", handler.metrics)
+    add_admin_routes(app)
     return app

@@ -20,6 +20,7 @@ from proxy.observe.metrics import Metrics
 from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
 from proxy.upstream.pool import ConnectionPool
+from proxy.pipeline.shadow import ShadowMirror
 from proxy.upstream.health import HealthChecker
 from proxy.upstream.queue import WaitQueue
 from proxy.upstream.state import BackendStates, ModelStats
@@ -49,7 +50,7 @@ class ProxyContext:
 
     __slots__ = (
         "rules", "metrics", "access_log", "backends", "ids", "pool", "turns", "inflight", "client_key_hashes",
-        "model_stats", "queue", "health", "store", "rng",
+        "model_stats", "queue", "health", "store", "rng", "shadows",
     )
 
     def __init__(
@@ -69,6 +70,7 @@ class ProxyContext:
         self.model_stats: dict[str, ModelStats] = {}  # learned per upstream model (see pipeline/cost.py)
         self.queue = WaitQueue()
         self.health: HealthChecker | None = None  # exists only while the app runs
+        self.shadows = ShadowMirror(self.backends, lambda: self.upstream, metrics, lambda: self.rules.current)
         self.store: Store = MemoryStore()  # app.py swaps in the configured one (Redis) and owns its lifecycle
         self.rng = random.Random()  # per-request split draws; tests seed it
 

@@ -23,6 +23,7 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 
 from proxy.config.durations import parse_duration, parse_size
+from proxy.config.schema import allowed_keys
 from proxy.config.model import (
     DEFAULT_STICKY_TTL,
     BACKEND_KINDS,
@@ -33,6 +34,7 @@ from proxy.config.model import (
     Route,
     HealthSettings,
     ServerSettings,
+    Shadow,
     Snapshot,
     Sticky,
     Timeouts,
@@ -40,22 +42,24 @@ from proxy.config.model import (
 )
 
 RULE_SUFFIXES = (".yaml", ".yml")
-TOP_KEYS = ("server", "defaults", "health", "backends", "pools", "routes")
-SERVER_KEYS = ("max_body_bytes", "max_inflight", "drain_timeout", "max_queue")
-HEALTH_KEYS = ("interval", "unhealthy_interval", "timeout", "failures", "ejection", "max_ejection")
-RETRY_KEYS = ("attempts",)
+# The keys each mapping allows come from the JSON Schema (proxy/config/rules.schema.json), the one list
+# editors and this loader share: a new key goes there first (tests/unit/test_schema.py checks both agree).
+TOP_KEYS = allowed_keys()
+SERVER_KEYS = allowed_keys("server")
+HEALTH_KEYS = allowed_keys("health")
+RETRY_KEYS = allowed_keys("retry")
+SHADOW_KEYS = allowed_keys("shadow")
+SHADOW_DEFAULTS = Shadow(pool=Pool(name="", backends=()))
 DEFAULT_RETRY_ATTEMPTS = 3
-DEFAULTS_KEYS = ("timeouts", "balance")
-TIMEOUT_KEYS = ("connect", "first_token", "idle", "total", "queue")
-BACKEND_KEYS = ("url", "kind", "weight", "max_inflight", "api_key_env")
-POOL_KEYS = ("backends", "model")
-ROUTE_KEYS = (
-    "name", "match", "pool", "split", "balance", "timeouts", "retry", "runtime_load", "shadow", "cache", "rollout",
-)
-MATCH_KEYS = ("model", "endpoints")
-SPLIT_KEYS = ("variants", "sticky")
-VARIANT_KEYS = ("name", "pool", "weight")
-STICKY_KEYS = ("by", "ttl")
+DEFAULTS_KEYS = allowed_keys("defaults")
+TIMEOUT_KEYS = allowed_keys("timeouts")
+BACKEND_KEYS = allowed_keys("backend")
+POOL_KEYS = allowed_keys("pool")
+ROUTE_KEYS = allowed_keys("route")
+MATCH_KEYS = allowed_keys("match")
+SPLIT_KEYS = allowed_keys("split")
+VARIANT_KEYS = allowed_keys("variant")
+STICKY_KEYS = allowed_keys("sticky")
 STICKY_BY_FIXED = ("body:user", "api_key", "none")
 
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -812,11 +816,39 @@ def _build_route(entry: _Entry, ctx: _RouteContext) -> Route | None:
     timeouts = _timeouts(reader.mapping("timeouts"), ctx.timeouts)
     attempts = _retry_attempts(reader.mapping("retry"))
     runtime_load = _flag(reader, "runtime_load")
+    shadows = _shadows(reader, ctx)
     if reader.failed or name is None or not models or not variants:
         return None
     return Route(name=name, models=models, model_pattern=_compile_models(models), endpoints=endpoints,
                  variants=variants, timeouts=timeouts, balance=balance, source=str(entry.loc),
-                 retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky)
+                 retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky, shadows=shadows)
+
+
+def _shadows(reader: _Reader, ctx: _RouteContext) -> tuple[Shadow, ...]:
+    """`shadow: [{pool, sample, max_concurrency, max_queue}, ...]`: each pool mirrored at most once."""
+    if not reader.has("shadow"):
+        return ()
+    items = reader.get("shadow")
+    if not isinstance(items, _Seq):
+        reader.fail("shadow", f"shadow must be a list of {{pool, sample}} entries, got {_show(items)}")
+        return ()
+    shadows: list[Shadow] = []
+    for item, line in zip(items, items.item_lines):
+        entry = _reader(item, f"{reader.label} shadow", reader.loc.at(line), ctx.errors, " with pool and sample")
+        if entry is None:
+            continue
+        entry.check_keys(SHADOW_KEYS)
+        pool = _pool_ref(entry, "pool", ctx)
+        sample = entry.number("sample", 1.0, minimum=0, inclusive=True)
+        if sample > 1:
+            entry.fail("sample", f"sample must be between 0 and 1, got {_show(entry.get('sample'))}")
+        concurrency = entry.integer("max_concurrency", SHADOW_DEFAULTS.max_concurrency, minimum=1)
+        queue = entry.integer("max_queue", SHADOW_DEFAULTS.max_queue, minimum=0)
+        if pool is not None and any(s.pool.name == pool.name for s in shadows):
+            entry.fail("pool", f"pool {pool.name!r} is mirrored twice")
+        elif pool is not None and not entry.failed:
+            shadows.append(Shadow(pool=pool, sample=sample, max_concurrency=concurrency, max_queue=queue))
+    return tuple(shadows)
 
 
 def _retry_attempts(reader: _Reader | None) -> int:

@@ -87,6 +87,20 @@ class Sticky:
 
 
 @dataclass(frozen=True, slots=True)
+class Shadow:
+    """Mirror a sampled share of a route's traffic to a pool; the client never waits for or sees it.
+
+    At most `max_concurrency` copies are in flight per route and pool, `max_queue` more wait; beyond that
+    copies are dropped (and counted), so shadows can never exhaust memory or connections.
+    """
+
+    pool: Pool
+    sample: float = 1.0
+    max_concurrency: int = 8
+    max_queue: int = 64
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Which requests (model globs, optional endpoints) go to which variants, with what limits."""
 
@@ -100,6 +114,7 @@ class Route:
     source: str = ""  # "file:line" where the route is defined, for messages
     retry_attempts: int = 3  # tries per request (first included), only before a byte reached the client
     runtime_load: bool = False  # fold the runtimes' own queue depth (their /metrics) into the balancer
+    shadows: tuple[Shadow, ...] = ()
     sticky: Sticky | None = None  # None: each request draws its variant by weight
 
     def matches(self, model: str, endpoint: str) -> bool:

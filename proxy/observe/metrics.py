@@ -8,6 +8,7 @@ error reason, token kind) — never a client-supplied string.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -15,12 +16,20 @@ from prometheus_client.exposition import choose_encoder
 
 from proxy.errors import SplitstreamError
 
+if TYPE_CHECKING:
+    from proxy.pipeline.compare import Comparison
+
 # LLM requests take from milliseconds (cache hits, embeddings) to minutes (long generations).
 DURATION_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )
 # Time to first token: sub-millisecond (cached) to tens of seconds (long prompts, queued runtimes).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+# Shadow / primary ratios: 1.0 means "as fast"; the interesting range is a few x either way.
+RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+SIMILARITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+DELTA_BUCKETS = (-512, -128, -32, -8, -1, 0, 1, 8, 32, 128, 512)
 
 REQUEST_LABELS = ("route", "variant", "backend")
 
@@ -48,6 +57,35 @@ class Metrics:
         )
         self.tokens_total = Counter(
             "splitstream_tokens_total", "Tokens reported by backends.", (*REQUEST_LABELS, "kind"), registry=r
+        )
+        shadow_labels = ("route", "pool")
+        self.shadow_requests_total = Counter(
+            "splitstream_shadow_requests_total", "Shadow copies by outcome (ok, error, timeout, dropped).",
+            (*shadow_labels, "outcome"), registry=r,
+        )
+        self.shadow_duration = Histogram(
+            "splitstream_shadow_duration_seconds", "Shadow copy duration.", shadow_labels,
+            buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.shadow_comparisons_total = Counter(
+            "splitstream_shadow_comparisons_total", "Compared primary/shadow pairs.",
+            (*shadow_labels, "status_match", "exact_match"), registry=r,
+        )
+        self.shadow_latency_ratio = Histogram(
+            "splitstream_shadow_latency_ratio", "Shadow duration / primary duration.", shadow_labels,
+            buckets=RATIO_BUCKETS, registry=r,
+        )
+        self.shadow_ttft_ratio = Histogram(
+            "splitstream_shadow_ttft_ratio", "Shadow TTFT / primary TTFT (streams).", shadow_labels,
+            buckets=RATIO_BUCKETS, registry=r,
+        )
+        self.shadow_similarity = Histogram(
+            "splitstream_shadow_similarity", "Similarity of shadow and primary outputs (0..1).", shadow_labels,
+            buckets=SIMILARITY_BUCKETS, registry=r,
+        )
+        self.shadow_completion_tokens_delta = Histogram(
+            "splitstream_shadow_completion_tokens_delta", "Shadow minus primary completion tokens.",
+            shadow_labels, buckets=DELTA_BUCKETS, registry=r,
         )
         self._request_children: dict[tuple[str, str, str], RequestMetrics] = {}
         self.upstream_errors_total = Counter(
@@ -85,6 +123,20 @@ class Metrics:
         if child is None:
             child = self._assignment_children[key] = self.split_assignments_total.labels(*key)
         child.inc()
+
+    def record_comparison(self, result: Comparison) -> None:
+        labels = (result.route, result.pool)
+        self.shadow_comparisons_total.labels(
+            *labels, str(result.status_match).lower(), str(result.exact_match).lower()
+        ).inc()
+        if result.latency_ratio is not None:
+            self.shadow_latency_ratio.labels(*labels).observe(result.latency_ratio)
+        if result.ttft_ratio is not None:
+            self.shadow_ttft_ratio.labels(*labels).observe(result.ttft_ratio)
+        if result.similarity is not None:
+            self.shadow_similarity.labels(*labels).observe(result.similarity)
+        if result.completion_tokens_delta is not None:
+            self.shadow_completion_tokens_delta.labels(*labels).observe(result.completion_tokens_delta)
 
     def count_upstream_error(self, backend: str, exc: SplitstreamError) -> None:
         if exc.reason is not None:

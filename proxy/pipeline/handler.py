@@ -24,7 +24,8 @@ from proxy.errors import (
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
 from proxy.pipeline import request as request_view
 from proxy.pipeline.assignment import assign_variant, find_subject
-from proxy.pipeline.dispatch import dispatch, settle
+from proxy.pipeline.compare import Side
+from proxy.pipeline.dispatch import Attempt, dispatch, settle
 from proxy.pipeline.errors import RECORD
 from proxy.pipeline.forward import Deadlines
 from proxy.pipeline.relay import relay_body, relay_stream
@@ -104,17 +105,32 @@ async def _serve(
     loop_time = asyncio.get_running_loop().time
     deadlines = Deadlines(route.timeouts, record.started)
     attempt = await dispatch(context, route, pool, view, payload, request.path, record, deadlines)
+    status = attempt.conn.status
+    pairs = context.shadows.mirror(route, view, request.path, record.request_id) if route.shadows else None
+    capture = bytearray() if pairs and attempt.body is None else None
     try:
         if attempt.body is not None:
             return relay_body(attempt.conn, attempt.body, record)
         return await relay_stream(
-            request, attempt.conn, attempt.first_chunk, view, deadlines, record, context.metrics, loop_time
+            request, attempt.conn, attempt.first_chunk, view, deadlines, record, context.metrics, loop_time, capture
         )
     except asyncio.CancelledError:
         record.status = CLIENT_CLOSED
         raise
     finally:
         settle(context, attempt, record, len(body))
+        if pairs:
+            output = attempt.body if attempt.body is not None else bytes(capture or b"")
+            context.shadows.primary_done(pairs, primary_side(record, status, output, view.is_stream, attempt, loop_time()))
+
+
+def primary_side(
+    record: RequestRecord, status: int, output: bytes, is_stream: bool, attempt: Attempt, now: float
+) -> Side:
+    """The primary's answer as the shadow comparison sees it, timed from its own send like the shadow's."""
+    ttft = None if record.ttft is None else record.ttft - (attempt.started - record.started)
+    return Side(record.status or status, now - attempt.started, ttft if is_stream else None,
+                record.prompt_tokens, record.completion_tokens, output, is_stream)
 
 
 async def list_models(request: web.Request) -> web.Response:

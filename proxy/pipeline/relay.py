@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy.errors import UpstreamError
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
+from proxy.pipeline.compare import MAX_CAPTURE_BYTES
 from proxy.pipeline.errors import sse_error_event
 from proxy.pipeline.forward import Deadlines
 from proxy.pipeline.request import RequestView
@@ -66,11 +67,13 @@ async def relay_stream(
     record: RequestRecord,
     metrics: Metrics,
     clock: Callable[[], float],
+    capture: bytearray | None = None,
 ) -> web.StreamResponse:
     """An SSE answer, relayed as it arrives; the usage chunk is kept or stripped as the client asked.
 
     `first_chunk` was read by dispatch (a stream commits with it). The caller gives the connection back to
-    the pool afterwards (which aborts it unless it ended cleanly).
+    the pool afterwards (which aborts it unless it ended cleanly). `capture`, when given (mirrored requests
+    only), receives a copy of the upstream bytes, up to MAX_CAPTURE_BYTES, for the shadow comparison.
     """
     sse = SseRelay(strip_usage=not view.wants_usage)
     chunk = first_chunk
@@ -79,6 +82,8 @@ async def relay_stream(
     await response.prepare(request)
     try:
         while chunk is not None:
+            if capture is not None and len(capture) < MAX_CAPTURE_BYTES:
+                capture += chunk
             out = sse.feed(chunk)
             if out:
                 await response.write(out)

@@ -71,7 +71,7 @@ VALID = {
                 - {name: canary, pool: mixed, weight: 10}
               sticky: {by: "header:x-user-id", ttl: 7d}
             balance: round_robin
-            shadow: {pool: mixed, percent: 5}
+            shadow: [{pool: mixed, sample: 0.05}]
             cache: {ttl: 1h}
             rollout: {anything: [goes, here]}
         """,

@@ -1,0 +1,67 @@
+"""Primary/shadow comparison on known outputs: statuses, ratios, token deltas, similarity."""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+import orjson
+import pytest
+
+from proxy.pipeline.compare import Side, compare, extract_output, similarity
+
+
+def chat_body(text: str, completion: int = 3) -> bytes:
+    return orjson.dumps({"object": "chat.completion", "choices": [{"message": {"content": text}}],
+                         "usage": {"prompt_tokens": 5, "completion_tokens": completion}})
+
+
+def stream_body(*tokens: str) -> bytes:
+    events = [b"data: " + orjson.dumps({"choices": [{"delta": {"content": t}}]}) + b"\n\n" for t in tokens]
+    return b"".join(events) + b"data: [DONE]\n\n"
+
+
+def side(output: bytes, status: int = 200, duration: float = 1.0, ttft: float | None = None,
+         completion: int | None = 3, is_stream: bool = False) -> Side:
+    return Side(status, duration, ttft, 5, completion, output, is_stream)
+
+
+def test_identical_answers() -> None:
+    result = compare("r1", "chat", "next", side(chat_body("the cat sat")), side(chat_body("the cat sat"), duration=2.0))
+    assert result.status_match and result.exact_match and result.similarity == 1.0
+    assert result.latency_ratio == 2.0 and result.completion_tokens_delta == 0
+
+
+def test_different_text_scores_partial_similarity() -> None:
+    result = compare("r", "chat", "next", side(chat_body("a b c d")), side(chat_body("a b x d"), completion=5))
+    assert not result.exact_match
+    assert result.similarity == pytest.approx(0.75)
+    assert result.completion_tokens_delta == 2
+
+
+def test_stream_is_assembled_and_ttft_compared() -> None:
+    primary = side(stream_body("hello ", "world"), ttft=0.1, is_stream=True)
+    shadow = side(stream_body("hello ", "world"), ttft=0.3, is_stream=True)
+    result = compare("r", "chat", "next", primary, shadow)
+    assert result.exact_match and result.ttft_ratio == pytest.approx(3.0)
+
+
+def test_status_mismatch_and_failed_shadow() -> None:
+    result = compare("r", "chat", "next", side(chat_body("x")), side(b"", status=502, completion=None))
+    assert not result.status_match and result.shadow_status == 502
+    assert result.similarity is None and result.completion_tokens_delta is None
+
+
+def test_stream_error_event_has_no_output() -> None:
+    raw = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\nevent: error\ndata: {"error":{"code":"x"}}\n\n'
+    assert extract_output(side(raw, is_stream=True)) is None
+
+
+def test_embeddings_use_cosine_and_decode_base64() -> None:
+    vector = [0.6, 0.8, 0.0]
+    floats = orjson.dumps({"object": "list", "data": [{"embedding": vector}]})
+    encoded = base64.b64encode(struct.pack("<3f", *vector)).decode()
+    b64 = orjson.dumps({"object": "list", "data": [{"embedding": encoded}]})
+    a, b = extract_output(side(floats)), extract_output(side(b64))
+    assert isinstance(b, list) and b == pytest.approx(vector)
+    assert similarity(a, [0.8, 0.6, 0.0])[1] == pytest.approx(0.96)
