@@ -10,6 +10,12 @@ Three cases, each on its own fresh pair of subprocesses (`python -m proxy sim-ba
                 and streams/s.
   open-streams  N (default 2,000) slow streams opened at once through one proxy process: errors and the
                 proxy's peak RSS (VmRSS sampled every 100 ms, plus the kernel's VmHWM).
+  reload        (optional: only with --only reload) the c=32 non-streaming load through the proxy, once
+                plain and once while the rules file is rewritten every 100 ms (hot reload each time):
+                failed requests and the p99 ratio.
+  sticky        (optional: only with --only sticky) direct vs. a plain proxy vs. a proxy with a 90/10 split
+                sticky by `x-user-id` through Redis (`serve --redis`, a redis-server it starts), wrk cycling
+                10,000 subjects at c=1 and c=32: added p50, the split's own cost, CPU per request.
 
 Direct and proxy rounds are interleaved (the order flips every round) and the table shows the median of
 the rounds, because a 2-core machine is noisy. The numbers are printed next to the project's targets and
@@ -20,6 +26,8 @@ not measure (a process died, the sanity request failed, or a measured round had 
     .venv/bin/python bench/overhead.py                     # everything, about 2-3 minutes
     .venv/bin/python bench/overhead.py --duration 3 --rounds 1 --streams 500
     .venv/bin/python bench/overhead.py --only nonstream
+    .venv/bin/python bench/overhead.py --only reload
+    .venv/bin/python bench/overhead.py --only sticky
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +63,8 @@ LUA = ROOT / "bench" / "wrk_post.lua"
 RESULTS = ROOT / "bench" / "results"
 MODEL = "sim-model"
 CASES = ("nonstream", "stream", "open-streams")
+OPTIONAL_CASES = ("reload", "sticky")  # run only when named with --only
+RELOAD_EVERY_S = 0.1
 
 # Must stay byte-identical to the body in bench/wrk_post.lua (the Python fallback client sends this one).
 BODY = b'{"model":"sim-model","messages":[{"role":"user","content":"Hello there"}],"max_tokens":8}'
@@ -71,6 +82,9 @@ TARGETS = {
     "c32_proxy_rps": 8000.0,
     "stream_added_ttft_p50_ms": 1.0,
     "open_streams_rss_mb": 300.0,
+    "reload_p99_ratio": 1.1,
+    "reload_failed": 0,
+    "sticky_added_p50_ms": 0.5,
 }
 
 
@@ -193,6 +207,8 @@ class Stack:
             py, "-m", "proxy", "sim-backend", "--host", "127.0.0.1", "--port", str(self.sim_port),
             "--model", MODEL, "--tokens-per-second", str(tps), "--ttft-ms", str(ttft_ms),
             "--max-batch", str(max_batch)], self.dir)
+        # The proxy probes its backends at start: the runtime must answer first, as in a deployment.
+        wait_ready(self.sim, f"http://127.0.0.1:{self.sim_port}/health")
         rules = self.dir / "rules"
         rules.mkdir()
         (rules / "bench.yaml").write_text(f"""\
@@ -209,7 +225,6 @@ routes:
         self.proxy = Proc(f"{name}-proxy", [
             py, "-m", "proxy", "serve", "--rules", str(rules), "--host", "127.0.0.1",
             "--port", str(self.proxy_port)], self.dir)
-        wait_ready(self.sim, f"http://127.0.0.1:{self.sim_port}/health")
         wait_ready(self.proxy, f"http://127.0.0.1:{self.proxy_port}/healthz")
 
     def url(self, target: str) -> str:
@@ -595,6 +610,257 @@ def case_open_streams(tmp: Path, args: argparse.Namespace, problems: list[str]) 
     return {"tokens": OPEN_STREAM_TOKENS, "tokens_per_second": OPEN_STREAM_TPS, **res, "proxy_log": log}
 
 
+class RuleChurn:
+    """A thread that rewrites the proxy's rule file every RELOAD_EVERY_S, in place (truncate + write, as a
+    careless editor would), alternating the backend's weight and bumping a comment so every hash differs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.text = path.read_text()
+        self.writes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rule-churn", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(RELOAD_EVERY_S):
+            self.writes += 1
+            weight = 1 + self.writes % 2
+            text = self.text.replace("kind: vllm}", f"kind: vllm, weight: {weight}}}")
+            self.path.write_text(f"# rewrite {self.writes}\n{text}")
+
+    def __enter__(self) -> RuleChurn:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def reload_counters(stack: Stack) -> dict[str, float]:
+    """The proxy's rules_reloads_total by result and rules_generation, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.proxy_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    counters = {"success": 0.0, "error": 0.0, "generation": 0.0}
+    for line in text.splitlines():
+        m = re.match(r'splitstream_rules_reloads_total\{result="(\w+)"\} ([\d.e+]+)$', line)
+        if m:
+            counters[m.group(1)] = float(m.group(2))
+        elif line.startswith("splitstream_rules_generation "):
+            counters["generation"] = float(line.split()[1])
+    return counters
+
+
+def case_reload(tmp: Path, args: argparse.Namespace, client: str, problems: list[str]) -> dict[str, Any]:
+    stack = Stack(tmp, "reload", tps=0, ttft_ms=0, max_batch=1000)
+    rules_file = stack.dir / "rules" / "bench.yaml"
+    try:
+        assert stack.proxy is not None
+        sanity_check(stack, stream=False)
+        run_load(client, stack.url("proxy"), 32, 1)  # warm-up
+        stack.check()
+        rounds: list[dict[str, Any]] = []
+        for r in range(args.rounds):
+            order = ("plain", "reload") if r % 2 == 0 else ("reload", "plain")
+            for mode in order:
+                before = reload_counters(stack)
+                if mode == "reload":
+                    with RuleChurn(rules_file) as churn:
+                        res = run_load(client, stack.url("proxy"), 32, args.duration)
+                    res["rule_writes"] = churn.writes
+                else:
+                    res = run_load(client, stack.url("proxy"), 32, args.duration)
+                after = reload_counters(stack)
+                stack.check()
+                res["reloads_applied"] = after["success"] - before["success"]
+                res["reloads_rejected"] = after["error"] - before["error"]
+                res["failed"] = res["non_2xx"] + res["socket_errors"]
+                res.update(round=r, mode=mode)
+                check_errors(f"reload round {r} {mode}", res, problems)
+                rounds.append(res)
+                print(f"  round {r + 1}/{args.rounds} c=32 {mode:<6} {res['rps']:9.0f} rps  "
+                      f"p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms  failed {res['failed']}  "
+                      f"reloads {res['reloads_applied']:.0f} applied / {res['reloads_rejected']:.0f} rejected",
+                      flush=True)
+        log = stack.proxy_log_summary()
+    finally:
+        stack.close()
+    summary: dict[str, Any] = {}
+    for mode in ("plain", "reload"):
+        sel = [x for x in rounds if x["mode"] == mode]
+        for key in ("rps", "p50_ms", "p99_ms"):
+            summary[f"{mode}_{key}"] = med([x[key] for x in sel])
+        summary[f"{mode}_failed"] = sum(x["failed"] for x in sel)
+        summary[f"{mode}_requests"] = sum(x["requests"] for x in sel)
+    summary["p99_ratio"] = summary["reload_p99_ms"] / summary["plain_p99_ms"]
+    summary["reloads_applied"] = sum(x["reloads_applied"] for x in rounds)
+    summary["reloads_rejected"] = sum(x["reloads_rejected"] for x in rounds)
+    summary["rule_writes"] = sum(x.get("rule_writes", 0) for x in rounds)
+    return {"client": client, "rounds": rounds, "summary": summary, "proxy_log": log}
+
+
+# ---------------------------------------------------------------------------------------------------
+# sticky split through Redis (optional case)
+
+STICKY_LUA = ROOT / "bench" / "wrk_sticky.lua"
+STICKY_TARGETS = ("direct", "plain", "sticky")
+
+
+def start_redis(tmp: Path) -> tuple[Proc, int]:
+    """A throwaway redis-server (no persistence) on a free port, answering PING."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("the sticky case needs redis-server (apt-get install redis-server)")
+    port = free_port()
+    proc = Proc("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                          "--dir", str(tmp)], tmp)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        proc.check()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise BenchError(f"redis-server not answering on {port}; last output:\n{tail(proc.log)}")
+
+
+def redis_dbsize(port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"DBSIZE\r\n")
+        return int(sock.recv(64)[1:].strip())
+
+
+def split_sources(port: int) -> dict[str, float]:
+    """splitstream_split_assignments_total summed by source, from the proxy's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    sources: dict[str, float] = {"sticky": 0.0, "new": 0.0, "fallback": 0.0}
+    for line in text.splitlines():
+        if line.startswith("splitstream_split_assignments_total{"):
+            m = re.search(r'source="(\w+)"', line)
+            if m:
+                sources[m.group(1)] = sources.get(m.group(1), 0.0) + float(line.rsplit(" ", 1)[1])
+    return sources
+
+
+def run_wrk_sticky(url: str, conns: int, duration: float) -> dict[str, Any]:
+    args = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "5s",
+            "-s", str(STICKY_LUA), url]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
+    if proc.returncode != 0:
+        raise BenchError(f"wrk exited with {proc.returncode}: {proc.stderr or proc.stdout}")
+    return parse_wrk(proc.stdout)
+
+
+def case_sticky(tmp: Path, args: argparse.Namespace, client: str, problems: list[str]) -> dict[str, Any]:
+    """Direct vs. a plain `pool:` proxy vs. a proxy whose route is a 90/10 split sticky by `x-user-id`
+    through Redis (`serve --redis`), all in front of the same instant runtime, with 10,000 cycling subjects."""
+    if client != "wrk":
+        raise BenchError("the sticky case needs wrk (its Lua script varies the x-user-id header)")
+    redis, redis_port = start_redis(tmp)
+    stack: Stack | None = None
+    sticky: Proc | None = None
+    try:
+        stack = Stack(tmp, "sticky", tps=0, ttft_ms=0, max_batch=1000)
+        rules = stack.dir / "sticky-rules"
+        rules.mkdir()
+        (rules / "bench.yaml").write_text(f"""\
+server: {{max_inflight: 100000}}
+backends:
+  sim: {{url: "http://127.0.0.1:{stack.sim_port}", kind: vllm}}
+pools:
+  p: {{backends: [sim], model: "{MODEL}"}}
+  q: {{backends: [sim], model: "{MODEL}"}}
+routes:
+  - name: bench
+    match: {{model: "{MODEL}"}}
+    split:
+      sticky: {{by: "header:x-user-id", ttl: 1h}}
+      variants:
+        - {{name: stable, pool: p, weight: 90}}
+        - {{name: canary, pool: q, weight: 10}}
+""")
+        sticky_port = free_port()
+        sticky = Proc("split-proxy", [  # the Stack's own proxy is "sticky-proxy"
+            sys.executable, "-m", "proxy", "serve", "--rules", str(rules), "--host", "127.0.0.1",
+            "--port", str(sticky_port), "--redis", f"redis://127.0.0.1:{redis_port}/0"], stack.dir)
+        wait_ready(sticky, f"http://127.0.0.1:{sticky_port}/healthz")
+        urls = {"direct": stack.url("direct"), "plain": stack.url("proxy"),
+                "sticky": f"http://127.0.0.1:{sticky_port}/v1/chat/completions"}
+        procs = {"direct": stack.sim, "plain": stack.proxy, "sticky": sticky}
+        sanity_check(stack, stream=False)
+        req = urllib.request.Request(urls["sticky"], data=BODY, method="POST",
+                                     headers={**HEADERS, "x-user-id": "sanity"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            if resp.status != 200 or resp.headers.get("x-splitstream-variant") not in ("stable", "canary"):
+                raise BenchError(f"sticky sanity request: HTTP {resp.status}, variant "
+                                 f"{resp.headers.get('x-splitstream-variant')}")
+        if redis_dbsize(redis_port) != 1:
+            raise BenchError("sticky sanity request stored nothing in Redis")
+        for target in STICKY_TARGETS:  # warm-up; also assigns most of the 10,000 subjects
+            run_wrk_sticky(urls[target], 32, 1)
+        rounds: list[dict[str, Any]] = []
+        for r in range(args.rounds):
+            order = STICKY_TARGETS[r % 3:] + STICKY_TARGETS[:r % 3]  # rotate who goes first
+            for conns in (1, 32):
+                for target in order:
+                    watched = procs[target]
+                    assert watched is not None
+                    ticks0, redis0, sources0 = watched.cpu_ticks(), redis.cpu_ticks(), split_sources(sticky_port)
+                    res = run_wrk_sticky(urls[target], conns, args.duration)
+                    ticks1, redis1, sources1 = watched.cpu_ticks(), redis.cpu_ticks(), split_sources(sticky_port)
+                    stack.check()
+                    sticky.check()
+                    redis.check()
+                    n = max(res["requests"], 1)
+                    res["cpu_ms_per_req"] = (ticks1 - ticks0) * 1e3 / CLK_TCK / n
+                    res["redis_cpu_ms_per_req"] = (redis1 - redis0) * 1e3 / CLK_TCK / n
+                    res["sources"] = {k: sources1.get(k, 0.0) - sources0.get(k, 0.0) for k in sources1}
+                    res.update(round=r, target=target, conns=conns)
+                    check_errors(f"sticky round {r} {target} c={conns}", res, problems)
+                    rounds.append(res)
+                    print(f"  round {r + 1}/{args.rounds} c={conns:<2} {target:<6} {res['rps']:9.0f} rps  "
+                          f"p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms  "
+                          f"cpu {res['cpu_ms_per_req']:.3f} ms/req"
+                          + (f"  sources {res['sources']}" if target == "sticky" else ""), flush=True)
+        plain_proxy, stack.proxy = stack.proxy, sticky  # the summary of the sticky proxy's log, not the plain one's
+        try:
+            log = stack.proxy_log_summary()
+        finally:
+            stack.proxy = plain_proxy
+        subjects = redis_dbsize(redis_port)
+    finally:
+        if sticky is not None:
+            sticky.stop()
+        if stack is not None:
+            stack.close()
+        redis.stop()
+    summary: dict[str, Any] = {"redis_keys": subjects}
+    for conns in (1, 32):
+        for target in STICKY_TARGETS:
+            sel = [x for x in rounds if x["conns"] == conns and x["target"] == target]
+            for key in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_req"):
+                summary[f"c{conns}_{target}_{key}"] = med([x[key] for x in sel])
+        summary[f"c{conns}_redis_cpu_ms_per_req"] = med(
+            [x["redis_cpu_ms_per_req"] for x in rounds if x["conns"] == conns and x["target"] == "sticky"])
+        for target in ("plain", "sticky"):
+            summary[f"c{conns}_{target}_added_p50_ms"] = (summary[f"c{conns}_{target}_p50_ms"]
+                                                          - summary[f"c{conns}_direct_p50_ms"])
+        summary[f"c{conns}_split_cost_p50_ms"] = summary[f"c{conns}_sticky_p50_ms"] - summary[f"c{conns}_plain_p50_ms"]
+    totals: Counter[str] = Counter()
+    for x in rounds:
+        if x["target"] == "sticky":
+            totals.update({k: int(v) for k, v in x["sources"].items()})
+    summary["sources"] = dict(totals)
+    if totals["fallback"]:
+        problems.append(f"sticky: {totals['fallback']} assignments fell back (Redis slow or unavailable)")
+    return {"client": client, "rounds": rounds, "summary": summary, "proxy_log": log}
+
+
 # ---------------------------------------------------------------------------------------------------
 # report
 
@@ -656,6 +922,46 @@ def build_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
              f"ratio {s['streams_ratio']:.2f}", ""),
             ("proxy CPU per stream (ms)", "-", _f(s["proxy_cpu_ms_per_stream"]), "", ""),
         ]
+    rl = results.get("reload")
+    if rl:
+        s = rl["summary"]
+        rows += [
+            ("reload c=32 p99 (ms) [plain | reloading]", _f(s["plain_p99_ms"]), _f(s["reload_p99_ms"]),
+             f"ratio {s['p99_ratio']:.2f}", _target(s["p99_ratio"] <= TARGETS["reload_p99_ratio"], "ratio <= 1.1")),
+            ("reload c=32 p50 (ms) [plain | reloading]", _f(s["plain_p50_ms"]), _f(s["reload_p50_ms"]), "", ""),
+            ("reload c=32 rps [plain | reloading]", _f(s["plain_rps"]), _f(s["reload_rps"]),
+             f"ratio {s['reload_rps'] / s['plain_rps']:.2f}", ""),
+            ("reload c=32 failed requests", str(s["plain_failed"]), str(s["reload_failed"]),
+             f"of {s['reload_requests']:,}", _target(s["reload_failed"] <= TARGETS["reload_failed"], "0")),
+            ("reload: rule writes / applied / rejected", "-",
+             f"{s['rule_writes']} / {s['reloads_applied']:.0f} / {s['reloads_rejected']:.0f}", "", ""),
+        ]
+    sk = results.get("sticky")
+    if sk:
+        rows += sticky_rows(sk["summary"])
+    return rows
+
+
+def sticky_rows(s: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Direct vs. the sticky-split proxy; the plain proxy's and the split's own share on extra rows."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    limit = TARGETS["sticky_added_p50_ms"]
+    for c in (1, 32):
+        rows += [
+            (f"sticky c={c:<2} p50 (ms) [direct | sticky]", _f(s[f"c{c}_direct_p50_ms"]), _f(s[f"c{c}_sticky_p50_ms"]),
+             _added(s[f"c{c}_sticky_added_p50_ms"]), _target(s[f"c{c}_sticky_added_p50_ms"] <= limit, f"added <= {limit:g}")),
+            (f"sticky c={c:<2} p50 (ms) [plain | sticky]", _f(s[f"c{c}_plain_p50_ms"]), _f(s[f"c{c}_sticky_p50_ms"]),
+             _added(s[f"c{c}_split_cost_p50_ms"]), "(the split + Redis alone)"),
+            (f"sticky c={c:<2} p99 (ms) [direct | sticky]", _f(s[f"c{c}_direct_p99_ms"]), _f(s[f"c{c}_sticky_p99_ms"]),
+             _added(s[f"c{c}_sticky_p99_ms"] - s[f"c{c}_direct_p99_ms"]), ""),
+            (f"sticky c={c:<2} rps [plain | sticky]", _f(s[f"c{c}_plain_rps"]), _f(s[f"c{c}_sticky_rps"]),
+             f"ratio {s[f'c{c}_sticky_rps'] / s[f'c{c}_plain_rps']:.2f}", ""),
+            (f"sticky c={c:<2} proxy CPU/req (ms) [plain | sticky]", _f(s[f"c{c}_plain_cpu_ms_per_req"]),
+             _f(s[f"c{c}_sticky_cpu_ms_per_req"]), _added(s[f"c{c}_sticky_cpu_ms_per_req"] - s[f"c{c}_plain_cpu_ms_per_req"]),
+             f"redis {_f(s[f'c{c}_redis_cpu_ms_per_req'])} ms/req"),
+        ]
+    rows.append(("sticky assignments by source", "-", ", ".join(f"{k} {v:,}" for k, v in sorted(s["sources"].items())),
+                 f"{s['redis_keys']:,} keys", ""))
     return rows
 
 
@@ -770,15 +1076,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved direct/proxy rounds (default 3)")
     parser.add_argument("--streams", type=int, default=2000, help="open streams in that case (default 2000)")
     parser.add_argument("--only", action="append", metavar="CASE",
-                        help=f"run only this case ({'|'.join(CASES)}); repeat or comma-separate for several")
+                        help=f"run only this case ({'|'.join(CASES + OPTIONAL_CASES)}); repeat or comma-separate "
+                             "for several")
     parser.add_argument("--python-client", action="store_true",
                         help="use the Python closed-loop client for the non-streaming case even if wrk exists")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the process logs")
     args = parser.parse_args(argv)
     cases = [c.strip() for item in (args.only or list(CASES)) for c in item.split(",") if c.strip()]
     for c in cases:
-        if c not in CASES:
-            parser.error(f"unknown case {c!r} (choose from {', '.join(CASES)})")
+        if c not in CASES + OPTIONAL_CASES:
+            parser.error(f"unknown case {c!r} (choose from {', '.join(CASES + OPTIONAL_CASES)})")
     if args.rounds < 1 or args.duration <= 0 or args.streams < 1:
         parser.error("--rounds, --duration and --streams must be positive")
 
@@ -806,6 +1113,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[open-streams] {args.streams} streams of {OPEN_STREAM_TOKENS} tokens at "
                   f"{OPEN_STREAM_TPS:g} tok/s at once through one proxy", flush=True)
             results["open_streams"] = case_open_streams(tmp, args, problems)
+        if "reload" in cases:
+            print(f"[reload] instant runtime, {client} c=32, plain vs rules rewritten every "
+                  f"{RELOAD_EVERY_S * 1000:.0f} ms, {args.rounds} x {args.duration:g} s", flush=True)
+            results["reload"] = case_reload(tmp, args, client, problems)
+        if "sticky" in cases:
+            print(f"[sticky] instant runtime, {client} c=1 and c=32, direct vs plain proxy vs 90/10 split sticky by "
+                  f"x-user-id through Redis (10,000 subjects), {args.rounds} x {args.duration:g} s", flush=True)
+            results["sticky"] = case_sticky(tmp, args, client, problems)
     except BenchError as exc:
         sys.stdout.flush()
         print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
@@ -823,7 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if results:
         print_report(results, client)
-    for key in ("nonstream", "stream", "open_streams"):
+    for key in ("nonstream", "stream", "open_streams", "reload", "sticky"):
         log = results.get(key, {}).get("proxy_log")
         if log and log["samples"]:
             problems.append(f"{key}: proxy logged {log['log_levels']}; first: {log['samples'][0][:300]}")

@@ -2,7 +2,7 @@
 
 Parses arguments and runs the matching coroutine on uvloop; the work itself lives in `app.py`,
 `config/loader.py` and `sim/runtime.py`. `serve` drains on SIGTERM: it stops accepting, lets requests
-and streams in flight finish up to `server.drain_timeout`, then exits 0.
+and streams in flight finish up to `server.drain_timeout`, then exits 0. SIGHUP reloads the rules.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from proxy.admin import RELOADER
 from proxy.app import build_app
 from proxy.config.loader import RulesError, load_rules
 from proxy.observe.logs import configure_logging
 from proxy.sim.runtime import SimConfig
 from proxy.sim.runtime import serve as serve_sim
+from proxy.store.redis import RedisStore
 
 log = logging.getLogger("splitstream")
 
@@ -42,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--redis", default=None, help="redis://host:port/db (default: embedded store)")
+    serve.add_argument("--no-watch", action="store_true",
+                       help="do not watch the rules directory; reload only on SIGHUP or POST /admin/reload")
 
     check = commands.add_parser("check", help="validate a rules directory and exit 0 (valid) or 1")
     check.add_argument("rules")
@@ -68,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return check(args.rules)
     if args.command == "serve":
-        return uvloop.run(serve(args.rules, args.host, args.port))
+        return uvloop.run(serve(args.rules, args.host, args.port, watch=not args.no_watch, redis_url=args.redis))
     if args.command == "sim-backend":
         config = SimConfig(
             models=tuple(m.strip() for m in args.model.split(",") if m.strip()),
@@ -97,33 +101,45 @@ def check(rules_dir: str) -> int:
     return 0
 
 
-async def serve(rules_dir: str, host: str, port: int, ready: asyncio.Event | None = None) -> int:
+async def serve(rules_dir: str, host: str, port: int, ready: asyncio.Event | None = None, watch: bool = True,
+                redis_url: str | None = None) -> int:
     try:
         snapshot = load_rules(rules_dir, generation=1)
     except RulesError as exc:
         for line in exc.errors:
             log.error("invalid rules: %s", line)
         return 2
-    app = build_app(snapshot)
+    try:
+        store = RedisStore(redis_url) if redis_url else None  # connects lazily; None = embedded store
+    except ValueError as exc:
+        log.error("invalid --redis URL: %s", exc)
+        return 2
+    app = build_app(snapshot, rules_dir=rules_dir, watch_rules=watch, store=store)
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=snapshot.server.drain_timeout
     )
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    # Before "listening": SIGHUP's default action would end the process. Kept until the end (see below).
+    loop.add_signal_handler(signal.SIGHUP, app[RELOADER].request_reload, "signal")
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     try:
         await site.start()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         await runner.cleanup()
+        loop.remove_signal_handler(signal.SIGHUP)
         return 2
     log.info("splitstream listening on http://%s:%d (rules %s, generation %d)", host, port, rules_dir,
              snapshot.generation)
     if ready is not None:
         ready.set()
     await _wait_for_signal()
+    # The drain timeout is the one the process started with (the runner holds it): reloads do not change it.
     log.info("draining: no new connections; waiting up to %.0fs for requests in flight",
              snapshot.server.drain_timeout)
     await runner.cleanup()
+    loop.remove_signal_handler(signal.SIGHUP)  # only now: a SIGHUP while draining must not end the process
     log.info("stopped")
     return 0
 

@@ -9,8 +9,11 @@ the response started or as an SSE `error` event after. Nothing else builds an er
     │   ├── ContentTypeError              400 ... / invalid_content_type
     │   ├── BodyTooLargeError             413 ... / body_too_large
     │   ├── UnknownModelError             404 ... / model_not_found
-    │   └── UnknownPathError              404 ... / unknown_url
+    │   ├── UnknownPathError              404 ... / unknown_url
+    │   └── ReloadUnavailableError        409 ... / reload_unavailable  (app built without a rules dir)
     ├── ClientAuthError                   401 authentication_error / invalid_api_key
+    ├── AdminAuthError                    401 authentication_error / invalid_admin_token
+    │   └── AdminForbiddenError           403 permission_error / admin_loopback_only
     ├── OverloadedError                   429 rate_limit_error / overloaded  (+ Retry-After)
     ├── StoreUnavailableError             internal: the caller falls back; never reaches a client
     └── UpstreamError                     502 api_error / upstream_error
@@ -69,10 +72,31 @@ class UnknownPathError(InvalidRequestError):
     code = "unknown_url"
 
 
+class ReloadUnavailableError(InvalidRequestError):
+    status = 409
+    code = "reload_unavailable"
+
+
 class ClientAuthError(SplitstreamError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class AdminAuthError(SplitstreamError):
+    """/admin/* refused: SPLITSTREAM_ADMIN_TOKEN is set and the request lacks it (see `proxy/admin.py`)."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_admin_token"
+
+
+class AdminForbiddenError(AdminAuthError):
+    """/admin/* refused: no admin token is configured, so only loopback clients are answered."""
+
+    status = 403
+    type = "permission_error"
+    code = "admin_loopback_only"
 
 
 class OverloadedError(SplitstreamError):

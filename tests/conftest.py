@@ -1,8 +1,9 @@
 """Shared fixtures: simulated runtimes and splitstream proxies on real loopback sockets.
 
 `sim` starts a `proxy.sim` runtime; `proxy` writes rule YAML to a temp dir, loads it with the real
-loader and serves the real app. After every test that used a proxy, its servers are closed (which waits
-for handlers to finish) and every backend's in-flight count and predicted load must be back to zero.
+loader and serves the real app, which watches that dir (tests edit `handle.rules_dir` and await
+`handle.reloader`). After every test that used a proxy, its servers are closed (which waits for handlers
+to finish) and every backend's in-flight count and predicted load must be back to zero.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
+from proxy.admin import RELOADER
 from proxy.app import build_app
 from proxy.config.loader import load_rules
+from proxy.config.reloader import Reloader
 from proxy.context import CONTEXT, ProxyContext
 from proxy.sim.runtime import Pacer, SimConfig, SimRuntime
 from proxy.store import OwnedStore
@@ -80,6 +83,10 @@ class ProxyHandle:
         return self.server.app[CONTEXT]
 
     @property
+    def reloader(self) -> Reloader:
+        return self.server.app[RELOADER]
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server.port}/v1"
 
@@ -92,12 +99,13 @@ async def proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Callable[.
     handles: list[ProxyHandle] = []
 
     async def make(rules_yaml: str, client_keys: list[str] | None = None, env: dict[str, str] | None = None,
-                   store: OwnedStore | None = None) -> ProxyHandle:
+                   store: OwnedStore | None = None, admin_token: str = "", watch_rules: bool = True) -> ProxyHandle:
         rules_dir = tmp_path / f"rules{len(handles)}"
         rules_dir.mkdir()
         (rules_dir / "rules.yaml").write_text(rules_yaml)
         snapshot = load_rules(rules_dir, env=env or {}, generation=1)
-        app = build_app(snapshot, client_keys=client_keys or [], store=store)
+        app = build_app(snapshot, client_keys=client_keys or [], store=store, rules_dir=rules_dir,
+                        admin_token=admin_token, rules_env=env or {}, watch_rules=watch_rules)
         server = await aiohttp_server(app)  # TestServer enables handler_cancellation itself
         handle = ProxyHandle(server, rules_dir)
         handles.append(handle)

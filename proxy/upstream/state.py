@@ -8,6 +8,7 @@ read and write, so they are always back to zero when traffic stops. State is key
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 
 from proxy.config.model import Backend
@@ -26,7 +27,7 @@ class BackendState:
         "backend", "inflight", "predicted_load", "healthy", "prefill_tps", "decode_tps",
         "consecutive_failures", "ejections", "ejected_until", "throttled_until", "next_probe_at",
         "runtime_waiting", "runtime_running", "runtime_kv_usage", "runtime_sampled_at", "ejections_total",
-        "completed",
+        "completed", "draining",
     )
 
     def __init__(self, backend: Backend) -> None:
@@ -47,6 +48,7 @@ class BackendState:
         self.runtime_sampled_at = -1.0
         self.ejections_total = 0
         self.completed = 0  # requests that taught us something about speed
+        self.draining: BackendStates | None = None  # set once a reload removed it: forgotten when idle
 
     def lease(self, cost: float) -> Lease:
         self.inflight += 1
@@ -88,40 +90,78 @@ class Lease:
         state.predicted_load -= self.cost
         if state.inflight == 0:
             state.predicted_load = 0.0  # no float drift left behind once idle
+            if state.draining is not None:
+                state.draining.forget(state)
 
 
 class BackendStates:
-    """All backends' state by identity; `sync` keeps entries for backends still configured."""
+    """All backends' state by identity. `sync` adopts a snapshot's backends: a kept backend keeps its state;
+    a removed one drains (its state stays while requests are in flight on it) and is forgotten when its last
+    lease is released."""
 
-    __slots__ = ("_states",)
+    __slots__ = ("_states", "_configured")
 
     def __init__(self) -> None:
         self._states: dict[tuple[str, str], BackendState] = {}
+        self._configured: frozenset[tuple[str, str]] | None = None  # None until the first sync: keep all
 
     def get(self, backend: Backend) -> BackendState:
         state = self._states.get(backend.identity)
         if state is None:
             state = self._states[backend.identity] = BackendState(backend)
+            if self._configured is not None and backend.identity not in self._configured:
+                # A request still on an older snapshot picked a backend that a reload removed: serve it,
+                # then forget the state again instead of keeping it forever.
+                self._retire(state)
         return state
 
     def sync(self, backends: Iterable[Backend]) -> None:
         """Adopt a new snapshot's backends; removed ones are forgotten once nothing is in flight on them."""
         wanted = {b.identity: b for b in backends}
+        self._configured = frozenset(wanted)
         for identity, state in list(self._states.items()):
             if identity in wanted:
                 state.backend = wanted[identity]
+                if state.draining is not None:  # removed and added back before it drained: live again
+                    state.draining = None
+                    state.next_probe_at = 0.0
             elif state.inflight == 0:
                 del self._states[identity]
+            else:
+                self._retire(state)
         for backend in wanted.values():
             self.get(backend)
+
+    def _retire(self, state: BackendState) -> None:
+        state.draining = self
+        # Not configured, so never probed again; a past probe time would keep the health checker's
+        # next wake-up in the past (a busy loop) for as long as the state drains.
+        state.next_probe_at = math.inf
+
+    def forget(self, state: BackendState) -> None:
+        """Drop a drained state (`Lease.release` calls this when the last request on it ends)."""
+        identity = state.backend.identity
+        if self._states.get(identity) is state:
+            del self._states[identity]
 
     def __iter__(self) -> Iterator[BackendState]:
         return iter(list(self._states.values()))
 
     def samples(self, now: float) -> list[tuple[str, int, float, bool]]:
-        """(name, in flight, predicted load, takes traffic) per backend, for the scrape-time gauges."""
-        return [(s.backend.name, s.inflight, s.predicted_load, s.healthy and now >= s.ejected_until)
-                for s in self._states.values()]
+        """(name, in flight, predicted load, takes traffic) per backend, for the scrape-time gauges.
+
+        One sample per name: a backend whose url a reload changed has two states while the old one drains,
+        and a series may not appear twice in one scrape; the configured state's health wins."""
+        merged: dict[str, tuple[str, int, float, bool]] = {}
+        for s in self._states.values():
+            name = s.backend.name
+            sample = (name, s.inflight, s.predicted_load, s.healthy and now >= s.ejected_until)
+            other = merged.get(name)
+            if other is not None:
+                live = other if s.draining is not None else sample
+                sample = (name, other[1] + s.inflight, other[2] + s.predicted_load, live[3])
+            merged[name] = sample
+        return list(merged.values())
 
     @property
     def total_inflight(self) -> int:

@@ -14,6 +14,7 @@ import aiohttp
 import openai
 import pytest
 
+from proxy.cli import check
 from tests.conftest import Gate, simple_rules
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,6 +94,58 @@ async def test_check_accepts_the_shipped_rules(rules_dir: str) -> None:
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, stderr.decode()
     assert "ok" in stdout.decode()
+
+
+BROKEN_CORPUS = ROOT / "tests" / "fixtures" / "broken-rules"
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in BROKEN_CORPUS.iterdir() if p.is_dir()))
+def test_check_lists_every_error_of_the_broken_corpus(case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each tests/fixtures/broken-rules/<case>/ holds rule files and expected.txt, the exact lines `check`
+    prints ('{dir}' = the case's directory). In-process: the exit-code plumbing is the tests above."""
+    directory = BROKEN_CORPUS / case
+    expected = [line.replace("{dir}", str(directory))
+                for line in (directory / "expected.txt").read_text().splitlines() if line]
+    assert check(str(directory)) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [*expected, f"{directory}: {len(expected)} error(s)"]
+    assert out == ""
+
+
+async def test_sighup_reloads_the_rules(sim: Any, tmp_path: Path) -> None:
+    runtime_a, a = await sim()
+    runtime_b, b = await sim()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(simple_rules(a))
+    port = free_port()
+    # --no-watch: the file watcher would otherwise race the signal to the edit.
+    proc = await start("serve", "--rules", str(tmp_path), "--port", str(port), "--no-watch")
+    try:
+        assert proc.stderr is not None
+        await wait_for_line(proc.stderr, "listening")
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        await client.chat.completions.create(model="my-model", messages=MESSAGES, max_tokens=2)
+
+        rules.write_text(simple_rules(b))
+        proc.send_signal(signal.SIGHUP)
+        line = await wait_for_line(proc.stderr, "rules reloaded (signal)")
+        assert "generation 2" in line
+        await client.chat.completions.create(model="my-model", messages=MESSAGES, max_tokens=2)
+        assert (runtime_a.stats.requests, runtime_b.stats.requests) == (1, 1)
+
+        rules.write_text(simple_rules(b).replace("kind: vllm", "kind: vlm"))
+        proc.send_signal(signal.SIGHUP)
+        line = await wait_for_line(proc.stderr, "rules reload (signal) rejected")
+        assert f"{rules}:4: backend 'b0': kind must be one of" in line and "Traceback" not in line
+        await client.chat.completions.create(model="my-model", messages=MESSAGES, max_tokens=2)
+        assert runtime_b.stats.requests == 2  # the last good rules keep serving
+
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_demo_starts_and_answers() -> None:

@@ -1,0 +1,854 @@
+#!/usr/bin/env python3
+"""Routing benchmark: round_robin vs least_conn vs least_cost over simulated runtimes of different speeds.
+
+Three simulated runtimes (fast 1x, mid 0.5x, slow 0.25x: per-stream decode speed, prefill speed and batch
+size differ), each its own subprocess; one `python -m proxy serve` subprocess per (policy, load) with one
+pool of the three and `balance: <policy>`; this script is the load client (aiohttp, asyncio) and never runs
+inside the proxy's or a runtime's process.
+
+Workload: heavy-tailed streaming chat completions: prompt length lognormal (median ~400 characters, capped at
+16k), max_tokens from a mix (70% short, 25% medium, 5% long, scaled by --token-scale), open-loop Poisson
+arrivals at given fractions of the pool's analytic capacity. Every request is fired at its scheduled time
+whatever happened to the earlier ones. Each proxy gets the same warm-up first (least_cost learns backend
+speeds from completed requests), then one run per seed. A run waits for its requests up to --drain-cap
+seconds after the last arrival; requests still running then are cancelled and counted as `unfinished`, with
+their elapsed time as a lower bound of their latency (a percentile reached by such a value prints as `>x`).
+
+The proxy's access log (JSON lines on stderr, one per request, tagged with our X-Request-Id) tells which
+backend served each request; replaying those lines through `proxy/pipeline/cost.py`'s `learn` shows what
+least_cost believed about each backend's speed (the proxy does not expose it).
+
+    .venv/bin/python bench/routing.py                 # 3 seeds x 3 loads x 3 policies + homogeneous, ~4 min
+    .venv/bin/python bench/routing.py --quick         # 1 seed, fewer requests: smoke run
+    .venv/bin/python bench/routing.py --loads 0.8 --policies least_conn,least_cost --seeds 5
+
+Numbers, not pass/fail: the exit status is non-zero only when the harness could not measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import overhead as ov  # noqa: E402  (helpers only: no side effects on import)
+
+RESULTS = ROOT / "bench" / "results"
+MODEL = "sim-model"
+POLICIES = ("round_robin", "least_conn", "least_cost")
+TTFT_MS = 20.0
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    tokens_per_second: float  # decode speed per running request
+    prefill_tokens_per_second: float
+    max_batch: int
+    ttft_ms: float = TTFT_MS
+
+
+HETERO = (
+    BackendSpec("fast", 200.0, 20000.0, 8),
+    BackendSpec("mid", 100.0, 10000.0, 8),
+    BackendSpec("slow", 50.0, 5000.0, 4),
+)
+HOMO = tuple(BackendSpec(f"fast{i}", 200.0, 20000.0, 8) for i in (1, 2, 3))
+
+# Workload. max_tokens: (share, low, high) drawn uniformly, then multiplied by --token-scale.
+MAX_TOKENS_MIX = ((0.70, 16, 64), (0.25, 128, 256), (0.05, 512, 1024))
+PROMPT_MEDIAN_CHARS = 400.0
+PROMPT_SIGMA = 1.2  # lognormal shape: ~0.1% of draws would pass 16k characters (they are capped)
+PROMPT_MIN_CHARS, PROMPT_MAX_CHARS = 20, 16000
+WARMUP_REQUESTS = 30
+WARMUP_LOAD = 0.3
+WARMUP_SEED = 424242
+CALIBRATION_TOKENS = 64
+FILLER = ("the quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing matches " * 200)
+
+TARGETS = {"hetero_80_least_cost_over_least_conn_p99": 0.7, "hetero_80_least_cost_over_round_robin_p99": 0.5,
+           "homo_80_least_cost_over_least_conn_p99": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# workload
+
+
+@dataclass(frozen=True)
+class Req:
+    offset: float  # seconds after the run's start
+    prompt_chars: int
+    max_tokens: int
+
+
+def draw_max_tokens(rng: random.Random, scale: float) -> int:
+    u = rng.random()
+    for share, lo, hi in MAX_TOKENS_MIX:
+        if u < share:
+            break
+        u -= share
+    return max(1, round(rng.randint(lo, hi) * scale))
+
+
+def draw_prompt_chars(rng: random.Random) -> int:
+    chars = PROMPT_MEDIAN_CHARS * math.exp(rng.gauss(0.0, PROMPT_SIGMA))
+    return int(min(PROMPT_MAX_CHARS, max(PROMPT_MIN_CHARS, chars)))
+
+
+def schedule(n: int, rate: float, seed: int, token_scale: float, max_tokens_cap: int | None = None,
+             max_window: float | None = None) -> list[Req]:
+    """n Poisson arrivals at `rate` req/s (cut at max_window seconds), each with a prompt length and max_tokens."""
+    arrivals = random.Random(f"arrivals-{seed}")
+    sizes = random.Random(f"sizes-{seed}")  # separate streams: the same seed gives the same requests at any load
+    t = 0.0
+    out = []
+    for _ in range(n):
+        t += arrivals.expovariate(rate)
+        if max_window is not None and t > max_window:
+            break
+        chars = draw_prompt_chars(sizes)
+        mt = draw_max_tokens(sizes, token_scale)
+        if max_tokens_cap is not None:
+            mt = min(mt, max_tokens_cap)
+        out.append(Req(t, chars, mt))
+    return out
+
+
+def body_for(req: Req) -> bytes:
+    reps = req.prompt_chars // len(FILLER) + 1
+    text = (FILLER * reps)[: req.prompt_chars]
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": text}],
+                       "max_tokens": req.max_tokens, "stream": True}, separators=(",", ":")).encode()
+
+
+def sim_prompt_tokens(chars: int) -> int:
+    return max(1, chars // 4) + 4  # proxy/sim/runtime.py: _chat_prompt_tokens for one message
+
+
+def workload_moments(token_scale: float, samples: int = 200_000) -> dict[str, float]:
+    rng = random.Random(7)
+    chars = [draw_prompt_chars(rng) for _ in range(samples)]
+    mts = [draw_max_tokens(rng, token_scale) for _ in range(samples)]
+    return {
+        "mean_prompt_chars": statistics.fmean(chars),
+        "median_prompt_chars": statistics.median(chars),
+        "p99_prompt_chars": sorted(chars)[int(0.99 * samples)],
+        "mean_prompt_tokens": statistics.fmean(sim_prompt_tokens(c) for c in chars),
+        "mean_completion_tokens": statistics.fmean(mts),
+        "p95_completion_tokens": sorted(mts)[int(0.95 * samples)],
+    }
+
+
+def capacity(specs: tuple[BackendSpec, ...], moments: dict[str, float]) -> dict[str, Any]:
+    """Requests/s the pool sustains: per backend max_batch / mean time a request holds a batch slot.
+
+    The sim holds a slot for ttft + prompt/prefill speed (the first token) and then (n - 1) gaps of
+    1/tokens_per_second, and its per-stream speed does not depend on how many run at once."""
+    per: dict[str, Any] = {}
+    for s in specs:
+        service = (s.ttft_ms / 1e3 + moments["mean_prompt_tokens"] / s.prefill_tokens_per_second
+                   + (moments["mean_completion_tokens"] - 1) / s.tokens_per_second)
+        per[s.name] = {"mean_service_s": service, "rps": s.max_batch / service,
+                       "naive_rps": s.max_batch * s.tokens_per_second / moments["mean_completion_tokens"]}
+    return {"backends": per, "rps": sum(p["rps"] for p in per.values()),
+            "naive_rps": sum(p["naive_rps"] for p in per.values())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# processes
+
+
+def sim_main(argv: list[str]) -> int:
+    """`routing.py _sim ...`: one simulated runtime in this process (the CLI has no prefill-speed flag)."""
+    p = argparse.ArgumentParser(prog="routing.py _sim")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--tps", type=float, required=True)
+    p.add_argument("--prefill", type=float, required=True)
+    p.add_argument("--ttft-ms", type=float, required=True)
+    p.add_argument("--max-batch", type=int, required=True)
+    a = p.parse_args(argv)
+    import uvloop
+
+    from proxy.sim.runtime import SimConfig, serve
+
+    config = SimConfig(models=(MODEL,), tokens_per_second=a.tps, ttft_ms=a.ttft_ms,
+                       prefill_tokens_per_second=a.prefill, max_batch=a.max_batch)
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.ensure_future(serve(config, "127.0.0.1", a.port))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        failed = task.done() and not task.cancelled() and task.exception() is not None
+        for t in (task, stopper):
+            t.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)
+        return 1 if failed else 0
+
+    return uvloop.run(run())
+
+
+class Sims:
+    def __init__(self, tmp: Path, label: str, specs: tuple[BackendSpec, ...]) -> None:
+        self.specs = specs
+        self.ports = {s.name: ov.free_port() for s in specs}
+        self.procs: dict[str, ov.Proc] = {}
+        try:
+            for s in specs:
+                self.procs[s.name] = ov.Proc(f"{label}-sim-{s.name}", [
+                    sys.executable, str(Path(__file__).resolve()), "_sim", "--port", str(self.ports[s.name]),
+                    "--tps", str(s.tokens_per_second), "--prefill", str(s.prefill_tokens_per_second),
+                    "--ttft-ms", str(s.ttft_ms), "--max-batch", str(s.max_batch)], tmp)
+            for s in specs:
+                ov.wait_ready(self.procs[s.name], f"http://127.0.0.1:{self.ports[s.name]}/health")
+        except BaseException:
+            self.close()
+            raise
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def check(self) -> None:
+        for p in self.procs.values():
+            p.check()
+
+    def cpu_ticks(self) -> int:
+        return sum(p.cpu_ticks() for p in self.procs.values())
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            p.stop()
+
+
+def start_proxy(tmp: Path, label: str, sims: Sims, policy: str) -> tuple[ov.Proc, int]:
+    d = tmp / label
+    d.mkdir()
+    port = ov.free_port()
+    backends = "\n".join(f'  {s.name}: {{url: "{sims.url(s.name)}", kind: vllm}}' for s in sims.specs)
+    (d / "bench.yaml").write_text(f"""\
+server: {{max_inflight: 100000}}
+backends:
+{backends}
+pools:
+  p: {{backends: [{", ".join(s.name for s in sims.specs)}], model: "{MODEL}"}}
+routes:
+  - name: bench
+    match: {{model: "{MODEL}"}}
+    pool: p
+    balance: {policy}
+    timeouts: {{total: 10m, first_token: 5m, queue: 5m}}
+""")
+    proc = ov.Proc(f"{label}-proxy", [sys.executable, "-m", "proxy", "serve", "--rules", str(d), "--host",
+                                      "127.0.0.1", "--port", str(port), "--no-watch"], tmp)
+    try:
+        ov.wait_ready(proc, f"http://127.0.0.1:{port}/healthz")
+        ov.wait_ready(proc, f"http://127.0.0.1:{port}/readyz")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
+# ---------------------------------------------------------------------------------------------------
+# load
+
+
+@dataclass
+class Result:
+    rid: str
+    max_tokens: int
+    prompt_chars: int
+    scheduled: float  # offset in the run
+    lag: float = 0.0  # fired this late (s)
+    ttft: float | None = None
+    e2e: float | None = None
+    error: str | None = None
+    unfinished: bool = False  # cancelled at the drain cap; e2e then is a lower bound
+
+
+async def _fire(session: aiohttp.ClientSession, url: str, body: bytes, res: Result, sem: asyncio.Semaphore,
+                started: dict[str, float]) -> None:
+    async with sem:
+        t0 = time.perf_counter()
+        started[res.rid] = t0
+        done = False
+        try:
+            async with session.post(url, data=body, headers={"Content-Type": "application/json",
+                                                             "X-Request-Id": res.rid}) as resp:
+                if resp.status != 200:
+                    await resp.read()
+                    res.error = f"HTTP {resp.status}"
+                    return
+                async for line in resp.content:
+                    if line.startswith(b"data:"):
+                        if res.ttft is None:
+                            res.ttft = time.perf_counter() - t0
+                        if line.startswith(b"data: [DONE]"):
+                            res.e2e = time.perf_counter() - t0
+                            done = True
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            res.error = type(exc).__name__
+            return
+        if res.ttft is None:
+            res.error = "no data chunk"
+        elif not done:
+            res.error = "missing [DONE]"
+
+
+async def run_load(url: str, reqs: list[Req], tag: str, drain_cap: float, conc_cap: int) -> dict[str, Any]:
+    bodies = [body_for(r) for r in reqs]
+    results = [Result(f"{tag}.{i}", r.max_tokens, r.prompt_chars, r.offset) for i, r in enumerate(reqs)]
+    started: dict[str, float] = {}
+    sem = asyncio.Semaphore(conc_cap)
+    cap_bound = 0
+    loop = asyncio.get_running_loop()
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        tasks = []
+        t_start = loop.time() + 0.05
+        wall_start = time.perf_counter() + 0.05
+        for req, body, res in zip(reqs, bodies, results):
+            target = t_start + req.offset
+            delay = target - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            res.lag = max(0.0, loop.time() - target)
+            if sem.locked():
+                cap_bound += 1
+            tasks.append(asyncio.create_task(_fire(session, url, body, res, sem, started)))
+        last_arrival = loop.time()
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, last_arrival + drain_cap - loop.time()))
+        cutoff = time.perf_counter()
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for r in results:
+        if r.e2e is None and r.error is None:
+            r.unfinished = True
+            r.e2e = cutoff - started.get(r.rid, cutoff)
+    ends = [started[r.rid] + r.e2e for r in results if not r.unfinished and r.e2e is not None and r.error is None]
+    span = (cutoff if pending else max(ends, default=cutoff)) - wall_start
+    return {"results": results, "span_s": span, "window_s": reqs[-1].offset if reqs else 0.0,
+            "cap_bound": cap_bound, "unfinished": len(pending)}
+
+
+def summarize(results: list[Result], span: float) -> dict[str, Any]:
+    ok = [r for r in results if r.error is None and not r.unfinished]
+    unfinished = [r for r in results if r.unfinished]
+    e2e = [r.e2e for r in results if r.error is None and r.e2e is not None]  # unfinished: lower bounds
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    floor_unfinished = min((r.e2e for r in unfinished if r.e2e is not None), default=math.inf)
+
+    def p(vals: list[float], q: float) -> float:
+        return ov.pct(vals, q)
+
+    out = {
+        "requests": len(results), "completed": len(ok), "errors": sum(1 for r in results if r.error),
+        "error_kinds": dict(Counter(r.error for r in results if r.error)), "unfinished": len(unfinished),
+        "e2e_p50_s": p(e2e, 50), "e2e_p95_s": p(e2e, 95), "e2e_p99_s": p(e2e, 99),
+        "ttft_p50_ms": p(ttft, 50) * 1e3, "ttft_p99_ms": p(ttft, 99) * 1e3,
+        "throughput_rps": len(ok) / span if span > 0 else float("nan"),
+        "max_fire_lag_ms": max((r.lag for r in results), default=0.0) * 1e3,
+    }
+    # A percentile at or above the smallest censored value is only a lower bound.
+    for key in ("e2e_p50_s", "e2e_p95_s", "e2e_p99_s"):
+        out[key + "_lower_bound"] = bool(out[key] >= floor_unfinished)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# access log: which backend served what, and what least_cost learned
+
+
+def read_access_log(path: Path) -> list[dict[str, Any]]:
+    lines = []
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.startswith(b'{"request_id"'):
+                try:
+                    lines.append(json.loads(raw))
+                except ValueError:
+                    pass
+    return lines
+
+
+def other_log_lines(path: Path, limit: int = 5) -> tuple[Counter[str], list[str]]:
+    levels: Counter[str] = Counter()
+    samples: list[str] = []
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.startswith(b'{"request_id"'):
+                continue
+            try:
+                level = json.loads(raw).get("level", "other")
+            except ValueError:
+                level = "other"
+            levels[level] += 1
+            if level not in ("info", "debug") and len(samples) < limit:
+                samples.append(raw.decode("utf-8", "replace")[:400].rstrip())
+    return levels, samples
+
+
+def replay_learning(lines: list[dict[str, Any]], specs: tuple[BackendSpec, ...]) -> dict[str, Any]:
+    """Feed the access log (completion order) through proxy/pipeline/cost.py's `learn`: what least_cost knew.
+
+    Approximation: the proxy measures TTFT and duration from the attempt's start, the log from the request's
+    (they differ by the body read and the pick, well under a millisecond here)."""
+    from proxy.config.model import Backend
+    from proxy.pipeline import cost
+    from proxy.upstream.state import BackendState
+
+    states = {s.name: BackendState(Backend(name=s.name, url=f"http://{s.name}", host=s.name, port=0,
+                                           base_path="")) for s in specs}
+    stats = cost.new_model_stats()
+
+    def snap() -> dict[str, Any]:
+        return {"model_completion_tokens": round(stats.completion_tokens, 1),
+                "model_bytes_per_token": round(stats.bytes_per_token, 2),
+                "backends": {n: {"decode_tps": round(st.decode_tps, 1), "prefill_tps": round(st.prefill_tps),
+                                 "learned_from": st.completed} for n, st in states.items()}}
+
+    snapshots: dict[str, Any] = {}
+    current = None
+    for ln in lines:
+        tag = str(ln.get("request_id", "")).split(".")[0]
+        if tag != "warm" and not (tag[:1] == "s" and tag[1:].isdigit()):
+            continue  # the proxy's own ids: readiness checks, nothing we sent
+        if current is not None and tag != current:
+            snapshots.setdefault(f"end of {current}", snap())
+        current = tag
+        st = states.get(ln.get("backend"))
+        if st is None or ln.get("status") != 200 or not (ln.get("prompt_tokens") or ln.get("completion_tokens")):
+            continue
+        ttft = None if ln.get("ttft_ms") is None else ln["ttft_ms"] / 1e3
+        cost.learn(stats, st, ln["bytes_in"], ln.get("prompt_tokens") or 0, ln.get("completion_tokens") or 0,
+                   ttft, ln["duration_ms"] / 1e3)
+    if current is not None:
+        snapshots[f"end of {current}"] = snap()
+    return snapshots
+
+
+def backend_breakdown(results: list[Result], by_rid: dict[str, dict[str, Any]], specs: tuple[BackendSpec, ...],
+                      long_threshold: int) -> dict[str, Any]:
+    per: dict[str, dict[str, Any]] = {}
+    unknown = 0
+    e2e_by: dict[str, list[float]] = defaultdict(list)
+    for r in results:
+        ln = by_rid.get(r.rid)
+        name = ln.get("backend") if ln else None
+        if name is None:
+            unknown += 1
+            continue
+        d = per.setdefault(name, {"requests": 0, "completion_tokens": 0, "long_requests": 0, "attempts_gt1": 0,
+                                  "statuses": Counter()})
+        d["requests"] += 1
+        d["completion_tokens"] += r.max_tokens
+        d["long_requests"] += r.max_tokens >= long_threshold
+        d["attempts_gt1"] += (ln.get("attempts") or 1) > 1
+        d["statuses"][str(ln.get("status"))] += 1
+        if r.e2e is not None and r.error is None:
+            e2e_by[name].append(r.e2e)
+    for name, d in per.items():
+        d["statuses"] = dict(d["statuses"])
+        d["e2e_p99_s"] = ov.pct(e2e_by[name], 99)
+        d["e2e_p50_s"] = ov.pct(e2e_by[name], 50)
+    order = [s.name for s in specs]
+    return {"backends": {n: per[n] for n in order if n in per}, "not_in_access_log": unknown}
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibration: are the sims as fast as configured?
+
+
+async def calibrate(sims: Sims) -> dict[str, Any]:
+    """max_batch concurrent fixed-size streams straight to each runtime (all at once, 2 rounds): measured mean
+    service time vs the model ttft + prompt/prefill + (n-1)/tps."""
+    req = Req(0.0, 400, CALIBRATION_TOKENS)
+    body = body_for(req)
+    out: dict[str, Any] = {}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one_backend(s: BackendSpec) -> None:
+            url = sims.url(s.name) + "/v1/chat/completions"
+            times: list[float] = []
+            sem = asyncio.Semaphore(10**6)
+            for rnd in range(2):
+                res = [Result(f"cal{rnd}.{i}", req.max_tokens, req.prompt_chars, 0.0) for i in range(s.max_batch)]
+                await asyncio.gather(*(_fire(session, url, body, r, sem, {}) for r in res))
+                times += [r.e2e for r in res if r.e2e is not None and r.error is None]
+            model = (s.ttft_ms / 1e3 + sim_prompt_tokens(req.prompt_chars) / s.prefill_tokens_per_second
+                     + (req.max_tokens - 1) / s.tokens_per_second)
+            measured = statistics.fmean(times) if times else float("nan")
+            out[s.name] = {"model_s": model, "measured_s": measured, "ratio": measured / model}
+
+        await asyncio.gather(*(one_backend(s) for s in sims.specs))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# one cell: a proxy with one policy, warmed up, then one run per seed
+
+
+def run_cell(tmp: Path, sims: Sims, label: str, policy: str, load: float, cap: dict[str, Any],
+             args: argparse.Namespace, problems: list[str]) -> dict[str, Any]:
+    rate = load * cap["rps"]
+    proxy, port = start_proxy(tmp, label, sims, policy)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    runs: list[dict[str, Any]] = []
+    raw: list[list[Result]] = []
+    try:
+        warm = schedule(args.warmup, WARMUP_LOAD * cap["rps"], WARMUP_SEED, args.token_scale,
+                        max_tokens_cap=max(1, round(128 * args.token_scale)))
+        t0 = time.monotonic()
+        w = ov.run_async(run_load(url, warm, "warm", 30.0, args.concurrency_cap))
+        ws = summarize(w["results"], w["span_s"])
+        if ws["errors"] or ws["unfinished"]:
+            problems.append(f"{label}: warm-up had {ws['errors']} errors, {ws['unfinished']} unfinished")
+        warm_s = time.monotonic() - t0
+        for seed in range(1, args.seeds + 1):
+            time.sleep(0.2)
+            sims.check()
+            proxy.check()
+            reqs = schedule(args.requests, rate, seed, args.token_scale, max_window=args.max_window)
+            ticks0 = (proxy.cpu_ticks(), sims.cpu_ticks(), _self_ticks())
+            t0 = time.monotonic()
+            r = ov.run_async(run_load(url, reqs, f"s{seed}", args.drain_cap, args.concurrency_cap))
+            wall = time.monotonic() - t0
+            ticks1 = (proxy.cpu_ticks(), sims.cpu_ticks(), _self_ticks())
+            s = summarize(r["results"], r["span_s"])
+            s.update(seed=seed, wall_s=wall, window_s=r["window_s"], offered_rps=rate,
+                     cap_bound=r["cap_bound"],
+                     cpu_pct={k: 100.0 * (b - a) / ov.CLK_TCK / wall
+                              for k, a, b in zip(("proxy", "sims", "client"), ticks0, ticks1)})
+            if s["errors"]:
+                problems.append(f"{label} seed {seed}: {s['errors']} errors {s['error_kinds']}")
+            if r["cap_bound"]:
+                problems.append(f"{label} seed {seed}: the client concurrency cap bound {r['cap_bound']} times")
+            runs.append(s)
+            raw.append(r["results"])
+            print(f"    {label} seed {seed}: {len(reqs)} req in {r['window_s']:.1f}s window, wall {wall:.1f}s  "
+                  f"p50 {_sec(s, 'e2e_p50_s')}  p99 {_sec(s, 'e2e_p99_s')}  ttft p99 {s['ttft_p99_ms']:.0f} ms  "
+                  f"err {s['errors']}  unfinished {s['unfinished']}  cpu% proxy {s['cpu_pct']['proxy']:.0f} "
+                  f"sims {s['cpu_pct']['sims']:.0f} client {s['cpu_pct']['client']:.0f}", flush=True)
+    finally:
+        proxy.stop()
+    lines = read_access_log(proxy.log)
+    by_rid = {str(ln.get("request_id")): ln for ln in lines}
+    long_threshold = round(MAX_TOKENS_MIX[-1][1] * args.token_scale)
+    for s, results in zip(runs, raw):
+        s["by_backend"] = backend_breakdown(results, by_rid, sims.specs, long_threshold)
+        s["detail"] = {"fields": ["request_id", "backend", "max_tokens", "prompt_chars", "scheduled_s", "ttft_s",
+                                  "e2e_s", "error", "unfinished"],
+                       "rows": [[r.rid, (by_rid.get(r.rid) or {}).get("backend"), r.max_tokens, r.prompt_chars,
+                                 round(r.scheduled, 4), None if r.ttft is None else round(r.ttft, 4),
+                                 None if r.e2e is None else round(r.e2e, 4), r.error, r.unfinished]
+                                for r in results]}
+        if s["by_backend"]["not_in_access_log"]:
+            problems.append(f"{label} seed {s['seed']}: {s['by_backend']['not_in_access_log']} requests missing "
+                            f"from the access log")
+    levels, samples = other_log_lines(proxy.log)
+    if samples:
+        problems.append(f"{label}: proxy logged {dict(levels)}; first: {samples[0][:300]}")
+    statuses = Counter(str(ln.get("status")) for ln in lines if ln.get("path", "").startswith("/v1/"))
+    learned = replay_learning(lines, sims.specs)
+    return {"label": label, "policy": policy, "load": load, "offered_rps": rate, "warmup": ws, "warmup_s": warm_s,
+            "runs": runs, "access_log_statuses": dict(statuses), "learned": learned,
+            "median": _medians(runs)}
+
+
+def _self_ticks() -> int:
+    t = os.times()
+    return round((t.user + t.system) * ov.CLK_TCK)
+
+
+MEDIAN_KEYS = ("e2e_p50_s", "e2e_p95_s", "e2e_p99_s", "ttft_p50_ms", "ttft_p99_ms", "throughput_rps")
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    m: dict[str, Any] = {k: ov.med([r[k] for r in runs]) for k in MEDIAN_KEYS}
+    for k in ("e2e_p50_s", "e2e_p95_s", "e2e_p99_s"):
+        # the median is a lower bound if at least half of the seeds' values are
+        m[k + "_lower_bound"] = sum(r[k + "_lower_bound"] for r in runs) * 2 >= len(runs) and bool(runs)
+    m["errors"] = sum(r["errors"] for r in runs)
+    m["unfinished"] = sum(r["unfinished"] for r in runs)
+    m["requests"] = sum(r["requests"] for r in runs)
+    shares: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        total = sum(b["requests"] for b in r["by_backend"]["backends"].values()) if "by_backend" in r else 0
+        for name, b in (r.get("by_backend", {}).get("backends", {})).items():
+            shares[name].append(b["requests"] / total if total else 0.0)
+    m["backend_share"] = {k: statistics.fmean(v) for k, v in shares.items()}
+    return m
+
+
+def _sec(d: dict[str, Any], key: str) -> str:
+    v = d[key]
+    if v != v:
+        return "-"
+    return (">" if d.get(key + "_lower_bound") else "") + f"{v:.2f}s"
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+
+
+def table_rows(cells: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for c in cells:
+        m = c["median"]
+        share = "/".join(f"{100 * v:.0f}" for v in m["backend_share"].values())
+        rows.append([f"{100 * c['load']:.0f}%", c["policy"], _sec(m, "e2e_p50_s"), _sec(m, "e2e_p95_s"),
+                     _sec(m, "e2e_p99_s"), f"{m['ttft_p50_ms']:.0f}ms", f"{m['ttft_p99_ms']:.0f}ms",
+                     f"{m['throughput_rps']:.1f}", str(m["errors"]), str(m["unfinished"]), share])
+    return rows
+
+
+HEADER = ["load", "policy", "p50 e2e", "p95 e2e", "p99 e2e", "p50 ttft", "p99 ttft", "throughput(req/s)",
+          "errors", "unfinished", "share % (by backend)"]
+
+
+def print_table(title: str, rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    print(f"\n{title}")
+    line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(HEADER, widths)))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def ratio(cells: list[dict[str, Any]], load: float, num: str, den: str) -> dict[str, Any] | None:
+    a = next((c for c in cells if c["policy"] == num and abs(c["load"] - load) < 1e-9), None)
+    b = next((c for c in cells if c["policy"] == den and abs(c["load"] - load) < 1e-9), None)
+    if a is None or b is None:
+        return None
+    ma, mb = a["median"], b["median"]
+    return {"numerator": ma["e2e_p99_s"], "denominator": mb["e2e_p99_s"],
+            "ratio": ma["e2e_p99_s"] / mb["e2e_p99_s"],
+            "numerator_lower_bound": ma["e2e_p99_s_lower_bound"],
+            "denominator_lower_bound": mb["e2e_p99_s_lower_bound"],
+            "per_seed": [x["e2e_p99_s"] / y["e2e_p99_s"] for x, y in zip(a["runs"], b["runs"])]}
+
+
+def print_ratio(label: str, r: dict[str, Any] | None, target: float) -> None:
+    if r is None:
+        print(f"  {label}: not measured")
+        return
+    caveat = ""
+    if r["denominator_lower_bound"] and not r["numerator_lower_bound"]:
+        caveat = "  (denominator is a lower bound: the true ratio is at most this)"
+    elif r["numerator_lower_bound"]:
+        caveat = "  (numerator is a lower bound)"
+    seeds = ", ".join(f"{x:.2f}" for x in r["per_seed"])
+    print(f"  {label}: {r['numerator']:.2f}s / {r['denominator']:.2f}s = {r['ratio']:.2f}   "
+          f"target <= {target:g}  {'met' if r['ratio'] <= target else 'MISSED'}   per seed: {seeds}{caveat}")
+
+
+def print_learned(cells: list[dict[str, Any]]) -> None:
+    print("\nwhat least_cost believed (access log replayed through proxy/pipeline/cost.py learn(); "
+          "decode/prefill tokens/s):")
+    for c in cells:
+        if c["policy"] != "least_cost":
+            continue
+        for when, snap in c["learned"].items():
+            bs = "  ".join(f"{n} {b['decode_tps']:.0f}/{b['prefill_tps']:.0f} (n={b['learned_from']})"
+                           for n, b in snap["backends"].items())
+            print(f"  {c['label']:<22} {when:<12} completion est {snap['model_completion_tokens']:6.1f}  {bs}")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_sim":
+        return sim_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="runs per (policy, load) (default 3)")
+    parser.add_argument("--requests", type=int, default=150, help="requests per run (default 150)")
+    parser.add_argument("--loads", default="0.6,0.8,0.95", help="fractions of pool capacity (default 0.6,0.8,0.95)")
+    parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated subset of {POLICIES}")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 60 requests: a smoke run")
+    parser.add_argument("--skip-homogeneous", action="store_true", help="skip the three-identical-backends check")
+    parser.add_argument("--token-scale", type=float, default=0.5,
+                        help="multiplies the max_tokens mix (default 0.5: 8-32 / 64-128 / 256-512 tokens, which "
+                             "halves every run's length; 1.0 = 16-64 / 128-256 / 512-1024)")
+    parser.add_argument("--warmup", type=int, default=WARMUP_REQUESTS,
+                        help=f"warm-up requests per proxy (default {WARMUP_REQUESTS})")
+    parser.add_argument("--drain-cap", type=float, default=None,
+                        help="seconds to wait after the last arrival before cancelling (default 30 x token-scale)")
+    parser.add_argument("--max-window", type=float, default=60.0, help="cut a run's arrivals after this many s")
+    parser.add_argument("--concurrency-cap", type=int, default=5000, help="client-side in-flight limit (default 5000)")
+    parser.add_argument("--no-calibrate", action="store_true", help="skip the direct sim speed check")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the process logs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.requests = 1, 60
+    if args.drain_cap is None:
+        args.drain_cap = 30.0 * args.token_scale
+    loads = [float(x) for x in args.loads.split(",") if x.strip()]
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for p in policies:
+        if p not in POLICIES:
+            parser.error(f"unknown policy {p!r}")
+    if args.seeds < 1 or args.requests < 1 or not loads or any(not 0 < x < 2 for x in loads):
+        parser.error("--seeds and --requests must be positive, loads in (0, 2)")
+    ov.raise_nofile(65536)
+
+    moments = workload_moments(args.token_scale)
+    cap = capacity(HETERO, moments)
+    cap_homo = capacity(HOMO, moments)
+    print(f"workload: prompt chars median {moments['median_prompt_chars']:.0f}, mean {moments['mean_prompt_chars']:.0f}"
+          f", p99 {moments['p99_prompt_chars']}; max_tokens mix "
+          + ", ".join(f"{100 * s:.0f}% {round(lo * args.token_scale)}-{round(hi * args.token_scale)}"
+                      for s, lo, hi in MAX_TOKENS_MIX)
+          + f" (mean {moments['mean_completion_tokens']:.1f}); streaming")
+    for title, specs, c in (("heterogeneous", HETERO, cap), ("homogeneous", HOMO, cap_homo)):
+        parts = ", ".join(f"{s.name} {s.tokens_per_second:g} tok/s x{s.max_batch} prefill "
+                          f"{s.prefill_tokens_per_second:g}: {c['backends'][s.name]['rps']:.2f} req/s" for s in specs)
+        print(f"capacity {title}: {c['rps']:.2f} req/s ({parts}); without the TTFT/prefill correction "
+              f"{c['naive_rps']:.2f}")
+    n_cells = len(loads) * len(policies) + (0 if args.skip_homogeneous else 2)
+    print(f"{n_cells} proxies x ({args.warmup} warm-up + {args.seeds} x {args.requests} requests); drain cap "
+          f"{args.drain_cap:g} s", flush=True)
+
+    started = dt.datetime.now(dt.timezone.utc)
+    t_begin = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="splitstream-routing-"))
+    problems: list[str] = []
+    cells: list[dict[str, Any]] = []
+    homo_cells: list[dict[str, Any]] = []
+    calibration: dict[str, Any] = {}
+    status = 0
+    loadavg0 = Path("/proc/loadavg").read_text().split()[:3]
+    try:
+        sims = Sims(tmp, "het", HETERO)
+        try:
+            if not args.no_calibrate:
+                calibration["heterogeneous"] = ov.run_async(calibrate(sims))
+                cal = calibration["heterogeneous"]
+                measured = sum(s.max_batch / (cap["backends"][s.name]["mean_service_s"] * cal[s.name]["ratio"])
+                               for s in HETERO)
+                calibration["heterogeneous_capacity_rps"] = measured
+                print("calibration (max_batch concurrent 64-token streams straight to each sim, measured/model): "
+                      + ", ".join(f"{n} {v['measured_s']:.3f}/{v['model_s']:.3f}s ({v['ratio']:.2f})"
+                                  for n, v in cal.items())
+                      + f" -> measured capacity ~{measured:.2f} req/s", flush=True)
+            for li, load in enumerate(loads):
+                order = policies[li % len(policies):] + policies[: li % len(policies)]  # rotate who goes first
+                for policy in order:
+                    label = f"L{round(100 * load)}-{policy}"
+                    print(f"  [{label}] offered {load * cap['rps']:.2f} req/s", flush=True)
+                    cells.append(run_cell(tmp, sims, label, policy, load, cap, args, problems))
+        finally:
+            sims.close()
+        if not args.skip_homogeneous:
+            sims = Sims(tmp, "homo", HOMO)
+            try:
+                for policy in ("least_conn", "least_cost"):
+                    label = f"homo-L80-{policy}"
+                    print(f"  [{label}] offered {0.8 * cap_homo['rps']:.2f} req/s", flush=True)
+                    homo_cells.append(run_cell(tmp, sims, label, policy, 0.8, cap_homo, args, problems))
+            finally:
+                sims.close()
+    except ov.BenchError as exc:
+        sys.stdout.flush()
+        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
+        problems.append(f"aborted: {str(exc).splitlines()[0]}")
+        status = 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        status = 130
+    finally:
+        if args.keep_logs or status:
+            print(f"process logs kept in {tmp}", file=sys.stderr)
+        else:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    wall = time.monotonic() - t_begin
+
+    cells.sort(key=lambda c: (c["load"], POLICIES.index(c["policy"])))
+    ratios = {
+        "hetero_80_least_cost_over_least_conn_p99": ratio(cells, 0.8, "least_cost", "least_conn"),
+        "hetero_80_least_cost_over_round_robin_p99": ratio(cells, 0.8, "least_cost", "round_robin"),
+        "homo_80_least_cost_over_least_conn_p99": ratio(homo_cells, 0.8, "least_cost", "least_conn"),
+    }
+    if cells:
+        print_table(f"heterogeneous pool (fast 1x / mid 0.5x / slow 0.25x), capacity {cap['rps']:.2f} req/s; "
+                    f"medians over {args.seeds} seed(s)", table_rows(cells))
+    if homo_cells:
+        print_table(f"homogeneous pool (3 x fast), capacity {cap_homo['rps']:.2f} req/s", table_rows(homo_cells))
+    print("\nratios of p99 end-to-end latency (medians over seeds):")
+    print_ratio("80% load, least_cost / least_conn  ", ratios["hetero_80_least_cost_over_least_conn_p99"],
+                TARGETS["hetero_80_least_cost_over_least_conn_p99"])
+    print_ratio("80% load, least_cost / round_robin ", ratios["hetero_80_least_cost_over_round_robin_p99"],
+                TARGETS["hetero_80_least_cost_over_round_robin_p99"])
+    print_ratio("homogeneous 80%, least_cost / least_conn", ratios["homo_80_least_cost_over_least_conn_p99"],
+                TARGETS["homo_80_least_cost_over_least_conn_p99"])
+    print_learned(cells + homo_cells)
+    if problems:
+        print("\nproblems:")
+        for p in problems:
+            print(f"  - {p}")
+    print(f"\nwall time {wall:.0f} s")
+
+    if cells or homo_cells:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = RESULTS / f"routing-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+        machine = ov.machine_info("python")
+        machine["loadavg_start"] = loadavg0
+        machine["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        doc = {
+            "benchmark": "routing",
+            "started_utc": started.isoformat(timespec="seconds"),
+            "wall_time_s": round(wall, 1),
+            "complete": status == 0,
+            "args": vars(args) | {"loads": loads, "policies": policies},
+            "machine": machine,
+            "backends": {"heterogeneous": [asdict(s) for s in HETERO], "homogeneous": [asdict(s) for s in HOMO]},
+            "workload": {"max_tokens_mix": MAX_TOKENS_MIX, "token_scale": args.token_scale,
+                         "prompt_median_chars": PROMPT_MEDIAN_CHARS, "prompt_sigma": PROMPT_SIGMA,
+                         "prompt_chars_range": [PROMPT_MIN_CHARS, PROMPT_MAX_CHARS], "moments": moments,
+                         "warmup": {"requests": args.warmup, "load": WARMUP_LOAD,
+                                    "max_tokens_cap": max(1, round(128 * args.token_scale))}},
+            "capacity": {"heterogeneous": cap, "homogeneous": cap_homo, "calibration": calibration},
+            "targets": TARGETS,
+            "table": [dict(zip(HEADER, r)) for r in table_rows(cells)],
+            "table_homogeneous": [dict(zip(HEADER, r)) for r in table_rows(homo_cells)],
+            "ratios": ratios,
+            "cells": cells,
+            "homogeneous_cells": homo_cells,
+            "problems": problems,
+        }
+        out.write_text(json.dumps(ov._no_nan(doc), indent=2, default=str) + "\n")
+        print(f"results written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Variant assignment for one request: find the sticky subject, then ask the store (one round trip).
+
+The policy (weights, hashing, reassignment) is `pipeline/split.py`; this module only reads the subject
+from the request and does the store I/O: SET-if-absent of the hash-drawn variant, with TTL, so replicas
+that see a new subject at the same moment agree. Store failures fall back to that same hash draw.
+Called by `pipeline/handler.py`; subjects are hashed before they reach a key, and are never logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from random import Random
+
+from proxy.config.model import Route, Sticky, Variant
+from proxy.context import hash_api_key
+from proxy.errors import StoreUnavailableError
+from proxy.pipeline import split
+from proxy.pipeline.request import RequestView
+from proxy.store.base import Store
+
+
+def find_subject(sticky: Sticky | None, headers: Mapping[str, str], view: RequestView) -> str | None:
+    """Who the request is for, per `split.sticky.by`; None when the route is not sticky or the request
+    names no one (header absent or empty, no `user` string, no bearer key)."""
+    if sticky is None:
+        return None
+    if sticky.by == "header":
+        assert sticky.header is not None
+        return headers.get(sticky.header) or None
+    if sticky.by == "user":
+        user = view.data.get("user")
+        return user if isinstance(user, str) and user else None
+    scheme, _, key = headers.get("Authorization", "").partition(" ")
+    key = key.strip()
+    # The subject is the key's SHA-256 and the store key hashes that again: neither the key nor the hash
+    # client keys are checked against is ever stored.
+    return hash_api_key(key) if scheme.lower() == "bearer" and key else None
+
+
+async def assign_variant(route: Route, subject: str | None, store: Store, rng: Random) -> tuple[Variant, str]:
+    """(variant, source) where source is split.STICKY, split.NEW or split.FALLBACK.
+
+    Without sticky, or without a subject, each request draws by weight (source NEW, nothing stored)."""
+    sticky = route.sticky
+    if sticky is None or subject is None:
+        return split.draw(route.variants, rng.random()), split.NEW
+    digest = split.subject_digest(subject)
+    drawn = split.draw(route.variants, split.subject_unit(route.name, digest))
+    key = split.sticky_key(route.name, digest)
+    try:
+        stored = await store.set_if_absent(key, drawn.name.encode(), sticky.ttl)
+        if stored is None:
+            return drawn, split.NEW
+        kept = split.kept_variant(route.variants, stored)
+        if kept is not None:
+            return kept, split.STICKY
+        # Its variant was removed or set to weight 0 by a reload: the subject takes today's draw.
+        await store.set(key, drawn.name.encode(), sticky.ttl)
+        return drawn, split.NEW
+    except StoreUnavailableError:
+        return drawn, split.FALLBACK

@@ -1,0 +1,68 @@
+"""The embedded store: an in-process dict with per-key expiry and a least-recently-used size bound.
+
+The default when no Redis URL is given; it makes one process consistent, never several replicas. Every
+method completes without awaiting, so each is atomic on the event loop (set_if_absent needs no lock).
+Reused by anything that wants a bounded TTL map (the response cache).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+# Enough for ~100k sticky subjects at a few hundred bytes each; the oldest-used entries go first.
+DEFAULT_MAX_ENTRIES = 100_000
+
+
+class MemoryStore:
+    """`Store` in a dict. `clock` (default `time.monotonic`) is injectable so tests can expire keys."""
+
+    __slots__ = ("_entries", "_max_entries", "_clock")
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (value, expires_at)
+        self._max_entries = max_entries
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _live(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def _put(self, key: str, value: bytes, ttl: float) -> None:
+        self._entries[key] = (value, self._clock() + ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    async def get(self, key: str) -> bytes | None:
+        return self._live(key)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:
+        existing = self._live(key)
+        if existing is None:
+            self._put(key, value, ttl)
+        return existing
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self._put(key, value, ttl)
+
+    async def delete(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,111 @@
+"""A real `redis-server` per test on a free loopback port, which a test may stop and start again.
+
+Readiness is the server's own "Ready to accept connections" line (read with a deadline), confirmed by a
+PING; stopping is SIGTERM to the PID we started and waiting for it to exit. Never fakeredis: the point
+is to exercise the real protocol, real SET NX GET semantics and real outages.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+READY_TIMEOUT = 10.0  # seconds for redis-server to start listening; it needs a few milliseconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process on `port` (kept across stop/start, so clients reconnect to the same URL)."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run .ci/run, or apt-get install redis-server")
+        self.binary = binary
+        self.directory = directory
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        assert not self.running
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory), "--loglevel", "notice"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        self._wait_ready(self.proc)
+        assert self.command(b"PING") == b"+PONG\r\n"
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        seen = b""
+        while b"Ready to accept connections" not in seen:
+            remaining = deadline - time.monotonic()
+            readable, _, _ = select.select([proc.stdout], [], [], max(0.0, remaining))
+            if not readable:
+                proc.kill()
+                raise AssertionError(f"redis-server not ready after {READY_TIMEOUT}s: {seen.decode()[-2000:]}")
+            chunk = os.read(proc.stdout.fileno(), 65536)  # raw fd: a buffered readline would hide data from select
+            if not chunk:
+                raise AssertionError(f"redis-server exited ({proc.wait()}): {seen.decode()[-2000:]}")
+            seen += chunk
+        # Nobody reads its output from here on; redis ignores SIGPIPE, so its few later lines are dropped.
+        proc.stdout.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def command(self, *args: bytes) -> bytes:
+        """One RESP command on a fresh connection, the raw reply (the tests' own view of the server)."""
+        payload = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(payload)
+            return s.recv(65536)
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (breaker cooldowns, embedded-store expiry)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
