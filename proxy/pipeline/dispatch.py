@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.config.model import Pool, Route
+from proxy.config.model import HealthSettings, Pool, Route, ServerSettings, Snapshot
 from proxy.context import ProxyContext
 from proxy.errors import (
     BackendThrottledError,
@@ -33,13 +33,16 @@ from proxy.upstream.state import BackendState, Lease
 class Attempt:
     """The committed exchange: its lease, connection, and the first chunk (stream) or whole body."""
 
-    __slots__ = ("lease", "conn", "first_chunk", "body", "started", "model")
+    __slots__ = ("lease", "conn", "first_chunk", "body", "started", "model", "health")
 
-    def __init__(self, lease: Lease, conn: UpstreamConnection, started: float, model: str) -> None:
+    def __init__(
+        self, lease: Lease, conn: UpstreamConnection, started: float, model: str, health: HealthSettings
+    ) -> None:
         self.lease = lease
         self.conn = conn
         self.started = started
         self.model = model
+        self.health = health  # the request's snapshot's, like everything else it decides
         self.first_chunk: bytes | None = None
         self.body: bytes | None = None  # set for whole (non-stream) answers
 
@@ -50,6 +53,7 @@ class Attempt:
 
 async def dispatch(
     context: ProxyContext,
+    snapshot: Snapshot,
     route: Route,
     pool: Pool,
     view: RequestView,
@@ -70,7 +74,7 @@ async def dispatch(
         if loop_time() >= deadlines.total:
             break
         try:
-            lease = await _acquire(context, route, pool, est, tried, loop_time(), deadlines)
+            lease = await _acquire(context, snapshot.server, route, pool, est, tried, loop_time(), deadlines)
         except (NoHealthyBackendError, OverloadedError):
             if last_error is not None:
                 raise last_error from None  # the failure the client should hear about is the backend's
@@ -85,7 +89,7 @@ async def dispatch(
             conn = await open_exchange(
                 context.upstream, state.backend, request_bytes, deadlines, started, view.is_stream, context.metrics
             )
-            attempt = Attempt(lease, conn, started, model)
+            attempt = Attempt(lease, conn, started, model, snapshot.health)
             if view.is_stream and conn.status == 200 and is_event_stream(conn.headers):
                 attempt.first_chunk = await conn.read_chunk(deadlines.first_token(started), "first_token")
             else:
@@ -99,7 +103,7 @@ async def dispatch(
         except UpstreamError as exc:
             if conn is not None:  # open_exchange counted its own errors; these came from reading the answer
                 context.metrics.count_upstream_error(state.backend.name, exc)
-            _note_failure(context, state, exc, loop_time())
+            _note_failure(snapshot.health, state, exc, loop_time())
             last_error = exc
             tried.append(state)
         finally:
@@ -121,7 +125,7 @@ def settle(context: ProxyContext, attempt: Attempt, record: RequestRecord, body_
     state = attempt.state
     now = asyncio.get_running_loop().time()
     if status >= 500:
-        record_failure(state, context.rules.current.health, now)
+        record_failure(state, attempt.health, now)
         return
     if status == CLIENT_CLOSED:
         return
@@ -136,6 +140,7 @@ def settle(context: ProxyContext, attempt: Attempt, record: RequestRecord, body_
 
 async def _acquire(
     context: ProxyContext,
+    server: ServerSettings,
     route: Route,
     pool: Pool,
     est: Estimate,
@@ -164,7 +169,7 @@ async def _acquire(
                 return candidates[index].lease(costs[index])
             if not any(s.is_available(now) for s in candidates):
                 raise NoHealthyBackendError(f"No healthy backend in pool '{pool.name}'.")
-        if queue.waiting(pool.name) >= context.rules.current.server.max_queue:
+        if queue.waiting(pool.name) >= server.max_queue:
             raise OverloadedError(f"Every backend of pool '{pool.name}' is busy and the queue is full.",
                                   retry_after=route.timeouts.queue)
         if now >= queue_deadline or not await queue.wait(pool.name, queue_deadline - now, at_head=waited):
@@ -173,11 +178,11 @@ async def _acquire(
         waited = True
 
 
-def _note_failure(context: ProxyContext, state: BackendState, exc: UpstreamError, now: float) -> None:
+def _note_failure(health: HealthSettings, state: BackendState, exc: UpstreamError, now: float) -> None:
     if isinstance(exc, BackendThrottledError):
         record_throttle(state, exc.retry_after or 1.0, now)
     else:
-        record_failure(state, context.rules.current.health, now)
+        record_failure(state, health, now)
 
 
 def _retry_after(conn: UpstreamConnection) -> float:

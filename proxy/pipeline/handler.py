@@ -104,7 +104,7 @@ async def _serve(
     payload = view.upstream_body(pool.model)
     loop_time = asyncio.get_running_loop().time
     deadlines = Deadlines(route.timeouts, record.started)
-    attempt = await dispatch(context, route, pool, view, payload, request.path, record, deadlines)
+    attempt = await dispatch(context, snapshot, route, pool, view, payload, request.path, record, deadlines)
     status = attempt.conn.status
     pairs = context.shadows.mirror(route, view, request.path, record.request_id) if route.shadows else None
     capture = bytearray() if pairs and attempt.body is None else None
