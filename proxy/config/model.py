@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 BACKEND_KINDS = ("vllm", "llamacpp", "ollama", "tgi", "openai")
 BALANCE_POLICIES = ("least_cost", "least_conn", "round_robin")
 ENDPOINTS = ("chat", "completions", "embeddings")
-STICKY_KINDS = ("header", "user", "api_key")
 DEFAULT_STICKY_TTL = 7 * 86400.0  # split.sticky.ttl when absent
 
 
