@@ -62,6 +62,7 @@ async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     context.pool = ConnectionPool(asyncio.get_running_loop())
     yield
     await context.shadows.close()  # shadow copies use the pool: stop them first
+    await context.cache.close()
     context.pool.close()
     context.access_log.flush()
 

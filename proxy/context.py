@@ -17,13 +17,20 @@ from aiohttp import web
 from proxy.config.model import RulesHolder, Snapshot
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
+from proxy.observe.stats import RequestStats
 from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
 from proxy.upstream.pool import ConnectionPool
+from proxy.pipeline.response_cache import ResponseCache
 from proxy.pipeline.shadow import ShadowMirror
 from proxy.upstream.health import HealthChecker
 from proxy.upstream.queue import WaitQueue
 from proxy.upstream.state import BackendStates, ModelStats
+
+
+# The embedded result cache's bounds (the process's memory is the limit; Redis has its own maxmemory).
+CACHE_MAX_ENTRIES = 50_000
+CACHE_MAX_BYTES = 256 * 1024 * 1024
 
 
 class RequestIds:
@@ -50,7 +57,7 @@ class ProxyContext:
 
     __slots__ = (
         "rules", "metrics", "access_log", "backends", "ids", "pool", "turns", "inflight", "client_key_hashes",
-        "model_stats", "queue", "health", "store", "rng", "shadows",
+        "model_stats", "queue", "health", "store", "rng", "shadows", "cache", "cache_store", "stats",
     )
 
     def __init__(
@@ -62,6 +69,7 @@ class ProxyContext:
         self.backends = BackendStates()
         self.backends.sync(snapshot.backends)
         metrics.watch_backends(lambda: self.backends.samples(asyncio.get_running_loop().time()))
+        metrics.watch_rules(lambda: self.rules.current, lambda: self.queue.depths())
         self.ids = RequestIds()
         self.pool: ConnectionPool | None = None
         self.turns: dict[str, int] = {}  # per-pool request counter for round_robin
@@ -72,7 +80,14 @@ class ProxyContext:
         self.health: HealthChecker | None = None  # exists only while the app runs
         self.shadows = ShadowMirror(self.backends, lambda: self.upstream, metrics, lambda: self.rules.current)
         self.store: Store = MemoryStore()  # app.py swaps in the configured one (Redis) and owns its lifecycle
+        # Cached answers are large: embedded, they get their own byte-bounded LRU; with Redis, Redis holds them.
+        self.cache_store: Store = MemoryStore(max_entries=CACHE_MAX_ENTRIES, max_bytes=CACHE_MAX_BYTES)
+        self.cache = ResponseCache(self._cache_store, metrics)
         self.rng = random.Random()  # per-request split draws; tests seed it
+        self.stats = RequestStats()  # per-variant counters and recent samples (status pages)
+
+    def _cache_store(self) -> Store:
+        return self.cache_store if isinstance(self.store, MemoryStore) else self.store
 
     @property
     def upstream(self) -> ConnectionPool:

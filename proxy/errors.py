@@ -1,7 +1,8 @@
 """Every error a client can see, as one tree; each class carries its HTTP status, OpenAI `type` and `code`.
 
-Raise these anywhere on the request path; `pipeline/errors.py` renders them once, as a JSON body before
-the response started or as an SSE `error` event after. Nothing else builds an error body.
+Raise these anywhere on the request path; `error_body` / `sse_error_event` below render them (the
+middleware in `pipeline/errors.py` as a JSON body before the response started; relays as an SSE `error`
+event after). Nothing else builds an error body.
 
     SplitstreamError                      500 server_error / internal_error
     ├── InvalidRequestError               400 invalid_request_error
@@ -27,6 +28,8 @@ the response started or as an SSE `error` event after. Nothing else builds an er
 """
 
 from __future__ import annotations
+
+import orjson
 
 
 class SplitstreamError(Exception):
@@ -167,3 +170,13 @@ class StoreUnavailableError(SplitstreamError):
     caller catches it and degrades (sticky split → hash fallback), so no client ever sees it."""
 
     code = "store_unavailable"
+
+
+def error_body(exc: SplitstreamError) -> bytes:
+    """The OpenAI error object; the one rendering of every error a client sees (JSON body or SSE event)."""
+    return orjson.dumps({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
+
+
+def sse_error_event(exc: SplitstreamError) -> bytes:
+    """The SSE event that ends a stream broken after bytes were sent (the openai SDK raises APIError)."""
+    return b"event: error\ndata: " + error_body(exc) + b"\n\n"

@@ -30,6 +30,7 @@ from proxy.config.model import (
     BALANCE_POLICIES,
     ENDPOINTS,
     Backend,
+    CacheRule,
     Pool,
     Route,
     HealthSettings,
@@ -49,6 +50,7 @@ SERVER_KEYS = allowed_keys("server")
 HEALTH_KEYS = allowed_keys("health")
 RETRY_KEYS = allowed_keys("retry")
 SHADOW_KEYS = allowed_keys("shadow")
+CACHE_KEYS = allowed_keys("cache")
 SHADOW_DEFAULTS = Shadow(pool=Pool(name="", backends=()))
 DEFAULT_RETRY_ATTEMPTS = 3
 DEFAULTS_KEYS = allowed_keys("defaults")
@@ -817,11 +819,32 @@ def _build_route(entry: _Entry, ctx: _RouteContext) -> Route | None:
     attempts = _retry_attempts(reader.mapping("retry"))
     runtime_load = _flag(reader, "runtime_load")
     shadows = _shadows(reader, ctx)
+    cache_rule = _cache_rule(reader.mapping("cache"))
     if reader.failed or name is None or not models or not variants:
         return None
     return Route(name=name, models=models, model_pattern=_compile_models(models), endpoints=endpoints,
                  variants=variants, timeouts=timeouts, balance=balance, source=str(entry.loc),
-                 retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky, shadows=shadows)
+                 retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky, shadows=shadows,
+                 cache=cache_rule)
+
+
+def _cache_rule(reader: _Reader | None) -> CacheRule | None:
+    """`cache: {ttl, max_entry_bytes, shared}`; ttl is required (an entry must expire)."""
+    if reader is None:
+        return None
+    reader.check_keys(CACHE_KEYS)
+    if not reader.has("ttl"):
+        reader.fail("ttl", "cache.ttl is required")
+    default = CacheRule(ttl=1.0)
+    ttl = reader.duration("ttl", default.ttl, positive=True)
+    max_bytes = default.max_entry_bytes
+    if reader.has("max_entry_bytes"):
+        try:
+            max_bytes = parse_size(reader.get("max_entry_bytes"))
+        except ValueError as exc:
+            reader.fail("max_entry_bytes", f"cache.max_entry_bytes: {exc}")
+    shared = _flag(reader, "shared")
+    return CacheRule(ttl=ttl, max_entry_bytes=max_bytes, shared=shared)
 
 
 def _shadows(reader: _Reader, ctx: _RouteContext) -> tuple[Shadow, ...]:

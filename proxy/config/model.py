@@ -100,6 +100,17 @@ class Shadow:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheRule:
+    """Result cache for a route: entries live `ttl` seconds; answers over `max_entry_bytes` are not kept.
+
+    Entries are per tenant (hashed client key) unless `shared`."""
+
+    ttl: float
+    max_entry_bytes: int = 1024 * 1024
+    shared: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Which requests (model globs, optional endpoints) go to which variants, with what limits."""
 
@@ -114,6 +125,7 @@ class Route:
     retry_attempts: int = 3  # tries per request (first included), only before a byte reached the client
     runtime_load: bool = False  # fold the runtimes' own queue depth (their /metrics) into the balancer
     shadows: tuple[Shadow, ...] = ()
+    cache: CacheRule | None = None
     sticky: Sticky | None = None  # None: each request draws its variant by weight
 
     def matches(self, model: str, endpoint: str) -> bool:

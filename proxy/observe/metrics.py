@@ -7,7 +7,7 @@ error reason, token kind) — never a client-supplied string.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,6 +17,7 @@ from prometheus_client.exposition import choose_encoder
 from proxy.errors import SplitstreamError
 
 if TYPE_CHECKING:
+    from proxy.config.model import Snapshot
     from proxy.pipeline.compare import Comparison
 
 # LLM requests take from milliseconds (cache hits, embeddings) to minutes (long generations).
@@ -87,6 +88,11 @@ class Metrics:
             "splitstream_shadow_completion_tokens_delta", "Shadow minus primary completion tokens.",
             shadow_labels, buckets=DELTA_BUCKETS, registry=r,
         )
+        self.cache_requests_total = Counter(
+            "splitstream_cache_requests_total", "Cacheable-route requests by result (hit, miss, bypass, coalesced).",
+            ("route", "result"), registry=r,
+        )
+        self._cache_children: dict[tuple[str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, str], RequestMetrics] = {}
         self.upstream_errors_total = Counter(
             "splitstream_upstream_errors_total", "Backend failures by reason.", ("backend", "reason"), registry=r
@@ -116,6 +122,10 @@ class Metrics:
         """Serve the upstream gauges from live backend state at scrape time: no per-request cost."""
         self.registry.register(BackendGauges(sample))
 
+    def watch_rules(self, current: Callable[[], Snapshot], depths: Callable[[], Mapping[str, int]]) -> None:
+        """Serve variant_weight and queue_waiting from the running rules and wait queue at scrape time."""
+        self.registry.register(RuleGauges(current, depths))
+
     def count_assignment(self, route: str, variant: str, source: str) -> None:
         """One split decision; children cached per label set (this runs on every split request)."""
         key = (route, variant, source)
@@ -137,6 +147,12 @@ class Metrics:
             self.shadow_similarity.labels(*labels).observe(result.similarity)
         if result.completion_tokens_delta is not None:
             self.shadow_completion_tokens_delta.labels(*labels).observe(result.completion_tokens_delta)
+
+    def count_cache(self, route: str, result: str) -> None:
+        child = self._cache_children.get((route, result))
+        if child is None:
+            child = self._cache_children[(route, result)] = self.cache_requests_total.labels(route, result)
+        child.inc()
 
     def count_upstream_error(self, backend: str, exc: SplitstreamError) -> None:
         if exc.reason is not None:
@@ -199,4 +215,41 @@ class BackendGauges:
                 labels=["backend"],
             ),
             GaugeMetricFamily("splitstream_upstream_healthy", "1 when the backend takes traffic.", labels=["backend"]),
+        )
+
+
+class RuleGauges:
+    """A custom collector: variant_weight (configured split weights, so dashboards can set the traffic share
+    beside them) and queue_waiting (requests waiting per pool, 0 when none), read when scraped."""
+
+    def __init__(self, current: Callable[[], Snapshot], depths: Callable[[], Mapping[str, int]]) -> None:
+        self._current = current
+        self._depths = depths
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        weight, waiting = self._families()
+        snapshot = self._current()
+        for route in snapshot.routes:
+            for variant in route.variants:
+                weight.add_metric([route.name, variant.name], variant.weight)
+        depths = dict(self._depths())
+        for pool in snapshot.pools:
+            waiting.add_metric([pool.name], depths.pop(pool.name, 0))
+        for name, n in depths.items():  # a pool that a reload removed while requests still wait in it
+            waiting.add_metric([name], n)
+        yield from (weight, waiting)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "splitstream_variant_weight", "Configured split weight of each route variant (relative).",
+                labels=["route", "variant"],
+            ),
+            GaugeMetricFamily(
+                "splitstream_queue_waiting", "Requests waiting for a backend slot per pool.", labels=["pool"]
+            ),
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics, status_class
+from proxy.observe.stats import RequestStats, is_error_status
 
 NONE = "none"  # label value when a request ended before a route/variant/backend was chosen
 
@@ -22,6 +23,7 @@ class RequestRecord:
     __slots__ = (
         "request_id", "method", "path", "started", "route", "variant", "backend", "status",
         "bytes_in", "bytes_out", "prompt_tokens", "completion_tokens", "ttft", "stream", "error", "attempts",
+        "cache",
     )
 
     def __init__(self, request_id: str, method: str, path: str, started: float) -> None:
@@ -41,12 +43,18 @@ class RequestRecord:
         self.stream = False
         self.error: str | None = None  # error code, never a message that could echo client text
         self.attempts = 0
+        self.cache: str | None = None  # hit | miss | bypass | coalesced, on routes with a cache
 
 
-def finish(record: RequestRecord, metrics: Metrics, access_log: AccessLog, now: float) -> None:
-    """Write the request metrics and the access-log line."""
+def finish(
+    record: RequestRecord, metrics: Metrics, access_log: AccessLog, now: float, stats: RequestStats | None = None
+) -> None:
+    """Write the request metrics, the per-variant statistics (status pages) and the access-log line."""
     duration = now - record.started
     if record.route is not NONE:
+        if stats is not None:
+            stats.record(record.route, record.variant, now, duration, record.ttft, is_error_status(record.status),
+                         record.prompt_tokens, record.completion_tokens)
         children = metrics.for_request(record.route, record.variant, record.backend)
         children.count(record.status)
         children.duration.observe(duration)
@@ -75,5 +83,6 @@ def finish(record: RequestRecord, metrics: Metrics, access_log: AccessLog, now: 
             "ttft_ms": None if record.ttft is None else round(record.ttft * 1000, 3),
             "duration_ms": round(duration * 1000, 3),
             "attempts": record.attempts,
+            "cache": record.cache,
             "error": record.error,
         })

@@ -1,4 +1,4 @@
-"""Errors as clients see them: the one middleware, and the renderers for JSON bodies and SSE events.
+"""Errors as clients see them: the one middleware that turns exceptions into OpenAI error responses.
 
 The middleware also owns the request record (created first, finished last), so every request is logged
 and metered exactly once. Unknown exceptions become a 500 and are logged once with their traceback;
@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import orjson
 from aiohttp import web
 
 from proxy.context import CONTEXT
-from proxy.errors import SplitstreamError, UnknownPathError
+from proxy.errors import SplitstreamError, UnknownPathError, error_body
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord, finish
 from proxy.types import Handler
 
@@ -23,15 +22,6 @@ log = logging.getLogger("splitstream")
 RECORD = web.RequestKey("RECORD", RequestRecord)
 
 MAX_REQUEST_ID_LENGTH = 128
-
-
-def error_body(exc: SplitstreamError) -> bytes:
-    return orjson.dumps({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
-
-
-def sse_error_event(exc: SplitstreamError) -> bytes:
-    """The SSE event that ends a stream broken after bytes were sent (the openai SDK raises APIError)."""
-    return b"event: error\ndata: " + error_body(exc) + b"\n\n"
 
 
 def error_response(exc: SplitstreamError, request_id: str) -> web.Response:
@@ -88,4 +78,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         record.status, record.error = internal.status, internal.code
         return error_response(internal, record.request_id)
     finally:
-        finish(record, context.metrics, context.access_log, loop_time())
+        finish(record, context.metrics, context.access_log, loop_time(), context.stats)

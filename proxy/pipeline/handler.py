@@ -8,11 +8,12 @@ lifetimes (`finally`), so load and connections are given back however a request 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import time
 
 from aiohttp import web
 
-from proxy.config.model import Route, Snapshot, Variant
+from proxy.config.model import Pool, Route, Snapshot, Variant
 from proxy.context import CONTEXT, ProxyContext, hash_api_key
 from proxy.errors import (
     BodyTooLargeError,
@@ -24,11 +25,14 @@ from proxy.errors import (
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
 from proxy.pipeline import request as request_view
 from proxy.pipeline.assignment import assign_variant, find_subject
-from proxy.pipeline.compare import Side
+from proxy.pipeline.cache import FORCE_HEADER, bypass_reason, cache_key, tenant_of
+from proxy.pipeline.compare import MAX_CAPTURE_BYTES, Side
 from proxy.pipeline.dispatch import Attempt, dispatch, settle
 from proxy.pipeline.errors import RECORD
 from proxy.pipeline.forward import Deadlines
-from proxy.pipeline.relay import relay_body, relay_stream
+from proxy.pipeline.relay import content_type_of, relay_body, relay_stream
+from proxy.pipeline.request import RequestView
+from proxy.pipeline.response_cache import Flight, Lookup, answer_from_entry, follow
 from proxy.upstream.probe import is_reachable
 
 
@@ -101,27 +105,92 @@ async def _serve(
     variant = await choose_variant(context, route, request, view)
     pool = variant.pool
     record.route, record.variant, record.stream = route.name, variant.name, view.is_stream
-    payload = view.upstream_body(pool.model)
     loop_time = asyncio.get_running_loop().time
+    flight: Flight | None = None
+    if route.cache is not None:
+        lookup = await cache_lookup(context, route, pool.model or view.model, view, request, record)
+        if lookup is not None and lookup.entry is not None:
+            record.backend, record.ttft = "cache", loop_time() - record.started
+            return answer_from_entry(lookup.entry, view, record, "hit")
+        if lookup is not None and lookup.follow is not None:
+            record.backend = "cache"
+            response = await follow(request, lookup.follow, view, record, loop_time)
+            if response is not None:
+                return response
+            record.cache = "miss"  # the request we followed failed before sharing anything: go ourselves
+        elif lookup is not None:
+            flight = lookup.lead
+    ok = False
+    try:
+        response = await _forward(request, context, snapshot, route, pool, view, record, flight)
+        ok = record.error is None and record.status != CLIENT_CLOSED
+        return response
+    finally:
+        if flight is not None and lookup is not None:
+            context.cache.end(lookup.key, flight, ok, route.cache)
+
+
+async def cache_lookup(
+    context: ProxyContext, route: Route, upstream_model: str, view: RequestView, request: web.Request,
+    record: RequestRecord,
+) -> Lookup | None:
+    """Hit, follow or lead for a cacheable request; None (counted as bypass) for one that must not be cached."""
+    assert route.cache is not None
+    headers = request.headers
+    if bypass_reason(view, headers.get("Cache-Control"), headers.get(FORCE_HEADER)) is not None:
+        context.cache.bypass(route.name)
+        record.cache = "bypass"
+        return None
+    tenant = tenant_of(headers.get("Authorization"), route.cache.shared)
+    lookup = await context.cache.begin(cache_key(view, upstream_model, route.name, tenant), route.name)
+    record.cache = lookup.result
+    return lookup
+
+
+async def _forward(
+    request: web.Request, context: ProxyContext, snapshot: Snapshot, route: Route, pool: Pool, view: RequestView,
+    record: RequestRecord, flight: Flight | None,
+) -> web.StreamResponse:
+    """Upstream: dispatch (with fail-over), mirror to shadows, relay; the answer also fills `flight` if given."""
+    loop_time = asyncio.get_running_loop().time
+    payload = view.upstream_body(pool.model)
     deadlines = Deadlines(route.timeouts, record.started)
     attempt = await dispatch(context, snapshot, route, pool, view, payload, request.path, record, deadlines)
     status = attempt.conn.status
     pairs = context.shadows.mirror(route, view, request.path, record.request_id) if route.shadows else None
     capture = bytearray() if pairs and attempt.body is None else None
+    if flight is not None:
+        flight.status, flight.is_stream = status, attempt.body is None
+        flight.content_type = content_type_of(attempt.conn.headers)
+        if attempt.body is not None:
+            flight.append(attempt.body)
     try:
         if attempt.body is not None:
             return relay_body(attempt.conn, attempt.body, record)
-        return await relay_stream(
-            request, attempt.conn, attempt.first_chunk, view, deadlines, record, context.metrics, loop_time, capture
-        )
+        return await relay_stream(request, attempt.conn, attempt.first_chunk, view, deadlines, record,
+                                  context.metrics, loop_time, _tee(capture, flight))
     except asyncio.CancelledError:
         record.status = CLIENT_CLOSED
         raise
     finally:
-        settle(context, attempt, record, len(body))
+        settle(context, attempt, record, len(view.body))
         if pairs:
             output = attempt.body if attempt.body is not None else bytes(capture or b"")
             context.shadows.primary_done(pairs, primary_side(record, status, output, view.is_stream, attempt, loop_time()))
+
+
+def _tee(capture: bytearray | None, flight: Flight | None) -> Callable[[bytes], None] | None:
+    """Where a stream's upstream bytes are copied: the shadow comparison (bounded) and/or the cache flight."""
+    if capture is None:
+        return flight.append if flight is not None else None
+
+    def copy(chunk: bytes) -> None:
+        if len(capture) < MAX_CAPTURE_BYTES:
+            capture.extend(chunk)
+        if flight is not None:
+            flight.append(chunk)
+
+    return copy
 
 
 def primary_side(

@@ -11,11 +11,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.errors import UpstreamError
+from proxy.errors import UpstreamError, sse_error_event
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
-from proxy.pipeline.compare import MAX_CAPTURE_BYTES
-from proxy.pipeline.errors import sse_error_event
 from proxy.pipeline.forward import Deadlines
 from proxy.pipeline.request import RequestView
 from proxy.pipeline.sse import SseRelay, find_usage_object
@@ -38,7 +36,16 @@ def response_headers(upstream: Headers, record: RequestRecord) -> dict[str, str]
     headers["x-splitstream-route"] = record.route
     headers["x-splitstream-variant"] = record.variant
     headers["x-splitstream-backend"] = record.backend
+    if record.cache is not None:
+        headers["x-splitstream-cache"] = record.cache
     return headers
+
+
+def content_type_of(upstream: Headers) -> str:
+    for name, value in upstream:
+        if name.lower() == b"content-type":
+            return value.decode("latin-1")
+    return "application/json"
 
 
 def is_event_stream(upstream: Headers) -> bool:
@@ -67,13 +74,13 @@ async def relay_stream(
     record: RequestRecord,
     metrics: Metrics,
     clock: Callable[[], float],
-    capture: bytearray | None = None,
+    tee: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
     """An SSE answer, relayed as it arrives; the usage chunk is kept or stripped as the client asked.
 
     `first_chunk` was read by dispatch (a stream commits with it). The caller gives the connection back to
-    the pool afterwards (which aborts it unless it ended cleanly). `capture`, when given (mirrored requests
-    only), receives a copy of the upstream bytes, up to MAX_CAPTURE_BYTES, for the shadow comparison.
+    the pool afterwards (which aborts it unless it ended cleanly). `tee`, when given (mirrored or cached
+    requests only), is called with every upstream chunk as it arrives.
     """
     sse = SseRelay(strip_usage=not view.wants_usage)
     chunk = first_chunk
@@ -82,8 +89,8 @@ async def relay_stream(
     await response.prepare(request)
     try:
         while chunk is not None:
-            if capture is not None and len(capture) < MAX_CAPTURE_BYTES:
-                capture += chunk
+            if tee is not None:
+                tee(chunk)
             out = sse.feed(chunk)
             if out:
                 await response.write(out)

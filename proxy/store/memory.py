@@ -18,17 +18,29 @@ DEFAULT_MAX_ENTRIES = 100_000
 class MemoryStore:
     """`Store` in a dict. `clock` (default `time.monotonic`) is injectable so tests can expire keys."""
 
-    __slots__ = ("_entries", "_max_entries", "_clock")
+    __slots__ = ("_entries", "_max_entries", "_max_bytes", "_bytes", "_clock")
 
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+        max_bytes: int | None = None,
+    ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (value, expires_at)
         self._max_entries = max_entries
+        self._max_bytes = max_bytes  # None: bounded by count only (small values such as sticky variants)
+        self._bytes = 0
         self._clock = clock
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of values held (keys and bookkeeping not counted)."""
+        return self._bytes
 
     def _live(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
@@ -36,15 +48,23 @@ class MemoryStore:
             return None
         if entry[1] <= self._clock():
             del self._entries[key]
+            self._bytes -= len(entry[0])
             return None
         self._entries.move_to_end(key)
         return entry[0]
 
     def _put(self, key: str, value: bytes, ttl: float) -> None:
+        old = self._entries.get(key)
+        if old is not None:
+            self._bytes -= len(old[0])
         self._entries[key] = (value, self._clock() + ttl)
+        self._bytes += len(value)
         self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        while len(self._entries) > self._max_entries or (
+            self._max_bytes is not None and self._bytes > self._max_bytes and self._entries
+        ):
+            _, (evicted, _) = self._entries.popitem(last=False)
+            self._bytes -= len(evicted)
 
     async def get(self, key: str) -> bytes | None:
         return self._live(key)
@@ -59,10 +79,13 @@ class MemoryStore:
         self._put(key, value, ttl)
 
     async def delete(self, key: str) -> None:
-        self._entries.pop(key, None)
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry[0])
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
         self._entries.clear()
+        self._bytes = 0
