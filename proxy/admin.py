@@ -1,8 +1,9 @@
 """The admin surface: GET /admin/rules (what is running, the last rejected reload) and POST /admin/reload.
 
 `require_admin` is the one guard every admin page calls first (the status UI reuses it): with
-SPLITSTREAM_ADMIN_TOKEN set a request needs `Authorization: Bearer <token>`; without it, only loopback
-clients are answered. Handlers read the snapshot and the `Reloader`; secrets (backend keys) never appear.
+SPLITSTREAM_ADMIN_TOKEN set a request needs `Authorization: Bearer <token>` (the /ui/ pages also take their
+login cookie, `proxy/ui/session.py`); without it, only loopback clients are answered. Handlers read the
+snapshot and the `Reloader`; secrets (backend keys) never appear.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime as dt
 import hmac
 import ipaddress
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ from proxy.config.model import Backend, Pool, Route, Snapshot
 from proxy.config.reloader import ReloadOutcome, Reloader
 from proxy.context import CONTEXT, hash_api_key
 from proxy.errors import AdminAuthError, AdminForbiddenError, ReloadUnavailableError
+from proxy.ui.session import SESSION_COOKIE, is_valid_session
 
 ADMIN_TOKEN_ENV = "SPLITSTREAM_ADMIN_TOKEN"
 
@@ -58,12 +61,17 @@ def is_loopback(remote: str | None) -> bool:
     return address.is_loopback
 
 
-def check_admin(access: AdminAccess, remote: str | None, authorization: str) -> None:
-    """Raise unless the caller may use /admin/*. Pure: the peer address and header are passed in.
+def check_admin(
+    access: AdminAccess, remote: str | None, authorization: str, session: str = "", now: float = 0.0
+) -> None:
+    """Raise unless the caller may use /admin/*. Pure: the peer address, header, session cookie and wall
+    clock are passed in; a `session` is only ever passed for the /ui/ pages.
 
     `remote` is the TCP peer, never X-Forwarded-For: behind a reverse proxy on this host every client looks
     local, which is why such setups should set the token."""
     if access.token_sha256 is not None:
+        if session and is_valid_session(access.token_sha256, session, now):
+            return
         scheme, _, token = authorization.partition(" ")
         given = hash_api_key(token.strip())
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, access.token_sha256):
@@ -75,9 +83,13 @@ def check_admin(access: AdminAccess, remote: str | None, authorization: str) -> 
         )
 
 
-def require_admin(request: web.Request) -> None:
-    """The guard for every admin handler (JSON and UI alike): raises the error the middleware renders."""
-    check_admin(request.app[ADMIN_ACCESS], request.remote, request.headers.get("Authorization", ""))
+def require_admin(request: web.Request, *, allow_session: bool = False) -> None:
+    """The guard for every admin handler (JSON and UI alike): raises the error the middleware renders.
+
+    `allow_session`: the /ui/ pages also accept their login cookie; JSON /admin/* takes the header only."""
+    session = request.cookies.get(SESSION_COOKIE, "") if allow_session else ""
+    check_admin(request.app[ADMIN_ACCESS], request.remote, request.headers.get("Authorization", ""), session,
+                time.time())
 
 
 # ------------------------------------------------------------------------------------------ handlers

@@ -23,6 +23,7 @@ from proxy.observe.metrics import Metrics
 from proxy.pipeline import handler
 from proxy.pipeline.errors import error_middleware
 from proxy.store import MemoryStore, OwnedStore
+from proxy.ui.views import add_ui_routes
 from proxy.upstream.health import HealthChecker
 from proxy.upstream.pool import ConnectionPool
 
@@ -117,4 +118,5 @@ def build_app(
     app.router.add_get("/readyz", handler.readyz)
     app.router.add_get("/metrics", handler.metrics)
     add_admin_routes(app)
+    add_ui_routes(app)  # /ui/ status pages and their JSON twins under /admin/
     return app

@@ -1,4 +1,4 @@
-"""Command line: `splitstream serve | check | sim-backend | demo` (also `python -m proxy`).
+"""Command line: `splitstream serve | check | sim-backend | load | demo` (also `python -m proxy`).
 
 Parses arguments and runs the matching coroutine on uvloop; the work itself lives in `app.py`,
 `config/loader.py` and `sim/runtime.py`. `serve` drains on SIGTERM: it stops accepting, lets requests
@@ -22,6 +22,7 @@ from proxy.admin import RELOADER
 from proxy.app import build_app
 from proxy.config.loader import RulesError, load_rules
 from proxy.observe.logs import configure_logging
+from proxy.sim import load
 from proxy.sim.runtime import SimConfig
 from proxy.sim.runtime import serve as serve_sim
 from proxy.store.redis import RedisStore
@@ -60,6 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--fail-rate", type=float, default=0.0)
     sim.add_argument("--stream-fail-rate", type=float, default=0.0)
 
+    clients = commands.add_parser("load", help="send a mixed client load (dashboards demo); prints counts only")
+    clients.add_argument("--url", action="append", required=True,
+                         help="OpenAI base URL, e.g. http://127.0.0.1:8080/v1 (repeat to take turns)")
+    clients.add_argument("--model", required=True)
+    clients.add_argument("--count", type=int, default=0, help="requests to send (default 0: until stopped)")
+    clients.add_argument("--rate", type=float, default=5.0, help="requests per second (0: as fast as possible)")
+    clients.add_argument("--concurrency", type=int, default=8)
+    clients.add_argument("--users", type=int, default=50, help="distinct x-user-id subjects (0: none)")
+    clients.add_argument("--stream-share", type=float, default=0.5)
+    clients.add_argument("--repeat-share", type=float, default=0.2, help="share of repeated temperature-0 prompts")
+    clients.add_argument("--max-tokens", type=int, default=16)
+    clients.add_argument("--seed", type=int, default=None)
+
     demo = commands.add_parser("demo", help="two simulated runtimes and the proxy on the demo rules")
     demo.add_argument("--rules", default="rules")
     demo.add_argument("--port", type=int, default=8080)
@@ -83,6 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream_fail_rate=args.stream_fail_rate,
         )
         return uvloop.run(_run_until_signal(serve_sim(config, args.host, args.port)))
+    if args.command == "load":
+        return uvloop.run(_run_until_signal(load.main(load.LoadConfig(
+            urls=tuple(args.url), model=args.model, count=args.count, rate=args.rate, concurrency=args.concurrency,
+            users=args.users, stream_share=args.stream_share, repeat_share=args.repeat_share,
+            max_tokens=args.max_tokens, seed=args.seed,
+        ))))
     if args.command == "demo":
         return uvloop.run(demo(args.rules, args.port))
     raise AssertionError(args.command)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
@@ -43,6 +43,9 @@ class Metrics:
     """All metric objects of one app, registered in its own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # A `_created` series per label set would double the series of every counter and histogram, and no
+        # dashboard reads them. The switch is prometheus_client's own, process-wide (we are its only user).
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # (unannotated upstream)
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests_total = Counter(

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from proxy.context import CONTEXT
 from proxy.errors import SplitstreamError, UnknownPathError, error_body
-from proxy.observe.record import CLIENT_CLOSED, RequestRecord, finish
+from proxy.observe.record import CLIENT_CLOSED, NONE, RequestRecord, finish
 from proxy.types import Handler
 
 log = logging.getLogger("splitstream")
@@ -24,8 +24,13 @@ RECORD = web.RequestKey("RECORD", RequestRecord)
 MAX_REQUEST_ID_LENGTH = 128
 
 
-def error_response(exc: SplitstreamError, request_id: str) -> web.Response:
-    headers = {"x-request-id": request_id}
+def error_response(exc: SplitstreamError, record: RequestRecord) -> web.Response:
+    """The error as JSON, with the same routing headers a successful answer would have carried."""
+    headers = {"x-request-id": record.request_id}
+    if record.route is not NONE:
+        headers["x-splitstream-route"] = record.route
+        headers["x-splitstream-variant"] = record.variant
+        headers["x-splitstream-backend"] = record.backend
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     return web.Response(
@@ -64,11 +69,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return response
     except SplitstreamError as exc:
         record.status, record.error = exc.status, exc.code
-        return error_response(exc, record.request_id)
+        return error_response(exc, record)
     except web.HTTPException as exc:
         error = _from_http_exception(exc)
         record.status, record.error = error.status, error.code
-        return error_response(error, record.request_id)
+        return error_response(error, record)
     except asyncio.CancelledError:
         record.status = CLIENT_CLOSED
         raise
@@ -76,6 +81,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unhandled error in request %s", record.request_id)
         internal = SplitstreamError("The server had an error while processing your request.")
         record.status, record.error = internal.status, internal.code
-        return error_response(internal, record.request_id)
+        return error_response(internal, record)
     finally:
         finish(record, context.metrics, context.access_log, loop_time(), context.stats)

@@ -165,9 +165,11 @@ async def test_full_backend_and_queue_is_429(sim: Any, proxy: Any, server_block:
 async def test_backend_5xx_is_502(sim: Any, proxy: Any) -> None:
     runtime, server = await sim(fail_rate=1.0)
     handle = await proxy(simple_rules(server))
-    status, _, body = await post(handle.url("/v1/chat/completions"), json={"model": "my-model", "messages": MESSAGES})
+    status, headers, body = await post(handle.url("/v1/chat/completions"), json={"model": "my-model", "messages": MESSAGES})
     assert status == 502
     assert_error_shape(body, "backend_error")
+    assert (headers["x-splitstream-route"], headers["x-splitstream-variant"]) == ("main", "main-pool")
+    assert headers["x-splitstream-backend"] == "b0"
 
 
 async def test_backend_4xx_is_relayed(sim: Any, proxy: Any) -> None:

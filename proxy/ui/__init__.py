@@ -1,0 +1,1 @@
+"""Status pages (aiohttp-jinja2, server-rendered) and their JSON twins under /admin/; see `views.py`."""

@@ -1,0 +1,262 @@
+"""What each status page shows, as one plain dict per page: the template and the JSON twin render the same.
+
+Builders read live state (rules, reloader, backend state, per-variant stats, shadow comparisons, cache
+summary, metric counters) at render time and never write to it; they do no I/O and take the clocks as
+arguments. Numbers stay raw (seconds, ratios); formatting belongs to the templates. Called by `views.py`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
+
+from proxy.admin import rules_document
+from proxy.config.reloader import Reloader
+from proxy.context import ProxyContext
+from proxy.observe.stats import VariantSnapshot
+from proxy.upstream.state import BackendState
+
+RECENT_COMPARISONS_SHOWN = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Clocks:
+    """One render's 'now' on both clocks: loop time (state and stats) and wall time (what people read)."""
+
+    loop: float
+    wall: float
+
+    def to_wall(self, loop_time: float) -> float:
+        return self.wall + (loop_time - self.loop)
+
+
+PageBuilder = Callable[[ProxyContext, Reloader, Clocks], dict[str, Any]]
+
+
+def iso(wall: float) -> str:
+    return dt.datetime.fromtimestamp(wall, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _share(part: float, whole: float) -> float | None:
+    return part / whole if whole else None
+
+
+# ------------------------------------------------------------------------------------------ overview
+
+
+def overview(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[str, Any]:
+    """Rules (generation, load time, last rejected reload), then every route's variants: configured weight,
+    observed share since start, and the recent window's rate, error rate and latency percentiles."""
+    page = rules_document(context.rules.current, reloader)
+    stats = context.stats
+    configured = {route["name"] for route in page["routes"]}
+    routes = page["routes"] + [  # routes a reload removed still served requests since start: keep them visible
+        {"name": name, "models": [], "source": "", "variants": [], "retired": True}
+        for name in stats.routes() if name not in configured
+    ]
+    totals = {"requests": 0, "errors": 0, "window_requests": 0, "window_errors": 0, "rps": 0.0}
+    window = 0.0
+    for route in routes:
+        seen = stats.snapshot(route["name"], clocks.loop)
+        weights = sum(v["weight"] for v in route["variants"])
+        variants = [dict(v, weight_share=_share(v["weight"], weights), retired=False) for v in route["variants"]]
+        names = {v["name"] for v in variants}
+        variants += [{"name": name, "pool": None, "weight": None, "weight_share": None, "retired": True}
+                     for name in seen if name not in names]
+        served = sum(s.requests for s in seen.values())
+        for variant in variants:
+            variant.update(_variant_numbers(seen.get(variant["name"]), served))
+        route["variants"] = variants
+        route.setdefault("retired", False)
+        for snap in seen.values():
+            totals["requests"] += snap.requests
+            totals["errors"] += snap.errors
+            totals["window_requests"] += snap.window_requests
+            totals["window_errors"] += snap.window_errors
+            totals["rps"] += snap.rps
+            window = max(window, snap.window_seconds)
+    page["routes"] = routes
+    page["totals"] = dict(totals, error_rate=_share(totals["window_errors"], totals["window_requests"]),
+                          window_seconds=window)
+    page["now"] = iso(clocks.wall)
+    return page
+
+
+def _variant_numbers(snap: VariantSnapshot | None, route_requests: int) -> dict[str, Any]:
+    if snap is None:
+        return {"requests": 0, "share": None, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                "rps": 0.0, "window_requests": 0, "error_rate": None, "latency_p50": None, "latency_p95": None,
+                "ttft_p50": None, "ttft_p95": None}
+    return {
+        "requests": snap.requests,
+        "share": _share(snap.requests, route_requests),
+        "errors": snap.errors,
+        "prompt_tokens": snap.prompt_tokens,
+        "completion_tokens": snap.completion_tokens,
+        "rps": snap.rps,
+        "window_requests": snap.window_requests,
+        "error_rate": snap.error_rate,
+        "latency_p50": snap.latency_p50,
+        "latency_p95": snap.latency_p95,
+        "ttft_p50": snap.ttft_p50,
+        "ttft_p95": snap.ttft_p95,
+    }
+
+
+# ------------------------------------------------------------------------------------------ backends
+
+
+def backend_status(state: BackendState, now: float) -> str:
+    """One word for what the balancer currently makes of a backend (mirrors `BackendState.is_available`)."""
+    if state.draining is not None:
+        return "draining"  # a reload removed it; requests still in flight finish on it
+    if not state.healthy:
+        return "ejected" if now < state.ejected_until else "unhealthy"
+    if now < state.throttled_until:
+        return "throttled"
+    return "available"
+
+
+def counter_values(counter: Counter) -> Iterable[tuple[dict[str, str], float]]:
+    """(labels, value) of every `_total` sample of a labelled counter, read from the registry's view."""
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                yield sample.labels, sample.value
+
+
+def backends(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[str, Any]:
+    """Every backend with state: health, load in flight, learned speeds, ejections, failures by reason."""
+    snapshot = context.rules.current
+    errors: dict[str, dict[str, int]] = {}
+    for labels, value in counter_values(context.metrics.upstream_errors_total):
+        errors.setdefault(labels["backend"], {})[labels["reason"]] = int(value)
+    pools: dict[str, list[str]] = {}
+    for pool in snapshot.pools:
+        for member in pool.backends:
+            pools.setdefault(member.name, []).append(pool.name)
+    now = clocks.loop
+    rows = []
+    for state in context.backends:
+        backend = state.backend
+        status = backend_status(state, now)
+        by_reason = errors.get(backend.name, {})
+        sampled = state.runtime_sampled_at >= 0
+        rows.append({
+            "name": backend.name,
+            "url": backend.url,
+            "kind": backend.kind,
+            "weight": backend.weight,
+            "max_inflight": backend.max_inflight or None,
+            "pools": pools.get(backend.name, []),
+            "status": status,
+            "ejected_until": iso(clocks.to_wall(state.ejected_until)) if status == "ejected" else None,
+            "ejected_for": state.ejected_until - now if status == "ejected" else None,
+            "throttled_for": state.throttled_until - now if status == "throttled" else None,
+            "inflight": state.inflight,
+            "predicted_load": state.predicted_load,
+            "prefill_tps": state.prefill_tps,
+            "decode_tps": state.decode_tps,
+            "learned_from": state.completed,
+            "consecutive_failures": state.consecutive_failures,
+            "ejections_total": state.ejections_total,
+            "errors": dict(sorted(by_reason.items())),
+            "errors_total": sum(by_reason.values()),
+            "runtime": {
+                "waiting": state.runtime_waiting, "running": state.runtime_running,
+                "kv_usage": state.runtime_kv_usage, "age": now - state.runtime_sampled_at,
+            } if sampled else None,
+        })
+    totals: dict[str, int] = {}
+    for by_reason in errors.values():  # every backend ever counted, including ones a reload removed
+        for reason, count in by_reason.items():
+            totals[reason] = totals.get(reason, 0) + count
+    return {
+        "generation": snapshot.generation,
+        "now": iso(clocks.wall),
+        "backends": rows,
+        "errors_by_reason": dict(sorted(totals.items())),
+        "available": sum(1 for row in rows if row["status"] == "available"),
+    }
+
+
+# ------------------------------------------------------------------------------------------ shadow
+
+
+def shadow(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[str, Any]:
+    """The latest primary/shadow comparisons (ids and numbers, never text), newest first, with a summary
+    per route and shadow pool over the comparisons kept, and the copies' outcomes since start."""
+    recent = list(context.shadows.recent)
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for result in recent:
+        groups.setdefault((result.route, result.pool), []).append(result)
+    outcomes: dict[tuple[str, str], dict[str, int]] = {}
+    for labels, value in counter_values(context.metrics.shadow_requests_total):
+        outcomes.setdefault((labels["route"], labels["pool"]), {})[labels["outcome"]] = int(value)
+    summary = []
+    for key in sorted(set(groups) | set(outcomes)):
+        results = groups.get(key, [])
+        summary.append({
+            "route": key[0],
+            "pool": key[1],
+            "compared": len(results),
+            "status_match": _share(sum(r.status_match for r in results), len(results)),
+            "exact_match": _share(sum(r.exact_match for r in results), len(results)),
+            "latency_ratio_p50": _median(r.latency_ratio for r in results),
+            "ttft_ratio_p50": _median(r.ttft_ratio for r in results),
+            "similarity_mean": _mean(r.similarity for r in results),
+            "outcomes": {name: outcomes.get(key, {}).get(name, 0) for name in ("ok", "error", "timeout", "dropped")},
+        })
+    return {
+        "generation": context.rules.current.generation,
+        "now": iso(clocks.wall),
+        "kept": len(recent),
+        "summary": summary,
+        "comparisons": [result.as_dict() for result in reversed(recent[-RECENT_COMPARISONS_SHOWN:])],
+    }
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+
+def cache(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[str, Any]:
+    """Result-cache lookups per route since start and what the store holds (None: the store cannot tell,
+    e.g. Redis). Hit ratio counts coalesced requests as hits (neither cost a backend call) and leaves
+    bypassed ones (not cacheable) out."""
+    summary = context.cache.summary()
+    routes = []
+    for name, counts in sorted(summary.get("routes", {}).items()):
+        hit, miss, coalesced = counts.get("hit", 0), counts.get("miss", 0), counts.get("coalesced", 0)
+        routes.append({
+            "route": name,
+            "hit": hit,
+            "miss": miss,
+            "coalesced": coalesced,
+            "bypass": counts.get("bypass", 0),
+            "hit_ratio": _share(hit + coalesced, hit + miss + coalesced),
+        })
+    return {
+        "generation": context.rules.current.generation,
+        "now": iso(clocks.wall),
+        "routes": routes,
+        "entries": summary.get("entries"),
+        "bytes": summary.get("bytes"),
+    }
+
+
+PAGES: dict[str, PageBuilder] = {"overview": overview, "backends": backends, "shadow": shadow, "cache": cache}
