@@ -1,15 +1,16 @@
 """HTTP handlers: the inference endpoints walk the pipeline stages in order; the rest answer from state.
 
-inference: read body → parse (once) → route → variant → backend lease → forward → relay → release.
-Each stage lives in its own module; this one only sequences them and owns the lease and connection
-lifetimes (`finally`), so load and connections are given back however a request ends.
+inference: read body → parse (once) → route → variant (split) → cache lookup → dispatch (backend lease,
+forward, fail-over) → shadow copies → relay → settle. Each stage lives in its own module; this one only
+sequences them and owns the lifetimes (`finally`): lease, connection, cache flight, shadow pairing, so
+everything is given back however a request ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 

@@ -147,9 +147,9 @@ async def test_sync_client_streaming_and_not(sim: Any, proxy: Any) -> None:
 
 async def test_completions_and_embeddings_and_models(sim: Any, proxy: Any) -> None:
     runtime, server = await sim(models=["sim-model", "sim-embed"], embedding_dim=8)
-    rules = simple_rules(server) + f"""
+    rules = simple_rules(server) + """
   - name: embed
-    match: {{model: "text-embedding-*", endpoints: [embeddings]}}
+    match: {model: "text-embedding-*", endpoints: [embeddings]}
     pool: embed-pool
 """
     rules = rules.replace("pools:\n", 'pools:\n  embed-pool: {backends: [b0], model: "sim-embed"}\n')

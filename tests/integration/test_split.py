@@ -19,7 +19,6 @@ from typing import Any
 
 import aiohttp
 import openai
-import pytest
 
 from proxy.config.loader import load_rules
 from proxy.context import hash_api_key
