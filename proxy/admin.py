@@ -118,7 +118,7 @@ def add_admin_routes(app: web.Application) -> None:
 # ------------------------------------------------------------------------------------------ documents
 
 
-def _timestamp(at: float) -> str:
+def timestamp(at: float) -> str:
     return dt.datetime.fromtimestamp(at, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -127,7 +127,7 @@ def outcome_document(outcome: ReloadOutcome) -> dict[str, Any]:
         "result": outcome.result,
         "trigger": outcome.trigger,
         "generation": outcome.generation,
-        "at": _timestamp(outcome.at),
+        "at": timestamp(outcome.at),
         "duration_ms": round(outcome.duration * 1000, 3),
         "errors": list(outcome.errors),
     }
@@ -138,7 +138,7 @@ def rules_document(snapshot: Snapshot, reloader: Reloader) -> dict[str, Any]:
     last_error = reloader.last_error
     return {
         "generation": snapshot.generation,
-        "loaded_at": _timestamp(reloader.loaded_at),
+        "loaded_at": timestamp(reloader.loaded_at),
         "rules_dir": reloader.rules_dir,
         "watching": reloader.watching.is_set(),
         "files": [{"path": path, "sha256": digest} for path, digest in snapshot.files],
@@ -146,7 +146,7 @@ def rules_document(snapshot: Snapshot, reloader: Reloader) -> dict[str, Any]:
         "pools": [_pool(pool) for pool in snapshot.pools],
         "backends": [_backend(backend) for backend in snapshot.backends],
         "last_error": None if last_error is None else {
-            "at": _timestamp(last_error.at), "trigger": last_error.trigger, "errors": list(last_error.errors),
+            "at": timestamp(last_error.at), "trigger": last_error.trigger, "errors": list(last_error.errors),
         },
     }
 

@@ -1,6 +1,6 @@
 """Builds the aiohttp Application and wires the parts together; no request logic of its own.
 
-Background parts (rules watcher, upstream connection pool, health checks, store) start in
+Background parts (rules watcher, upstream connection pool, health checks, store, rollouts) start in
 `cleanup_ctx` generators and are closed after `yield`, so tests and `serve` share one lifecycle.
 """
 
@@ -18,6 +18,8 @@ from proxy.admin import ADMIN_ACCESS, RELOADER, AdminAccess, add_admin_routes, a
 from proxy.config.model import Snapshot
 from proxy.config.reloader import Reloader
 from proxy.context import CONTEXT, ProxyContext
+from proxy.delivery.controller import RolloutController, RolloutSettings
+from proxy.delivery.views import add_delivery_routes
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.pipeline import handler
@@ -77,6 +79,18 @@ def _store_lifecycle(store: OwnedStore) -> Callable[[web.Application], AsyncIter
     return lifecycle
 
 
+async def _rollouts(app: web.Application) -> AsyncIterator[None]:
+    controller = app[CONTEXT].rollouts
+    await controller.tick_logged()  # weights of every rollout are known before the first request
+    task = asyncio.create_task(controller.run(), name="splitstream-rollouts") if controller.tick_seconds else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await controller.close()
+
+
 def build_app(
     snapshot: Snapshot,
     metrics: Metrics | None = None,
@@ -87,12 +101,14 @@ def build_app(
     admin_token: str | None = None,
     rules_env: Mapping[str, str] | None = None,
     watch_rules: bool = True,
+    rollout_settings: RolloutSettings | None = None,
 ) -> web.Application:
     """The proxy app. `store` (default: embedded) is opened and closed with the app, which owns it.
 
     `rules_dir` is where `snapshot` came from: given, the app reloads from it on POST /admin/reload and,
     with `watch_rules`, whenever a rule file in it changes; `rules_env` is where reloads read `api_key_env`
-    values (default os.environ). `admin_token` defaults to SPLITSTREAM_ADMIN_TOKEN; '' = loopback-only."""
+    values (default os.environ). `admin_token` defaults to SPLITSTREAM_ADMIN_TOKEN; '' = loopback-only.
+    `rollout_settings`: the rollout controller's clock, tick, lease and replica id (tests drive ticks)."""
     context = ProxyContext(
         snapshot,
         metrics or Metrics(),
@@ -111,6 +127,9 @@ def build_app(
     owned = store if store is not None else MemoryStore()
     context.store = owned
     app.cleanup_ctx.append(_store_lifecycle(owned))
+    rollout_store = context.rollouts.store if isinstance(owned, MemoryStore) else owned
+    context.rollouts = RolloutController(context, rollout_store, rollout_settings or RolloutSettings())
+    app.cleanup_ctx.append(_rollouts)  # after the store: it starts once the store is open, stops before it closes
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, handler.inference)
     app.router.add_get("/v1/models", handler.list_models)
@@ -118,5 +137,6 @@ def build_app(
     app.router.add_get("/readyz", handler.readyz)
     app.router.add_get("/metrics", handler.metrics)
     add_admin_routes(app)
+    add_delivery_routes(app)  # /admin/rollouts, /admin/experiments, POST /v1/feedback
     add_ui_routes(app)  # /ui/ status pages and their JSON twins under /admin/
     return app

@@ -1,4 +1,4 @@
-"""Command line: `splitstream serve | check | sim-backend | load | demo` (also `python -m proxy`).
+"""Command line: `splitstream serve | check | sim-backend | load | demo | rollout` (also `python -m proxy`).
 
 Parses arguments and runs the matching coroutine on uvloop; the work itself lives in `app.py`,
 `config/loader.py` and `sim/runtime.py`. `serve` drains on SIGTERM: it stops accepting, lets requests
@@ -21,6 +21,8 @@ from aiohttp import web
 from proxy.admin import RELOADER
 from proxy.app import build_app
 from proxy.config.loader import RulesError, load_rules
+from proxy.delivery import client as rollout_client
+from proxy.delivery.state import OPERATOR_ACTIONS
 from proxy.observe.logs import configure_logging
 from proxy.sim import load
 from proxy.sim.runtime import SimConfig
@@ -74,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     clients.add_argument("--max-tokens", type=int, default=16)
     clients.add_argument("--seed", type=int, default=None)
 
+    rollout = commands.add_parser("rollout", help="show or steer a route's rollout via the admin API")
+    rollout.add_argument("action", choices=("status", *OPERATOR_ACTIONS))
+    rollout.add_argument("route", nargs="?", help="the route (status without one: every rollout)")
+    rollout.add_argument("--url", default=rollout_client.DEFAULT_URL, help="the proxy (default %(default)s)")
+    rollout.add_argument("--token", default=None, help="admin token (default: $SPLITSTREAM_ADMIN_TOKEN)")
+    rollout.add_argument("--json", action="store_true", help="print the admin API's JSON")
+
     demo = commands.add_parser("demo", help="two simulated runtimes and the proxy on the demo rules")
     demo.add_argument("--rules", default="rules")
     demo.add_argument("--port", type=int, default=8080)
@@ -103,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             users=args.users, stream_share=args.stream_share, repeat_share=args.repeat_share,
             max_tokens=args.max_tokens, seed=args.seed,
         ))))
+    if args.command == "rollout":
+        return rollout_client.run(args.action, args.route, args.url, args.token, args.json)
     if args.command == "demo":
         return uvloop.run(demo(args.rules, args.port))
     raise AssertionError(args.command)

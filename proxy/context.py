@@ -1,7 +1,7 @@
 """The parts one proxy process shares between requests, under a typed app key (aiohttp `AppKey`).
 
 `app.py` builds one `ProxyContext` and stores it under `CONTEXT`; handlers read it from there. It holds
-parts, not logic: rules holder, connection pool, backend state, metrics, request-id source.
+parts, not logic: rules holder, connection pool, backend state, metrics, request-id source, rollouts.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from proxy.config.model import RulesHolder, Snapshot
+from proxy.delivery.controller import RolloutController
+from proxy.delivery.weights import RolloutWeights
+from proxy.observe.feedback import FeedbackLedger
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.observe.stats import RequestStats
@@ -58,6 +61,7 @@ class ProxyContext:
     __slots__ = (
         "rules", "metrics", "access_log", "backends", "ids", "pool", "turns", "inflight", "client_key_hashes",
         "model_stats", "queue", "health", "store", "rng", "shadows", "cache", "cache_store", "stats",
+        "weights", "rollouts", "feedback",
     )
 
     def __init__(
@@ -69,7 +73,8 @@ class ProxyContext:
         self.backends = BackendStates()
         self.backends.sync(snapshot.backends)
         metrics.watch_backends(lambda: self.backends.samples(asyncio.get_running_loop().time()))
-        metrics.watch_rules(lambda: self.rules.current, lambda: self.queue.depths())
+        self.weights = RolloutWeights()  # effective split weights of routes with a rollout (hot path)
+        metrics.watch_rules(lambda: self.rules.current, lambda: self.queue.depths(), self.weights.variants_for)
         self.ids = RequestIds()
         self.pool: ConnectionPool | None = None
         self.turns: dict[str, int] = {}  # per-pool request counter for round_robin
@@ -84,7 +89,11 @@ class ProxyContext:
         self.cache_store: Store = MemoryStore(max_entries=CACHE_MAX_ENTRIES, max_bytes=CACHE_MAX_BYTES)
         self.cache = ResponseCache(self._cache_store, metrics)
         self.rng = random.Random()  # per-request split draws; tests seed it
-        self.stats = RequestStats()  # per-variant counters and recent samples (status pages)
+        self.stats = RequestStats()  # per-variant counters and recent samples (status pages, rollouts)
+        self.feedback = FeedbackLedger()  # request id -> variant, and client feedback scores per variant
+        # Rollout state: app.py gives it the configured store (Redis); embedded, it keeps its own small store,
+        # which sticky subjects filling the shared LRU can never evict.
+        self.rollouts = RolloutController(self, MemoryStore(max_entries=1024))
 
     def _cache_store(self) -> Store:
         return self.cache_store if isinstance(self.store, MemoryStore) else self.store

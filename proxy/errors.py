@@ -11,11 +11,17 @@ event after). Nothing else builds an error body.
     │   ├── BodyTooLargeError             413 ... / body_too_large
     │   ├── UnknownModelError             404 ... / model_not_found
     │   ├── UnknownPathError              404 ... / unknown_url
-    │   └── ReloadUnavailableError        409 ... / reload_unavailable  (app built without a rules dir)
+    │   ├── ReloadUnavailableError        409 ... / reload_unavailable  (app built without a rules dir)
+    │   ├── UnknownRouteError             404 ... / route_not_found  (A/B report of a route never seen)
+    │   ├── UnknownRolloutError           404 ... / rollout_not_found  (no such route, or it has no rollout)
+    │   ├── RolloutConflictError          409 ... / rollout_conflict  (e.g. resume a rollout that is not paused)
+    │   ├── InvalidFeedbackError          400 ... / invalid_feedback
+    │   └── UnknownRequestError           404 ... / request_not_found  (feedback for an id this process forgot)
     ├── ClientAuthError                   401 authentication_error / invalid_api_key
     ├── AdminAuthError                    401 authentication_error / invalid_admin_token
     │   └── AdminForbiddenError           403 permission_error / admin_loopback_only
     ├── OverloadedError                   429 rate_limit_error / overloaded  (+ Retry-After)
+    ├── RolloutUnavailableError           503 api_error / rollout_store_unavailable  (admin rollout actions)
     ├── StoreUnavailableError             internal: the caller falls back; never reaches a client
     └── UpstreamError                     502 api_error / upstream_error
         ├── BackendConnectError           502 ... / backend_unreachable     reason=connect
@@ -78,6 +84,40 @@ class UnknownPathError(InvalidRequestError):
 class ReloadUnavailableError(InvalidRequestError):
     status = 409
     code = "reload_unavailable"
+
+
+class UnknownRouteError(InvalidRequestError):
+    status = 404
+    code = "route_not_found"
+
+
+class UnknownRolloutError(InvalidRequestError):
+    status = 404
+    code = "rollout_not_found"
+
+
+class RolloutConflictError(InvalidRequestError):
+    """An operator action the rollout's status forbids (`delivery/state.py` has the table)."""
+
+    status = 409
+    code = "rollout_conflict"
+
+
+class InvalidFeedbackError(InvalidRequestError):
+    code = "invalid_feedback"
+
+
+class UnknownRequestError(InvalidRequestError):
+    status = 404
+    code = "request_not_found"
+
+
+class RolloutUnavailableError(SplitstreamError):
+    """The store holding rollout state did not answer, so an operator action could not be applied."""
+
+    status = 503
+    type = "api_error"
+    code = "rollout_store_unavailable"
 
 
 class ClientAuthError(SplitstreamError):

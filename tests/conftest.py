@@ -21,6 +21,7 @@ from proxy.app import build_app
 from proxy.config.loader import load_rules
 from proxy.config.reloader import Reloader
 from proxy.context import CONTEXT, ProxyContext
+from proxy.delivery.controller import RolloutSettings
 from proxy.sim.runtime import Pacer, SimConfig, SimRuntime
 from proxy.store import OwnedStore
 
@@ -99,13 +100,15 @@ async def proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Callable[.
     handles: list[ProxyHandle] = []
 
     async def make(rules_yaml: str, client_keys: list[str] | None = None, env: dict[str, str] | None = None,
-                   store: OwnedStore | None = None, admin_token: str = "", watch_rules: bool = True) -> ProxyHandle:
+                   store: OwnedStore | None = None, admin_token: str = "", watch_rules: bool = True,
+                   rollout_settings: RolloutSettings | None = None) -> ProxyHandle:
         rules_dir = tmp_path / f"rules{len(handles)}"
         rules_dir.mkdir()
         (rules_dir / "rules.yaml").write_text(rules_yaml)
         snapshot = load_rules(rules_dir, env=env or {}, generation=1)
         app = build_app(snapshot, client_keys=client_keys or [], store=store, rules_dir=rules_dir,
-                        admin_token=admin_token, rules_env=env or {}, watch_rules=watch_rules)
+                        admin_token=admin_token, rules_env=env or {}, watch_rules=watch_rules,
+                        rollout_settings=rollout_settings)
         server = await aiohttp_server(app)  # TestServer enables handler_cancellation itself
         handle = ProxyHandle(server, rules_dir)
         handles.append(handle)

@@ -32,6 +32,7 @@ from proxy.config.model import (
     Backend,
     CacheRule,
     Pool,
+    Rollout,
     Route,
     HealthSettings,
     ServerSettings,
@@ -62,6 +63,8 @@ MATCH_KEYS = allowed_keys("match")
 SPLIT_KEYS = allowed_keys("split")
 VARIANT_KEYS = allowed_keys("variant")
 STICKY_KEYS = allowed_keys("sticky")
+ROLLOUT_KEYS = allowed_keys("rollout")
+ROLLOUT_DEFAULTS = Rollout(candidate="", baseline="")
 STICKY_BY_FIXED = ("body:user", "api_key", "none")
 
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -820,12 +823,80 @@ def _build_route(entry: _Entry, ctx: _RouteContext) -> Route | None:
     runtime_load = _flag(reader, "runtime_load")
     shadows = _shadows(reader, ctx)
     cache_rule = _cache_rule(reader.mapping("cache"))
+    rollout = _rollout(reader, variants)
     if reader.failed or name is None or not models or not variants:
         return None
     return Route(name=name, models=models, model_pattern=_compile_models(models), endpoints=endpoints,
                  variants=variants, timeouts=timeouts, balance=balance, source=str(entry.loc),
                  retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky, shadows=shadows,
-                 cache=cache_rule)
+                 cache=cache_rule, rollout=rollout)
+
+
+def _rollout(reader: _Reader, variants: tuple[Variant, ...]) -> Rollout | None:
+    """`rollout: {candidate, baseline, steps, interval, ...}`: both names must be variants of the route's split."""
+    block = reader.mapping("rollout")
+    if block is None:
+        return None
+    block.check_keys(ROLLOUT_KEYS)
+    if reader.has("pool"):
+        reader.fail("rollout", "rollout needs a split (candidate and baseline variants), not a single pool")
+        return None
+    names = [variant.name for variant in variants]
+    candidate = _rollout_variant(block, "candidate", names)
+    baseline = _rollout_variant(block, "baseline", names)
+    if candidate is not None and candidate == baseline:
+        block.fail("baseline", "rollout.baseline must be another variant than rollout.candidate")
+    base = ROLLOUT_DEFAULTS
+    steps = _rollout_steps(block, base.steps)
+    interval = block.duration("interval", base.interval, positive=True)
+    min_requests = block.integer("min_requests", base.min_requests, minimum=1)
+    delta = block.number("max_error_rate_delta", base.max_error_rate_delta, minimum=0, inclusive=True)
+    if delta >= 1:
+        block.fail("max_error_rate_delta", f"rollout.max_error_rate_delta must be < 1, got {delta:g}")
+    p95 = block.number("max_p95_ratio", base.max_p95_ratio, minimum=1, inclusive=True)
+    ttft_p95 = block.number("max_ttft_p95_ratio", base.max_ttft_p95_ratio, minimum=1, inclusive=True)
+    confidence = block.number("confidence", base.confidence, minimum=0.5, inclusive=False)
+    if confidence >= 1:
+        block.fail("confidence", f"rollout.confidence must be < 1, got {confidence:g}")
+    if block.failed or candidate is None or baseline is None:
+        return None
+    fields = (candidate, baseline, steps, interval, min_requests, delta, p95, ttft_p95, confidence)
+    digest = hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+    return Rollout(candidate=candidate, baseline=baseline, steps=steps, interval=interval, min_requests=min_requests,
+                   max_error_rate_delta=delta, max_p95_ratio=p95, max_ttft_p95_ratio=ttft_p95, confidence=confidence,
+                   digest=digest)
+
+
+def _rollout_variant(block: _Reader, key: str, names: Sequence[str]) -> str | None:
+    name = block.text(key, required=True)
+    if name is not None and names and name not in names:
+        block.fail(key, f"rollout.{key} {name!r} is not a variant of this route's split "
+                        f"(variants: {', '.join(names)}){_suggest(name, names)}")
+        return None
+    return name
+
+
+def _rollout_steps(block: _Reader, default: tuple[float, ...]) -> tuple[float, ...]:
+    """Candidate percentages: numbers in (0, 100], strictly increasing, the last one 100."""
+    if not block.has("steps"):
+        return default
+    raw = block.get("steps")
+    if not isinstance(raw, _Seq) or not raw:
+        block.fail("steps", f"rollout.steps must be a non-empty list of percentages, got {_show(raw)}")
+        return default
+    steps: list[float] = []
+    for index, (item, line) in enumerate(zip(raw, raw.item_lines)):
+        if not _is_number(item) or not 0 < item <= 100:
+            block.errors.add(block.loc.at(line), f"{block.label}: rollout.steps[{index}] must be a percentage "
+                                                 f"in (0, 100], got {_show(item)}")
+        elif steps and item <= steps[-1]:
+            block.errors.add(block.loc.at(line), f"{block.label}: rollout.steps must increase, got {item:g} "
+                                                 f"after {steps[-1]:g}")
+        else:
+            steps.append(float(item))
+    if len(steps) == len(raw) and steps[-1] != 100:
+        block.fail("steps", f"rollout.steps must end at 100 (the candidate takes all traffic), got {steps[-1]:g}")
+    return tuple(steps)
 
 
 def _cache_rule(reader: _Reader | None) -> CacheRule | None:

@@ -111,6 +111,27 @@ class CacheRule:
 
 
 @dataclass(frozen=True, slots=True)
+class Rollout:
+    """Progressive delivery of one route's `candidate` variant against its `baseline` (`proxy/delivery/`).
+
+    While it runs the candidate takes `steps[i]` % of the route's traffic and the baseline the rest (other
+    variants 0), each step lasting at least `interval` seconds and passing the analysis (at `confidence`, on
+    at least `min_requests` per side) before the next. `digest` hashes these fields: it keys the rollout's
+    stored state, so editing the block starts a new rollout and editing anything else does not."""
+
+    candidate: str
+    baseline: str
+    steps: tuple[float, ...] = (1.0, 5.0, 25.0, 50.0, 100.0)  # candidate %, increasing, ending at 100
+    interval: float = 300.0
+    min_requests: int = 200
+    max_error_rate_delta: float = 0.01  # candidate error rate may exceed the baseline's by this much
+    max_p95_ratio: float = 1.2  # candidate p95 latency / baseline p95 beyond which "slower" fails
+    max_ttft_p95_ratio: float = 1.2
+    confidence: float = 0.95
+    digest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Which requests (model globs, optional endpoints) go to which variants, with what limits."""
 
@@ -127,6 +148,7 @@ class Route:
     shadows: tuple[Shadow, ...] = ()
     cache: CacheRule | None = None
     sticky: Sticky | None = None  # None: each request draws its variant by weight
+    rollout: Rollout | None = None  # weights come from the rollout's state while it exists
 
     def matches(self, model: str, endpoint: str) -> bool:
         if self.endpoints and endpoint not in self.endpoints:

@@ -7,7 +7,7 @@ error reason, token kind) — never a client-supplied string.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -17,7 +17,7 @@ from prometheus_client.exposition import choose_encoder
 from proxy.errors import SplitstreamError
 
 if TYPE_CHECKING:
-    from proxy.config.model import Snapshot
+    from proxy.config.model import Route, Snapshot, Variant
     from proxy.pipeline.compare import Comparison
 
 # LLM requests take from milliseconds (cache hits, embeddings) to minutes (long generations).
@@ -112,6 +112,15 @@ class Metrics:
             ("route", "variant", "source"), registry=r,
         )
         self._assignment_children: dict[tuple[str, str, str], Counter] = {}
+        self.rollout_step = Gauge(
+            "splitstream_rollout_step", "Candidate's share of its route's traffic (%) as this replica applies it.",
+            ("route",), registry=r,
+        )
+        self.rollout_transitions_total = Counter(
+            "splitstream_rollout_transitions_total",
+            "Rollout transitions: start, advance, hold, rollback, promote (analysis); pause, resume, abort (operator).",
+            ("route", "action"), registry=r,
+        )
 
     def for_request(self, route: str, variant: str, backend: str) -> RequestMetrics:
         """The labelled children for one (route, variant, backend): looked up once, reused per request."""
@@ -125,9 +134,11 @@ class Metrics:
         """Serve the upstream gauges from live backend state at scrape time: no per-request cost."""
         self.registry.register(BackendGauges(sample))
 
-    def watch_rules(self, current: Callable[[], Snapshot], depths: Callable[[], Mapping[str, int]]) -> None:
-        """Serve variant_weight and queue_waiting from the running rules and wait queue at scrape time."""
-        self.registry.register(RuleGauges(current, depths))
+    def watch_rules(self, current: Callable[[], Snapshot], depths: Callable[[], Mapping[str, int]],
+                    variants: Callable[[Route], Sequence[Variant]] | None = None) -> None:
+        """Serve variant_weight and queue_waiting from the running rules and wait queue at scrape time;
+        `variants` gives a route's variants with the weights in force (a rollout's), default the rules'."""
+        self.registry.register(RuleGauges(current, depths, variants or _configured_variants))
 
     def count_assignment(self, route: str, variant: str, source: str) -> None:
         """One split decision; children cached per label set (this runs on every split request)."""
@@ -188,6 +199,10 @@ class RequestMetrics:
         counter.inc()
 
 
+def _configured_variants(route: Route) -> Sequence[Variant]:
+    return route.variants
+
+
 # (backend name, requests in flight, predicted load, healthy)
 BackendSample = tuple[str, int, float, bool]
 
@@ -222,12 +237,14 @@ class BackendGauges:
 
 
 class RuleGauges:
-    """A custom collector: variant_weight (configured split weights, so dashboards can set the traffic share
+    """A custom collector: variant_weight (split weights in force, so dashboards can set the traffic share
     beside them) and queue_waiting (requests waiting per pool, 0 when none), read when scraped."""
 
-    def __init__(self, current: Callable[[], Snapshot], depths: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(self, current: Callable[[], Snapshot], depths: Callable[[], Mapping[str, int]],
+                 variants: Callable[[Route], Sequence[Variant]]) -> None:
         self._current = current
         self._depths = depths
+        self._variants = variants
 
     def describe(self) -> list[Metric]:
         return list(self._families())
@@ -236,7 +253,7 @@ class RuleGauges:
         weight, waiting = self._families()
         snapshot = self._current()
         for route in snapshot.routes:
-            for variant in route.variants:
+            for variant in self._variants(route):
                 weight.add_metric([route.name, variant.name], variant.weight)
         depths = dict(self._depths())
         for pool in snapshot.pools:
@@ -249,7 +266,8 @@ class RuleGauges:
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         return (
             GaugeMetricFamily(
-                "splitstream_variant_weight", "Configured split weight of each route variant (relative).",
+                "splitstream_variant_weight",
+                "Split weight of each route variant in force (relative): the rules', or a running rollout's.",
                 labels=["route", "variant"],
             ),
             GaugeMetricFamily(

@@ -7,6 +7,7 @@ whichever way it ended (answer, error, client gone).
 
 from __future__ import annotations
 
+from proxy.observe.feedback import FeedbackLedger
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics, status_class
 from proxy.observe.stats import RequestStats, is_error_status
@@ -47,14 +48,18 @@ class RequestRecord:
 
 
 def finish(
-    record: RequestRecord, metrics: Metrics, access_log: AccessLog, now: float, stats: RequestStats | None = None
+    record: RequestRecord, metrics: Metrics, access_log: AccessLog, now: float, stats: RequestStats | None = None,
+    feedback: FeedbackLedger | None = None,
 ) -> None:
-    """Write the request metrics, the per-variant statistics (status pages) and the access-log line."""
+    """Write the request metrics, the per-variant statistics (status pages, rollouts), the request's variant
+    for later feedback, and the access-log line."""
     duration = now - record.started
     if record.route is not NONE:
         if stats is not None:
             stats.record(record.route, record.variant, now, duration, record.ttft, is_error_status(record.status),
                          record.prompt_tokens, record.completion_tokens)
+        if feedback is not None:
+            feedback.remember(record.request_id, record.route, record.variant)
         children = metrics.for_request(record.route, record.variant, record.backend)
         children.count(record.status)
         children.duration.observe(duration)

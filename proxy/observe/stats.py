@@ -1,4 +1,4 @@
-"""Per-variant request statistics, for the status pages now and canary analysis later.
+"""Per-variant request statistics, for the status pages, rollout analysis and the A/B report.
 
 `RequestStats.record()` runs once per routed client request, from `observe/record.py` `finish()`: O(1),
 a few integer additions and one small tuple appended to a bounded ring — no sorting, no clock reads.
@@ -8,6 +8,7 @@ never pass through `finish()`, so they are never counted here.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -83,6 +84,15 @@ class VariantStats:
                 errors += failed
         return requests, errors
 
+    def tail(self, count: int) -> list[Sample]:
+        """The last `count` samples (fewer when the ring holds fewer), oldest first: a rollout step's requests
+        are the last (requests now - requests when the step began)."""
+        if count <= 0:
+            return []
+        found = list(itertools.islice(reversed(self.samples), count))
+        found.reverse()
+        return found
+
     def recent(self, since: float) -> list[Sample]:
         """The samples that ended at or after `since`, oldest first (the ring is in time order)."""
         found: list[Sample] = []
@@ -144,6 +154,10 @@ class RequestStats:
 
     def get(self, route: str, variant: str) -> VariantStats | None:
         return self._routes.get(route, {}).get(variant)
+
+    def variants(self, route: str) -> dict[str, VariantStats]:
+        """Every variant of `route` seen since start (a copy of the mapping, the live objects)."""
+        return dict(self._routes.get(route, {}))
 
     def routes(self) -> Iterator[str]:
         return iter(list(self._routes))

@@ -37,24 +37,29 @@ def find_subject(sticky: Sticky | None, headers: Mapping[str, str], view: Reques
     return hash_api_key(key) if scheme.lower() == "bearer" and key else None
 
 
-async def assign_variant(route: Route, subject: str | None, store: Store, rng: Random) -> tuple[Variant, str]:
+async def assign_variant(
+    route: Route, subject: str | None, store: Store, rng: Random, variants: tuple[Variant, ...] | None = None
+) -> tuple[Variant, str]:
     """(variant, source) where source is split.STICKY, split.NEW or split.FALLBACK.
 
-    Without sticky, or without a subject, each request draws by weight (source NEW, nothing stored)."""
+    `variants` are the route's with the weights in force (a rollout's), default the rules'. Without sticky,
+    or without a subject, each request draws by weight (source NEW, nothing stored)."""
     sticky = route.sticky
+    variants = route.variants if variants is None else variants
     if sticky is None or subject is None:
-        return split.draw(route.variants, rng.random()), split.NEW
+        return split.draw(variants, rng.random()), split.NEW
     digest = split.subject_digest(subject)
-    drawn = split.draw(route.variants, split.subject_unit(route.name, digest))
+    drawn = split.draw(variants, split.subject_unit(route.name, digest))
     key = split.sticky_key(route.name, digest)
     try:
         stored = await store.set_if_absent(key, drawn.name.encode(), sticky.ttl)
         if stored is None:
             return drawn, split.NEW
-        kept = split.kept_variant(route.variants, stored)
+        kept = split.kept_variant(variants, stored)
         if kept is not None:
             return kept, split.STICKY
-        # Its variant was removed or set to weight 0 by a reload: the subject takes today's draw.
+        # Its variant was removed or set to weight 0 (by a reload, or a rollout rolled back or promoted):
+        # the subject takes today's draw.
         await store.set(key, drawn.name.encode(), sticky.ttl)
         return drawn, split.NEW
     except StoreUnavailableError:

@@ -83,4 +83,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         record.status, record.error = internal.status, internal.code
         return error_response(internal, record)
     finally:
-        finish(record, context.metrics, context.access_log, loop_time(), context.stats)
+        finish(record, context.metrics, context.access_log, loop_time(), context.stats, context.feedback)

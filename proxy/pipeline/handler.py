@@ -71,11 +71,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 async def choose_variant(
     context: ProxyContext, route: Route, request: web.Request, view: request_view.RequestView
 ) -> Variant:
-    """The variant serving this request (policy: `pipeline/split.py`; store I/O: `pipeline/assignment.py`)."""
+    """The variant serving this request (policy: `pipeline/split.py`; store I/O: `pipeline/assignment.py`),
+    drawn with the weights in force: a running rollout's (`delivery/weights.py`), else the rules'."""
     if route.sticky is None and len(route.variants) == 1:
         return route.variants[0]  # a plain `pool:` route: nothing to decide, nothing to count
     subject = find_subject(route.sticky, request.headers, view)
-    variant, source = await assign_variant(route, subject, context.store, context.rng)
+    variants = context.weights.variants_for(route)
+    variant, source = await assign_variant(route, subject, context.store, context.rng, variants)
     context.metrics.count_assignment(route.name, variant.name, source)
     return variant
 

@@ -18,6 +18,7 @@ from prometheus_client import Counter
 from proxy.admin import rules_document
 from proxy.config.reloader import Reloader
 from proxy.context import ProxyContext
+from proxy.delivery.views import rollout_document
 from proxy.observe.stats import VariantSnapshot
 from proxy.upstream.state import BackendState
 
@@ -51,7 +52,8 @@ def _share(part: float, whole: float) -> float | None:
 
 def overview(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[str, Any]:
     """Rules (generation, load time, last rejected reload), then every route's variants: configured weight,
-    observed share since start, and the recent window's rate, error rate and latency percentiles."""
+    observed share since start, and the recent window's rate, error rate and latency percentiles; then the
+    rollouts and where they stand."""
     page = rules_document(context.rules.current, reloader)
     stats = context.stats
     configured = {route["name"] for route in page["routes"]}
@@ -83,8 +85,23 @@ def overview(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[
     page["routes"] = routes
     page["totals"] = dict(totals, error_rate=_share(totals["window_errors"], totals["window_requests"]),
                           window_seconds=window)
+    page["rollouts"] = rollouts(context)
     page["now"] = iso(clocks.wall)
     return page
+
+
+def rollouts(context: ProxyContext) -> list[dict[str, Any]]:
+    """Every rollout of the running rules as this replica last read it (no store I/O while rendering), with
+    its latest decision."""
+    rows = []
+    for route in context.rules.current.routes:
+        if route.rollout is None:
+            continue
+        row = rollout_document(route, context.weights.state_of(route.name))
+        row["last"] = row["history"][-1] if row["history"] else None
+        row["history"] = row["history"][-5:]
+        rows.append(row)
+    return rows
 
 
 def _variant_numbers(snap: VariantSnapshot | None, route_requests: int) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 Processes as operators run them: three `splitstream sim-backend` runtimes (stable: instant; canary: 300 ms
 to first token and half its answers 500; shadow candidate), two `splitstream serve` replicas on the same
-rules (split, shadow, cache), `prometheus` scraping both every second with dashboards/alerts.yml loaded, and
-`splitstream load` sending a mixed load (sticky subjects, streams, repeated temperature-0 prompts). One stack
-per module; waiting for Prometheus to have scraped is bounded polling of its HTTP API.
+rules (split, shadow, cache, a rollout), `prometheus` scraping both every second with dashboards/alerts.yml
+loaded, and `splitstream load` sending a mixed load (sticky subjects, streams, repeated temperature-0
+prompts). One stack per module; waiting for Prometheus to have scraped is bounded polling of its HTTP API.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ routes:
     shadow: [{{pool: next, sample: 1.0, max_queue: 1000}}]
     cache: {{ttl: 10m}}
     retry: {{attempts: 1}}
+    # Holds at its first step (50/50, as the weights say) for the whole test: the rollout series exist.
+    rollout: {{candidate: canary, baseline: stable, steps: [50, 100], interval: 1h, min_requests: 1000000}}
 """
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from proxy.config.durations import parse_duration, parse_size
 from proxy.config.loader import RulesError, _glob_covers, load_rules
-from proxy.config.model import Backend, Pool, ServerSettings, Snapshot, Timeouts, Variant
+from proxy.config.model import Backend, Pool, Rollout, ServerSettings, Snapshot, Timeouts, Variant
 
 BASE = """\
 backends:
@@ -73,7 +74,7 @@ VALID = {
             balance: round_robin
             shadow: [{pool: mixed, sample: 0.05}]
             cache: {ttl: 1h}
-            rollout: {anything: [goes, here]}
+            rollout: {candidate: canary, baseline: stable, steps: [10, 100], interval: 10m}
         """,
     "30-more.yaml": """\
         routes:
@@ -117,6 +118,10 @@ def test_valid_set_loads_into_expected_snapshot(valid_dir: Path) -> None:
     assert canary.variants == (Variant("stable", stable, 90.0), Variant("canary", mixed, 10.0))
     assert canary.balance == "round_robin"
     assert canary.timeouts == Timeouts(connect=0.5, first_token=60.0, idle=30.0, total=300.0)
+    assert canary.rollout is not None and len(canary.rollout.digest) == 16
+    assert replace(canary.rollout, digest="") == Rollout(candidate="canary", baseline="stable", steps=(10.0, 100.0),
+                                                         interval=600.0)
+    assert chat.rollout is None
     assert embed.source == f"{valid_dir}/30-more.yaml:2"
 
 

@@ -37,7 +37,7 @@ def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
         ("TOP_KEYS", None), ("SERVER_KEYS", "server"), ("DEFAULTS_KEYS", "defaults"), ("HEALTH_KEYS", "health"),
         ("TIMEOUT_KEYS", "timeouts"), ("BACKEND_KEYS", "backend"), ("POOL_KEYS", "pool"), ("ROUTE_KEYS", "route"),
         ("MATCH_KEYS", "match"), ("SPLIT_KEYS", "split"), ("VARIANT_KEYS", "variant"), ("STICKY_KEYS", "sticky"),
-        ("RETRY_KEYS", "retry"), ("SHADOW_KEYS", "shadow"), ("CACHE_KEYS", "cache"),
+        ("RETRY_KEYS", "retry"), ("SHADOW_KEYS", "shadow"), ("CACHE_KEYS", "cache"), ("ROLLOUT_KEYS", "rollout"),
     ],
 )
 def test_key_sets_are_the_loaders(constant: str, definition: str | None) -> None:
@@ -48,7 +48,7 @@ def test_every_loader_key_set_is_covered() -> None:
     """A new `*_KEYS` constant in the loader needs its schema definition (and a row above)."""
     covered = {"TOP_KEYS", "SERVER_KEYS", "DEFAULTS_KEYS", "HEALTH_KEYS", "TIMEOUT_KEYS", "BACKEND_KEYS",
                "POOL_KEYS", "ROUTE_KEYS", "MATCH_KEYS", "SPLIT_KEYS", "VARIANT_KEYS", "STICKY_KEYS", "RETRY_KEYS",
-               "SHADOW_KEYS", "CACHE_KEYS"}
+               "SHADOW_KEYS", "CACHE_KEYS", "ROLLOUT_KEYS"}
     assert {name for name in vars(loader) if name.endswith("_KEYS")} == covered
 
 
