@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config.durations import parse_duration, parse_size
-from proxy.config.loader import RulesError, _glob_covers, load_rules
+from proxy.config.globs import glob_covers
+from proxy.config.loader import RulesError, load_rules
 from proxy.config.model import Backend, Pool, Rollout, ServerSettings, Snapshot, Timeouts, Variant
 
 BASE = """\
@@ -762,7 +763,7 @@ def test_not_flagged_when_later_route_can_still_match(tmp_path: Path, first: str
     ],
 )
 def test_glob_covers(outer: str, inner: str, covers: bool) -> None:
-    assert _glob_covers(outer, inner) is covers
+    assert glob_covers(outer, inner) is covers
 
 
 # ---------------------------------------------------------------------------------------- durations

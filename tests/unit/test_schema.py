@@ -12,7 +12,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from proxy.config import loader
+from proxy.config import keys as loader  # the key sets the loader and its builders check against
 from proxy.config.model import BACKEND_KINDS, BALANCE_POLICIES, ENDPOINTS
 from proxy.config.schema import RULES_SCHEMA, allowed_keys
 from tests.unit.test_loader import BASE, BROKEN, NOT_SHADOWED, VALID

@@ -1,0 +1,366 @@
+"""Building routes from their rule-file entries: match, pool or split, sticky, timeouts, retry, shadows,
+cache and rollout, each validated with file:line messages and resolved against the defined pools.
+Called by `config/loader.py`; glob shadowing between routes is `config/globs.py`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from proxy.config.durations import parse_size
+from proxy.config.keys import (
+    CACHE_KEYS,
+    DEFAULT_RETRY_ATTEMPTS,
+    MATCH_KEYS,
+    RETRY_KEYS,
+    ROLLOUT_DEFAULTS,
+    ROLLOUT_KEYS,
+    ROUTE_KEYS,
+    SHADOW_DEFAULTS,
+    SHADOW_KEYS,
+    SPLIT_KEYS,
+    STICKY_BY_FIXED,
+    STICKY_KEYS,
+    VARIANT_KEYS,
+)
+from proxy.config.model import (
+    BALANCE_POLICIES,
+    DEFAULT_STICKY_TTL,
+    ENDPOINTS,
+    CacheRule,
+    Pool,
+    Rollout,
+    Route,
+    Shadow,
+    Sticky,
+    Timeouts,
+    Variant,
+)
+from proxy.config.sections import reference, timeouts_from
+from proxy.config.yamlread import (
+    Entry,
+    Errors,
+    Loc,
+    Map,
+    Reader,
+    Seq,
+    is_number,
+    read_mapping,
+    show,
+    suggest,
+)
+
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+@dataclass(slots=True)
+class RouteContext:
+    """What every route is resolved against."""
+
+    pools: Mapping[str, Pool | None]
+    timeouts: Timeouts
+    balance: str
+    errors: Errors
+    seen: dict[str, Loc] = field(default_factory=dict)
+
+
+def _route_label(value: object) -> str:
+    name = value.get("name") if isinstance(value, Map) else None
+    return f"route {name!r}" if isinstance(name, str) and name.strip() else "route"
+
+
+def _route_name(reader: Reader, entry: Entry, seen: dict[str, Loc]) -> str | None:
+    name = reader.text("name", required=True)
+    if name is None:
+        return None
+    if name in seen:
+        reader.errors.add(reader.at("name"), f"duplicate route {name!r} (first defined at {seen[name]})")
+        return None
+    seen[name] = entry.loc
+    return name
+
+
+def _match_models(reader: Reader) -> tuple[str, ...]:
+    if not reader.has("model"):
+        reader.fail("model", "match.model is required")
+        return ()
+    raw = reader.get("model")
+    models = (raw,) if isinstance(raw, str) else tuple(raw) if isinstance(raw, Seq) else ()
+    if not models or not all(isinstance(m, str) and m.strip() for m in models):
+        reader.fail("model", f"match.model must be a model name or glob, or a non-empty list of them, "
+                             f"got {show(raw)}")
+        return ()
+    return models
+
+
+def _match_endpoints(reader: Reader) -> tuple[str, ...]:
+    if not reader.has("endpoints"):
+        return ()
+    raw = reader.get("endpoints")
+    if not isinstance(raw, Seq) or not raw:
+        reader.fail("endpoints", f"match.endpoints must be a non-empty list of {', '.join(ENDPOINTS)} "
+                                 f"(omit it to match every endpoint), got {show(raw)}")
+        return ()
+    for endpoint in raw:
+        if endpoint not in ENDPOINTS:
+            hint = suggest(endpoint, ENDPOINTS) if isinstance(endpoint, str) else ""
+            reader.fail("endpoints", f"match.endpoints: unknown endpoint {show(endpoint)}{hint}, "
+                                     f"expected one of {', '.join(ENDPOINTS)}")
+    return tuple(dict.fromkeys(e for e in raw if e in ENDPOINTS))
+
+
+def _match(reader: Reader) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if not reader.has("match"):
+        reader.fail("match", "match is required (at least match.model)")
+        return (), ()
+    match = reader.mapping("match")
+    if match is None:
+        return (), ()
+    match.check_keys(MATCH_KEYS)
+    return _match_models(match), _match_endpoints(match)
+
+
+def _pool_ref(reader: Reader, key: str, ctx: RouteContext) -> Pool | None:
+    name = reader.text(key, required=True)
+    if name is None or not reference(reader, key, "pool", name, ctx.pools):
+        return None
+    return ctx.pools[name]
+
+
+def _variant(item: object, line: int, reader: Reader, ctx: RouteContext, names: set[str]) -> Variant | None:
+    loc = reader.loc.at(line)
+    variant = read_mapping(item, f"{reader.label} split variant", loc, ctx.errors, " with name, pool, weight")
+    if variant is None:
+        return None
+    name = variant.text("name", required=True)
+    if name is not None:
+        variant.label = f"{reader.label} variant {name!r}"
+        if name in names:
+            variant.fail("name", "name is used twice in this split")
+        names.add(name)
+    variant.check_keys(VARIANT_KEYS)
+    pool = _pool_ref(variant, "pool", ctx)
+    weight = variant.number("weight", 1.0, minimum=0, inclusive=True)
+    if variant.failed or pool is None or name is None:
+        return None
+    return Variant(name=name, pool=pool, weight=weight)
+
+
+def _sticky(reader: Reader | None) -> Sticky | None:
+    """`split.sticky` as the snapshot holds it; None for `by: none`, an absent block, or an invalid one."""
+    if reader is None:
+        return None
+    reader.check_keys(STICKY_KEYS)
+    by = reader.text("by", required=True)
+    header = None
+    if by is not None and by not in STICKY_BY_FIXED:
+        header = by[len("header:"):] if by.startswith("header:") else None
+        if header is None or not _HEADER_TOKEN.fullmatch(header):
+            choices = "'header:NAME', " + ", ".join(repr(c) for c in STICKY_BY_FIXED)
+            reader.fail("by", f"split.sticky.by must be one of {choices}, got {by!r}")
+    ttl = reader.duration("ttl", DEFAULT_STICKY_TTL, positive=True)
+    if reader.failed or by is None or by == "none":
+        return None
+    if header is not None:
+        return Sticky(by="header", header=header.lower(), ttl=ttl)
+    return Sticky(by="user" if by == "body:user" else "api_key", ttl=ttl)
+
+
+def _route_sticky(reader: Reader) -> Sticky | None:
+    """The route's `split.sticky`; a `split` that is not a mapping was already reported by `_split`."""
+    split = reader.get("split")
+    if not isinstance(split, Map):
+        return None
+    return _sticky(Reader(split, reader.label, reader.loc, reader.errors, "split.").mapping("sticky"))
+
+
+def _split(reader: Reader, ctx: RouteContext) -> tuple[Variant, ...]:
+    split = reader.mapping("split")
+    if split is None:
+        return ()
+    split.check_keys(SPLIT_KEYS)
+    raw = split.get("variants")
+    if not isinstance(raw, Seq) or not raw:
+        got = "nothing" if not split.has("variants") else show(raw)
+        split.fail("variants", f"split.variants must be a non-empty list, got {got}")
+        return ()
+    names: set[str] = set()
+    built = [_variant(item, line, reader, ctx, names) for item, line in zip(raw, raw.item_lines)]
+    variants = tuple(v for v in built if v is not None)
+    if len(variants) < len(built):  # a broken variant (or its pool) was reported; never a partial split
+        return ()
+    if all(v.weight == 0 for v in variants):
+        split.fail("variants", "split weights are all 0 (at least one variant needs a weight > 0)")
+    return variants
+
+
+def _variants(reader: Reader, ctx: RouteContext) -> tuple[Variant, ...]:
+    has_pool, has_split = reader.has("pool"), reader.has("split")
+    if has_pool == has_split:
+        got = "both" if has_pool else "neither"
+        reader.fail("pool" if has_pool else "name", f"needs exactly one of 'pool' or 'split', got {got}")
+        return ()
+    if has_split:
+        return _split(reader, ctx)
+    pool = _pool_ref(reader, "pool", ctx)
+    return (Variant(name=pool.name, pool=pool, weight=1.0),) if pool is not None else ()
+
+
+def _compile_models(models: Sequence[str]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(glob)})" for glob in models))
+
+
+def build_route(entry: Entry, ctx: RouteContext) -> Route | None:
+    label = _route_label(entry.value)
+    reader = read_mapping(entry.value, label, entry.loc, ctx.errors, " with name, match, and pool or split")
+    if reader is None:
+        return None
+    reader.check_keys(ROUTE_KEYS)
+    name = _route_name(reader, entry, ctx.seen)
+    models, endpoints = _match(reader)
+    variants = _variants(reader, ctx)
+    sticky = _route_sticky(reader)
+    balance = reader.choice("balance", ctx.balance, BALANCE_POLICIES)
+    timeouts = timeouts_from(reader.mapping("timeouts"), ctx.timeouts)
+    attempts = _retry_attempts(reader.mapping("retry"))
+    runtime_load = flag(reader, "runtime_load")
+    shadows = _shadows(reader, ctx)
+    cache_rule = _cache_rule(reader.mapping("cache"))
+    rollout = _rollout(reader, variants)
+    if reader.failed or name is None or not models or not variants:
+        return None
+    return Route(name=name, models=models, model_pattern=_compile_models(models), endpoints=endpoints,
+                 variants=variants, timeouts=timeouts, balance=balance, source=str(entry.loc),
+                 retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky, shadows=shadows,
+                 cache=cache_rule, rollout=rollout)
+
+
+def _rollout(reader: Reader, variants: tuple[Variant, ...]) -> Rollout | None:
+    """`rollout: {candidate, baseline, steps, interval, ...}`: both names must be variants of the route's split."""
+    block = reader.mapping("rollout")
+    if block is None:
+        return None
+    block.check_keys(ROLLOUT_KEYS)
+    if reader.has("pool"):
+        reader.fail("rollout", "rollout needs a split (candidate and baseline variants), not a single pool")
+        return None
+    names = [variant.name for variant in variants]
+    candidate = _rollout_variant(block, "candidate", names)
+    baseline = _rollout_variant(block, "baseline", names)
+    if candidate is not None and candidate == baseline:
+        block.fail("baseline", "rollout.baseline must be another variant than rollout.candidate")
+    base = ROLLOUT_DEFAULTS
+    steps = _rollout_steps(block, base.steps)
+    interval = block.duration("interval", base.interval, positive=True)
+    min_requests = block.integer("min_requests", base.min_requests, minimum=1)
+    delta = block.number("max_error_rate_delta", base.max_error_rate_delta, minimum=0, inclusive=True)
+    if delta >= 1:
+        block.fail("max_error_rate_delta", f"rollout.max_error_rate_delta must be < 1, got {delta:g}")
+    p95 = block.number("max_p95_ratio", base.max_p95_ratio, minimum=1, inclusive=True)
+    ttft_p95 = block.number("max_ttft_p95_ratio", base.max_ttft_p95_ratio, minimum=1, inclusive=True)
+    confidence = block.number("confidence", base.confidence, minimum=0.5, inclusive=False)
+    if confidence >= 1:
+        block.fail("confidence", f"rollout.confidence must be < 1, got {confidence:g}")
+    if block.failed or candidate is None or baseline is None:
+        return None
+    fields = (candidate, baseline, steps, interval, min_requests, delta, p95, ttft_p95, confidence)
+    digest = hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+    return Rollout(candidate=candidate, baseline=baseline, steps=steps, interval=interval, min_requests=min_requests,
+                   max_error_rate_delta=delta, max_p95_ratio=p95, max_ttft_p95_ratio=ttft_p95, confidence=confidence,
+                   digest=digest)
+
+
+def _rollout_variant(block: Reader, key: str, names: Sequence[str]) -> str | None:
+    name = block.text(key, required=True)
+    if name is not None and names and name not in names:
+        block.fail(key, f"rollout.{key} {name!r} is not a variant of this route's split "
+                        f"(variants: {', '.join(names)}){suggest(name, names)}")
+        return None
+    return name
+
+
+def _rollout_steps(block: Reader, default: tuple[float, ...]) -> tuple[float, ...]:
+    """Candidate percentages: numbers in (0, 100], strictly increasing, the last one 100."""
+    if not block.has("steps"):
+        return default
+    raw = block.get("steps")
+    if not isinstance(raw, Seq) or not raw:
+        block.fail("steps", f"rollout.steps must be a non-empty list of percentages, got {show(raw)}")
+        return default
+    steps: list[float] = []
+    for index, (item, line) in enumerate(zip(raw, raw.item_lines)):
+        if not is_number(item) or not 0 < item <= 100:
+            block.errors.add(block.loc.at(line), f"{block.label}: rollout.steps[{index}] must be a percentage "
+                                                 f"in (0, 100], got {show(item)}")
+        elif steps and item <= steps[-1]:
+            block.errors.add(block.loc.at(line), f"{block.label}: rollout.steps must increase, got {item:g} "
+                                                 f"after {steps[-1]:g}")
+        else:
+            steps.append(float(item))
+    if len(steps) == len(raw) and steps[-1] != 100:
+        block.fail("steps", f"rollout.steps must end at 100 (the candidate takes all traffic), got {steps[-1]:g}")
+    return tuple(steps)
+
+
+def _cache_rule(reader: Reader | None) -> CacheRule | None:
+    """`cache: {ttl, max_entry_bytes, shared}`; ttl is required (an entry must expire)."""
+    if reader is None:
+        return None
+    reader.check_keys(CACHE_KEYS)
+    if not reader.has("ttl"):
+        reader.fail("ttl", "cache.ttl is required")
+    default = CacheRule(ttl=1.0)
+    ttl = reader.duration("ttl", default.ttl, positive=True)
+    max_bytes = default.max_entry_bytes
+    if reader.has("max_entry_bytes"):
+        try:
+            max_bytes = parse_size(reader.get("max_entry_bytes"))
+        except ValueError as exc:
+            reader.fail("max_entry_bytes", f"cache.max_entry_bytes: {exc}")
+    shared = flag(reader, "shared")
+    return CacheRule(ttl=ttl, max_entry_bytes=max_bytes, shared=shared)
+
+
+def _shadows(reader: Reader, ctx: RouteContext) -> tuple[Shadow, ...]:
+    """`shadow: [{pool, sample, max_concurrency, max_queue}, ...]`: each pool mirrored at most once."""
+    if not reader.has("shadow"):
+        return ()
+    items = reader.get("shadow")
+    if not isinstance(items, Seq):
+        reader.fail("shadow", f"shadow must be a list of {{pool, sample}} entries, got {show(items)}")
+        return ()
+    shadows: list[Shadow] = []
+    for item, line in zip(items, items.item_lines):
+        entry = read_mapping(item, f"{reader.label} shadow", reader.loc.at(line), ctx.errors, " with pool and sample")
+        if entry is None:
+            continue
+        entry.check_keys(SHADOW_KEYS)
+        pool = _pool_ref(entry, "pool", ctx)
+        sample = entry.number("sample", 1.0, minimum=0, inclusive=True)
+        if sample > 1:
+            entry.fail("sample", f"sample must be between 0 and 1, got {show(entry.get('sample'))}")
+        concurrency = entry.integer("max_concurrency", SHADOW_DEFAULTS.max_concurrency, minimum=1)
+        queue = entry.integer("max_queue", SHADOW_DEFAULTS.max_queue, minimum=0)
+        if pool is not None and any(s.pool.name == pool.name for s in shadows):
+            entry.fail("pool", f"pool {pool.name!r} is mirrored twice")
+        elif pool is not None and not entry.failed:
+            shadows.append(Shadow(pool=pool, sample=sample, max_concurrency=concurrency, max_queue=queue))
+    return tuple(shadows)
+
+
+def _retry_attempts(reader: Reader | None) -> int:
+    if reader is None:
+        return DEFAULT_RETRY_ATTEMPTS
+    reader.check_keys(RETRY_KEYS)
+    return reader.integer("attempts", DEFAULT_RETRY_ATTEMPTS, minimum=1)
+
+
+def flag(reader: Reader, key: str) -> bool:
+    value = reader.get(key, False)
+    if not isinstance(value, bool):
+        reader.fail(key, f"{reader.name(key)} must be true or false, got {show(value)}")
+        return False
+    return value

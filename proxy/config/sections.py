@@ -1,0 +1,236 @@
+"""Building the snapshot's settings, backends and pools from their rule-file entries.
+
+Each builder validates one entry through a `Reader` (every problem recorded as file:line, defaults used so
+validation goes on) and returns the frozen model object, or None when the entry was invalid.
+Called by `config/loader.py`; routes are `config/routes.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from urllib.parse import SplitResult, urlsplit
+
+from proxy.config.durations import parse_size
+from proxy.config.keys import (
+    BACKEND_KEYS,
+    DEFAULTS_KEYS,
+    HEALTH_KEYS,
+    POOL_KEYS,
+    SERVER_KEYS,
+    TIMEOUT_KEYS,
+)
+from proxy.config.model import (
+    BACKEND_KINDS,
+    BALANCE_POLICIES,
+    Backend,
+    HealthSettings,
+    Pool,
+    ServerSettings,
+    Timeouts,
+)
+from proxy.config.yamlread import Entry, Errors, Reader, Seq, read_mapping, show, suggest
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# ----------------------------------------------------------------------------- server and defaults
+
+
+def build_server(entry: Entry | None, errors: Errors) -> ServerSettings:
+    base = ServerSettings()
+    if entry is None:
+        return base
+    reader = read_mapping(entry.value, "server", entry.loc, errors, "")
+    if reader is None:
+        return base
+    reader.check_keys(SERVER_KEYS)
+    return ServerSettings(
+        max_body_bytes=_body_limit(reader, base.max_body_bytes),
+        max_inflight=reader.integer("max_inflight", base.max_inflight, minimum=1),
+        drain_timeout=reader.duration("drain_timeout", base.drain_timeout, positive=False),
+        max_queue=reader.integer("max_queue", base.max_queue, minimum=0),
+    )
+
+
+def build_health(entry: Entry | None, errors: Errors) -> HealthSettings:
+    base = HealthSettings()
+    if entry is None:
+        return base
+    reader = read_mapping(entry.value, "health", entry.loc, errors, "")
+    if reader is None:
+        return base
+    reader.check_keys(HEALTH_KEYS)
+    return HealthSettings(
+        interval=reader.duration("interval", base.interval, positive=True),
+        unhealthy_interval=reader.duration("unhealthy_interval", base.unhealthy_interval, positive=True),
+        timeout=reader.duration("timeout", base.timeout, positive=True),
+        failures=reader.integer("failures", base.failures, minimum=1),
+        ejection=reader.duration("ejection", base.ejection, positive=True),
+        max_ejection=reader.duration("max_ejection", base.max_ejection, positive=True),
+    )
+
+
+def _body_limit(reader: Reader, default: int) -> int:
+    if not reader.has("max_body_bytes"):
+        return default
+    raw = reader.get("max_body_bytes")
+    try:
+        size = parse_size(raw)
+    except ValueError as exc:
+        reader.fail("max_body_bytes", f"max_body_bytes: {exc}")
+        return default
+    if size <= 0:
+        reader.fail("max_body_bytes", f"max_body_bytes must be > 0, got {show(raw)}")
+        return default
+    return size
+
+
+def build_defaults(entry: Entry | None, errors: Errors) -> tuple[Timeouts, str]:
+    if entry is None:
+        return Timeouts(), BALANCE_POLICIES[0]
+    reader = read_mapping(entry.value, "defaults", entry.loc, errors, "")
+    if reader is None:
+        return Timeouts(), BALANCE_POLICIES[0]
+    reader.check_keys(DEFAULTS_KEYS)
+    timeouts = timeouts_from(reader.mapping("timeouts"), Timeouts())
+    return timeouts, reader.choice("balance", BALANCE_POLICIES[0], BALANCE_POLICIES)
+
+
+def timeouts_from(reader: Reader | None, base: Timeouts) -> Timeouts:
+    """`base` with the phases `reader` names replaced (partial override)."""
+    if reader is None:
+        return base
+    reader.check_keys(TIMEOUT_KEYS)
+    overrides = {
+        key: reader.duration(key, getattr(base, key), positive=True) for key in TIMEOUT_KEYS if reader.has(key)
+    }
+    return replace(base, **overrides)
+
+
+# ------------------------------------------------------------------------------------------ backends
+
+
+@dataclass(frozen=True, slots=True)
+class _Url:
+    url: str
+    host: str
+    port: int
+    base_path: str
+
+
+def _parse_url(raw: object) -> _Url:
+    """The parts of an http:// backend URL; ValueError says what is wrong with it."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"must be a string like 'http://127.0.0.1:8000', got {show(raw)}")
+    text = raw.strip()
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme == "https":
+        raise ValueError(f"{text!r} uses https, which is not supported yet (use http://)")
+    if scheme != "http" or not text.lower().startswith("http://"):
+        raise ValueError(f"{text!r} must start with http://")
+    if any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} must not contain spaces")
+    if "?" in text or "#" in text:
+        raise ValueError(f"{text!r} must not have a query or fragment")
+    if "@" in parts.netloc:
+        raise ValueError(f"{text!r} must not contain credentials (use api_key_env)")
+    if not parts.hostname:
+        raise ValueError(f"{text!r} has no host")
+    return _Url(url=text.rstrip("/"), host=parts.hostname, port=_url_port(parts, text),
+                base_path=parts.path.rstrip("/"))
+
+
+def _url_port(parts: SplitResult, text: str) -> int:
+    try:
+        port = parts.port  # a property that raises on a non-numeric or out-of-range port
+    except ValueError:
+        port = 0
+    if port is None:
+        return 80
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r} has an invalid port")
+    return port
+
+
+def _backend_url(reader: Reader) -> _Url | None:
+    if not reader.has("url"):
+        reader.fail("url", "url is required")
+        return None
+    try:
+        return _parse_url(reader.get("url"))
+    except ValueError as exc:
+        reader.fail("url", f"url {exc}")
+        return None
+
+
+def _api_key(reader: Reader, env: Mapping[str, str]) -> str | None:
+    if not reader.has("api_key_env"):
+        return None
+    name = reader.get("api_key_env")
+    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+        reader.fail("api_key_env", f"api_key_env must be the name of an environment variable, got {show(name)}")
+        return None
+    if name not in env:
+        reader.fail("api_key_env", f"api_key_env {name!r} is not set")
+        return None
+    if not env[name].strip():
+        reader.fail("api_key_env", f"api_key_env {name!r} is set but empty")
+        return None
+    return env[name].strip()
+
+
+def build_backend(entry: Entry, env: Mapping[str, str], errors: Errors) -> Backend | None:
+    label = f"backend {entry.name!r}"
+    reader = read_mapping(entry.value, label, entry.loc, errors, " with at least 'url'")
+    if reader is None:
+        return None
+    reader.check_keys(BACKEND_KEYS)
+    url = _backend_url(reader)
+    kind = reader.choice("kind", "openai", BACKEND_KINDS)
+    weight = reader.number("weight", 1.0, minimum=0, inclusive=False)
+    max_inflight = reader.integer("max_inflight", 0, minimum=0)
+    api_key = _api_key(reader, env)
+    if url is None or reader.failed:
+        return None
+    return Backend(name=entry.name, url=url.url, host=url.host, port=url.port, base_path=url.base_path,
+                   kind=kind, weight=weight, max_inflight=max_inflight, api_key=api_key)
+
+
+# --------------------------------------------------------------------------------------------- pools
+
+
+def reference(reader: Reader, key: str, kind: str, name: str, known: Mapping[str, object]) -> bool:
+    """Whether `name` is defined (a defined-but-invalid one counts: its own error already explains)."""
+    if name in known:
+        return True
+    reader.fail(key, f"{kind} {name!r} is not defined{suggest(name, known)}")
+    return False
+
+
+def _pool_members(reader: Reader, backends: Mapping[str, Backend | None]) -> list[Backend | None]:
+    raw = reader.get("backends")
+    if not isinstance(raw, Seq) or not raw or not all(isinstance(n, str) and n for n in raw):
+        got = "nothing" if "backends" not in reader.data else show(raw)
+        reader.fail("backends", f"backends must be a non-empty list of backend names, got {got}")
+        return []
+    members: list[Backend | None] = []
+    for position, name in enumerate(raw):
+        if name in raw[:position]:
+            reader.fail("backends", f"backend {name!r} is listed twice")
+        elif reference(reader, "backends", "backend", name, backends):
+            members.append(backends[name])
+    return members
+
+
+def build_pool(entry: Entry, backends: Mapping[str, Backend | None], errors: Errors) -> Pool | None:
+    reader = read_mapping(entry.value, f"pool {entry.name!r}", entry.loc, errors, " with 'backends'")
+    if reader is None:
+        return None
+    reader.check_keys(POOL_KEYS)
+    members = _pool_members(reader, backends)
+    model = reader.text("model", required=False) if reader.get("model") is not None else None
+    if reader.failed or not members or any(m is None for m in members):
+        return None
+    return Pool(name=entry.name, backends=tuple(m for m in members if m is not None), model=model)
