@@ -3,42 +3,24 @@
 Integration tests, the demo and the benchmarks need an upstream with real wire behaviour (SSE framing,
 batch queueing, mid-stream crashes, client-disconnect cancellation) and controllable timing. With
 `ttft_ms=0, tokens_per_second=0` it never sleeps, so the per-request path is kept lean for benchmarks.
+This module owns timing, batching, failures and HTTP; the wire shapes are `sim/protocol.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import math
 import random
-import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
+from proxy.sim import protocol as wire
+
 __all__ = ["Pacer", "SimConfig", "SimRuntime", "SimStats", "serve"]
-
-# 64 one-word tokens; a token is a word followed by a space so token count == word count.
-_WORDS: Final[tuple[str, ...]] = tuple(
-    w + " "
-    for w in (
-        "the of and to in is that for it as with was on be by at this from or an are not but all have "
-        "one can more when will would there their what about which out up time into only other some "
-        "could these two may first then do any like my now over such our man me even most made after "
-        "also"
-    ).split()
-)
-assert len(_WORDS) == 64
-
-_JSON: Final = "application/json"
-_SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-_DONE: Final = b"data: [DONE]\n\n"
-_OWNER: Final = "splitstream-sim"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,96 +75,6 @@ class _Headers(dict[str, str]):
 
     def get(self, key: str, default: Any = None) -> Any:
         return dict.get(self, key.lower(), default)
-
-
-class _BadRequest(Exception):
-    """Validation failure, turned into an OpenAI error body by the handler."""
-
-    __slots__ = ("status", "type", "code", "message")
-
-    def __init__(self, status: int, message: str, type_: str, code: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.code = code
-
-
-@dataclass(slots=True)
-class _Job:
-    """One parsed generation request."""
-
-    chat: bool
-    model: str
-    rid: str
-    created: int
-    prompt_tokens: int
-    tokens: list[str]
-    include_usage: bool = False
-
-
-def _error(status: int, message: str, type_: str, code: str) -> web.Response:
-    body = orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
-    return web.Response(status=status, body=body, content_type=_JSON)
-
-
-def _invalid(message: str, code: str = "invalid_request") -> _BadRequest:
-    return _BadRequest(400, message, "invalid_request_error", code)
-
-
-def _content_chars(content: Any) -> int:
-    """Characters of a chat message content: a string, or a list of parts whose `text` counts."""
-    if isinstance(content, str):
-        return len(content)
-    if content is None:
-        return 0
-    if isinstance(content, list):
-        return sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    raise _invalid("message content must be a string, a list of content parts or null")
-
-
-def _chat_prompt_tokens(messages: Any) -> int:
-    if not isinstance(messages, list) or not messages:
-        raise _invalid("`messages` must be a non-empty list")
-    chars = 0
-    for m in messages:
-        if not isinstance(m, dict):
-            raise _invalid("each message must be an object")
-        chars += _content_chars(m.get("content"))
-    return max(1, chars // 4) + 4 * len(messages)
-
-
-def _completion_prompt_tokens(prompt: Any) -> int:
-    if isinstance(prompt, str):
-        return max(1, len(prompt) // 4)
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return max(1, sum(len(p) for p in prompt) // 4)
-    raise _invalid("`prompt` must be a string or a non-empty list of strings")
-
-
-def _max_tokens(body: dict[str, Any], default: int) -> int:
-    n = body.get("max_tokens")
-    if n is None:
-        n = body.get("max_completion_tokens")
-    if n is None:
-        return default
-    if type(n) is not int or n < 1:
-        raise _invalid("`max_tokens` must be a positive integer")
-    return n
-
-
-def _seeded_rng(*parts: Any) -> random.Random:
-    """An RNG seeded from the request's content, so temperature 0 gives the same text every time."""
-    digest = hashlib.blake2b(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
-
-
-def _embedding(text: str, dim: int) -> list[float]:
-    """A unit vector derived from the text only: same input, same vector, across runs and processes."""
-    rng = _seeded_rng(text)
-    vec = [rng.gauss(0.0, 1.0) for _ in range(dim)]
-    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-    return [v / norm for v in vec]
 
 
 class SimRuntime:
@@ -286,7 +178,7 @@ class SimRuntime:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _pace_all(self, job: _Job) -> None:
+    async def _pace_all(self, job: wire.Job) -> None:
         """Pace a whole non-streamed generation; with the default pacer this is one sleep, not n."""
         if self._pacer is not None:
             for i in range(len(job.tokens)):
@@ -308,13 +200,13 @@ class SimRuntime:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
-            raise _invalid("request body is not valid JSON", "invalid_json") from None
+            raise wire.invalid("request body is not valid JSON", "invalid_json") from None
         if not isinstance(body, dict):
-            raise _invalid("request body must be a JSON object", "invalid_json")
+            raise wire.invalid("request body must be a JSON object", "invalid_json")
         self.last_body = body
         model = body.get("model")
         if not isinstance(model, str) or model not in self.config.models:
-            raise _BadRequest(
+            raise wire.BadRequest(
                 404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found"
             )
         return body
@@ -326,25 +218,25 @@ class SimRuntime:
             return True
         return False
 
-    def _parse_generation(self, body: dict[str, Any], chat: bool) -> _Job:
+    def _parse_generation(self, body: dict[str, Any], chat: bool) -> wire.Job:
         if chat:
             source = body.get("messages")
-            prompt_tokens = _chat_prompt_tokens(source)
+            prompt_tokens = wire.chat_prompt_tokens(source)
         else:
             source = body.get("prompt")
-            prompt_tokens = _completion_prompt_tokens(source)
-        n = _max_tokens(body, self.config.default_max_tokens)
+            prompt_tokens = wire.completion_prompt_tokens(source)
+        n = wire.max_tokens_of(body, self.config.default_max_tokens)
         model: str = body["model"]
-        rng = _seeded_rng(model, source, n) if body.get("temperature") == 0 else self._rng
+        rng = wire.seeded_rng(model, source, n) if body.get("temperature") == 0 else self._rng
         self._seq += 1
         opts = body.get("stream_options")
-        return _Job(
+        return wire.Job(
             chat=chat,
             model=model,
             rid=f"{'chatcmpl' if chat else 'cmpl'}-{self._seq}",
             created=int(time.time()),
             prompt_tokens=prompt_tokens,
-            tokens=rng.choices(_WORDS, k=n),
+            tokens=rng.choices(wire.WORDS, k=n),
             include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
         )
 
@@ -359,10 +251,10 @@ class SimRuntime:
             try:
                 body = await self._read_json(request)
                 job = self._parse_generation(body, chat)
-            except _BadRequest as e:
-                return _error(e.status, e.message, e.type, e.code)
+            except wire.BadRequest as e:
+                return wire.error_response(e.status, e.message, e.type, e.code)
             if self._draw_failure():
-                return _error(500, "simulated backend failure", "server_error", "internal_error")
+                return wire.error_response(500, "simulated backend failure", "server_error", "internal_error")
             if body.get("stream") is True:
                 return await self._stream(request, job)
             await self._acquire()
@@ -371,30 +263,30 @@ class SimRuntime:
             finally:
                 self._release()
             self.stats.completed += 1
-            return web.Response(body=orjson.dumps(_full_body(job)), content_type=_JSON)
+            return web.Response(body=orjson.dumps(wire.full_body(job)), content_type=wire.JSON)
         except asyncio.CancelledError:
             self._note_cancel()
             raise
 
-    async def _stream(self, request: web.Request, job: _Job) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, job: wire.Job) -> web.StreamResponse:
         """One SSE event per token, each its own write, so an unbuffered relay is observable."""
         n = len(job.tokens)
         rate = self.config.stream_fail_rate
         cut_after = max(1, n // 2) if rate > 0 and self._rng.random() < rate else 0
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        resp = web.StreamResponse(headers=wire.SSE_HEADERS)
         try:
             await resp.prepare(request)
             await self._acquire()
             try:
                 for i, token in enumerate(job.tokens):
                     await self._pace(job.rid, i, job.prompt_tokens)
-                    await resp.write(_sse(_chunk(job, i, token, i == n - 1)))
+                    await resp.write(wire.sse(wire.chunk(job, i, token, i == n - 1)))
                     if i + 1 == cut_after:
                         self._cut(request)
                         return resp
                 if job.include_usage:
-                    await resp.write(_sse(_usage_chunk(job)))
-                await resp.write(_DONE)
+                    await resp.write(wire.sse(wire.usage_chunk(job)))
+                await resp.write(wire.DONE)
             finally:
                 self._release()
             await resp.write_eof()
@@ -415,14 +307,14 @@ class SimRuntime:
         try:
             try:
                 body = await self._read_json(request)
-                texts = _embedding_inputs(body.get("input"))
+                texts = wire.embedding_inputs(body.get("input"))
                 fmt = body.get("encoding_format", "float")
                 if fmt not in ("float", "base64"):
-                    raise _invalid("`encoding_format` must be 'float' or 'base64'")
-            except _BadRequest as e:
-                return _error(e.status, e.message, e.type, e.code)
+                    raise wire.invalid("`encoding_format` must be 'float' or 'base64'")
+            except wire.BadRequest as e:
+                return wire.error_response(e.status, e.message, e.type, e.code)
             if self._draw_failure():
-                return _error(500, "simulated backend failure", "server_error", "internal_error")
+                return wire.error_response(500, "simulated backend failure", "server_error", "internal_error")
             prompt_tokens = sum(max(1, len(t) // 4) for t in texts)
             self._seq += 1
             await self._acquire()
@@ -432,7 +324,7 @@ class SimRuntime:
                 self._release()
             dim = self.config.embedding_dim
             data = [
-                {"object": "embedding", "index": i, "embedding": _encode(_embedding(t, dim), fmt)}
+                {"object": "embedding", "index": i, "embedding": wire.encode_vector(wire.embedding(t, dim), fmt)}
                 for i, t in enumerate(texts)
             ]
             out = {
@@ -442,7 +334,7 @@ class SimRuntime:
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
             }
             self.stats.completed += 1
-            return web.Response(body=orjson.dumps(out), content_type=_JSON)
+            return web.Response(body=orjson.dumps(out), content_type=wire.JSON)
         except asyncio.CancelledError:
             self._note_cancel()
             raise
@@ -450,8 +342,8 @@ class SimRuntime:
     # ---- control endpoints
 
     async def _models(self, request: web.Request) -> web.Response:
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": _OWNER} for m in self.config.models]
-        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=_JSON)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": wire.OWNER} for m in self.config.models]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=wire.JSON)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response()
@@ -475,83 +367,6 @@ class SimRuntime:
 
 
 # ---- response bodies
-
-
-def _usage(job: _Job) -> dict[str, int]:
-    n = len(job.tokens)
-    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": n, "total_tokens": job.prompt_tokens + n}
-
-
-def _full_body(job: _Job) -> dict[str, Any]:
-    text = "".join(job.tokens)
-    choice: dict[str, Any]
-    if job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text}
-        obj = "text_completion"
-    choice["finish_reason"] = "length"
-    choice["logprobs"] = None
-    return {
-        "id": job.rid,
-        "object": obj,
-        "created": job.created,
-        "model": job.model,
-        "choices": [choice],
-        "usage": _usage(job),
-    }
-
-
-def _chunk(job: _Job, index: int, token: str, last: bool) -> dict[str, Any]:
-    finish = "length" if last else None
-    if job.chat:
-        delta = {"role": "assistant", "content": token} if index == 0 else {"content": token}
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": token, "logprobs": None, "finish_reason": finish}
-        obj = "text_completion"
-    out: dict[str, Any] = {
-        "id": job.rid,
-        "object": obj,
-        "created": job.created,
-        "model": job.model,
-        "choices": [choice],
-    }
-    if job.include_usage:
-        out["usage"] = None
-    return out
-
-
-def _usage_chunk(job: _Job) -> dict[str, Any]:
-    return {
-        "id": job.rid,
-        "object": "chat.completion.chunk" if job.chat else "text_completion",
-        "created": job.created,
-        "model": job.model,
-        "choices": [],
-        "usage": _usage(job),
-    }
-
-
-def _sse(event: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(event) + b"\n\n"
-
-
-def _embedding_inputs(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return value
-    raise _invalid("`input` must be a string or a non-empty list of strings")
-
-
-def _encode(vec: list[float], fmt: str) -> list[float] | str:
-    """`base64` is little-endian float32, as OpenAI and vLLM send it (the openai SDK asks for it)."""
-    if fmt == "float":
-        return vec
-    return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
 
 
 async def serve(config: SimConfig, host: str, port: int, ready: asyncio.Event | None = None) -> None:
