@@ -219,7 +219,8 @@ def _print_demo_help(port: int) -> None:
     base = f"http://127.0.0.1:{port}/v1"
     print(f"""
 splitstream demo is running: base_url = {base}
-  simulated runtimes on 127.0.0.1:9101 and :9102; rules in rules/; metrics at http://127.0.0.1:{port}/metrics
+  simulated runtimes on 127.0.0.1:9101 and :9102; rules in rules/ (edit them: they reload live)
+  status pages: http://127.0.0.1:{port}/ui/   metrics: http://127.0.0.1:{port}/metrics
 
   curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "llama-3.1-8b", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}'
