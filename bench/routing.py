@@ -86,6 +86,7 @@ WARMUP_REQUESTS = 30
 WARMUP_LOAD = 0.3
 WARMUP_SEED = 424242
 CALIBRATION_TOKENS = 64
+OTHER_CPU_LIMIT = 30.0  # % of one core used by other processes during a run before it is marked contended
 FILLER = ("the quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing matches " * 200)
 
 TARGETS = {"hetero_80_least_cost_over_least_conn_p99": 0.7, "hetero_80_least_cost_over_round_robin_p99": 0.5,
@@ -514,53 +515,95 @@ async def calibrate(sims: Sims) -> dict[str, Any]:
 # one cell: a proxy with one policy, warmed up, then one run per seed
 
 
-def run_cell(tmp: Path, sims: Sims, label: str, policy: str, load: float, cap: dict[str, Any],
-             args: argparse.Namespace, problems: list[str]) -> dict[str, Any]:
+class Cell:
+    """One (policy, load) on its own proxy: warmed up once, then one run per seed."""
+
+    def __init__(self, label: str, policy: str, load: float, rate: float) -> None:
+        self.label, self.policy, self.load, self.rate = label, policy, load, rate
+        self.proxy: ov.Proc | None = None
+        self.url = ""
+        self.warmup: dict[str, Any] = {}
+        self.warmup_s = 0.0
+        self.runs: list[dict[str, Any]] = []
+        self.raw: list[list[Result]] = []
+
+
+def run_level(tmp: Path, sims: Sims, prefix: str, policies: list[str], load: float, cap: dict[str, Any],
+              args: argparse.Namespace, problems: list[str]) -> list[dict[str, Any]]:
+    """All policies at one load: one proxy each, the same warm-up each, then seed by seed every policy in turn
+    (the order rotates), so a burst of foreign load on the machine hits every policy alike."""
     rate = load * cap["rps"]
-    proxy, port = start_proxy(tmp, label, sims, policy)
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    runs: list[dict[str, Any]] = []
-    raw: list[list[Result]] = []
+    cells = [Cell(f"{prefix}L{round(100 * load)}-{policy}", policy, load, rate) for policy in policies]
+    print(f"  [{prefix}L{round(100 * load)}] offered {rate:.2f} req/s; proxies: "
+          + ", ".join(c.policy for c in cells), flush=True)
     try:
+        for c in cells:
+            c.proxy, port = start_proxy(tmp, c.label, sims, c.policy)
+            c.url = f"http://127.0.0.1:{port}/v1/chat/completions"
         warm = schedule(args.warmup, WARMUP_LOAD * cap["rps"], WARMUP_SEED, args.token_scale,
                         max_tokens_cap=max(1, round(128 * args.token_scale)))
-        t0 = time.monotonic()
-        w = ov.run_async(run_load(url, warm, "warm", 30.0, args.concurrency_cap))
-        ws = summarize(w["results"], w["span_s"])
-        if ws["errors"] or ws["unfinished"]:
-            problems.append(f"{label}: warm-up had {ws['errors']} errors, {ws['unfinished']} unfinished")
-        warm_s = time.monotonic() - t0
-        for seed in range(1, args.seeds + 1):
-            time.sleep(0.2)
-            sims.check()
-            proxy.check()
-            reqs = schedule(args.requests, rate, seed, args.token_scale, max_window=args.max_window)
-            ticks0 = (proxy.cpu_ticks(), sims.cpu_ticks(), _self_ticks())
+        for c in cells:
             t0 = time.monotonic()
-            r = ov.run_async(run_load(url, reqs, f"s{seed}", args.drain_cap, args.concurrency_cap))
-            wall = time.monotonic() - t0
-            ticks1 = (proxy.cpu_ticks(), sims.cpu_ticks(), _self_ticks())
-            s = summarize(r["results"], r["span_s"])
-            s.update(seed=seed, wall_s=wall, window_s=r["window_s"], span_s=r["span_s"], offered_rps=rate,
-                     cap_bound=r["cap_bound"],
-                     cpu_pct={k: 100.0 * (b - a) / ov.CLK_TCK / wall
-                              for k, a, b in zip(("proxy", "sims", "client"), ticks0, ticks1)})
-            if s["errors"]:
-                problems.append(f"{label} seed {seed}: {s['errors']} errors {s['error_kinds']}")
-            if r["cap_bound"]:
-                problems.append(f"{label} seed {seed}: the client concurrency cap bound {r['cap_bound']} times")
-            runs.append(s)
-            raw.append(r["results"])
-            print(f"    {label} seed {seed}: {len(reqs)} req in {r['window_s']:.1f}s window, wall {wall:.1f}s  "
-                  f"p50 {_sec(s, 'e2e_p50_s')}  p99 {_sec(s, 'e2e_p99_s')}  ttft p99 {s['ttft_p99_ms']:.0f} ms  "
-                  f"err {s['errors']}  unfinished {s['unfinished']}  cpu% proxy {s['cpu_pct']['proxy']:.0f} "
-                  f"sims {s['cpu_pct']['sims']:.0f} client {s['cpu_pct']['client']:.0f}", flush=True)
+            w = ov.run_async(run_load(c.url, warm, "warm", 30.0, args.concurrency_cap))
+            c.warmup = summarize(w["results"], w["span_s"])
+            c.warmup_s = time.monotonic() - t0
+            if c.warmup["errors"] or c.warmup["unfinished"]:
+                problems.append(f"{c.label}: warm-up had {c.warmup['errors']} errors, "
+                                f"{c.warmup['unfinished']} unfinished")
+        for seed in range(1, args.seeds + 1):
+            reqs = schedule(args.requests, rate, seed, args.token_scale, max_window=args.max_window)
+            k = (seed - 1) % len(cells)
+            for c in cells[k:] + cells[:k]:
+                time.sleep(0.2)
+                sims.check()
+                assert c.proxy is not None
+                c.proxy.check()
+                c.runs.append(_measure(c, sims, reqs, seed, args, problems))
     finally:
-        proxy.stop()
-    lines = read_access_log(proxy.log)
+        for c in cells:
+            if c.proxy is not None:
+                c.proxy.stop()
+    return [_finish_cell(c, sims, args, problems) for c in cells]
+
+
+def _measure(c: Cell, sims: Sims, reqs: list[Req], seed: int, args: argparse.Namespace,
+             problems: list[str]) -> dict[str, Any]:
+    assert c.proxy is not None
+    ticks0 = (c.proxy.cpu_ticks(), sims.cpu_ticks(), _self_ticks(), _machine_busy_ticks())
+    t0 = time.monotonic()
+    r = ov.run_async(run_load(c.url, reqs, f"s{seed}", args.drain_cap, args.concurrency_cap))
+    wall = time.monotonic() - t0
+    ticks1 = (c.proxy.cpu_ticks(), sims.cpu_ticks(), _self_ticks(), _machine_busy_ticks())
+    s = summarize(r["results"], r["span_s"])
+    s.update(seed=seed, wall_s=wall, window_s=r["window_s"], span_s=r["span_s"], offered_rps=c.rate,
+             cap_bound=r["cap_bound"],
+             cpu_pct={k: 100.0 * (b - a) / ov.CLK_TCK / wall
+                      for k, a, b in zip(("proxy", "sims", "client", "machine"), ticks0, ticks1)})
+    cpu = s["cpu_pct"]
+    cpu["other"] = max(0.0, cpu["machine"] - cpu["proxy"] - cpu["sims"] - cpu["client"])
+    s["contended"] = cpu["other"] > OTHER_CPU_LIMIT
+    if s["contended"]:
+        problems.append(f"{c.label} seed {seed}: other processes used {cpu['other']:.0f}% of a core during the "
+                        f"run (this benchmark {cpu['machine'] - cpu['other']:.0f}%): its numbers are suspect")
+    if s["errors"]:
+        problems.append(f"{c.label} seed {seed}: {s['errors']} errors {s['error_kinds']}")
+    if r["cap_bound"]:
+        problems.append(f"{c.label} seed {seed}: the client concurrency cap bound {r['cap_bound']} times")
+    c.raw.append(r["results"])
+    print(f"    {c.label:<20} seed {seed}: {len(reqs)} req in {r['window_s']:.1f}s, wall {wall:4.1f}s  "
+          f"p50 {_sec(s, 'e2e_p50_s')}  p99 {_sec(s, 'e2e_p99_s')}  ttft p99 {s['ttft_p99_ms']:5.0f} ms  "
+          f"err {s['errors']}  unfin {s['unfinished']}  cpu% proxy {cpu['proxy']:.0f} sims {cpu['sims']:.0f} "
+          f"client {cpu['client']:.0f} other {cpu['other']:.0f}", flush=True)
+    return s
+
+
+def _finish_cell(c: Cell, sims: Sims, args: argparse.Namespace, problems: list[str]) -> dict[str, Any]:
+    """Join the runs with the proxy's access log: backends per request, statuses, what least_cost learned."""
+    assert c.proxy is not None
+    lines = read_access_log(c.proxy.log)
     by_rid = {str(ln.get("request_id")): ln for ln in lines}
     long_threshold = round(MAX_TOKENS_MIX[-1][1] * args.token_scale)
-    for s, results in zip(runs, raw):
+    for s, results in zip(c.runs, c.raw):
         s["by_backend"] = backend_breakdown(results, by_rid, sims.specs, long_threshold)
         s["detail"] = {"fields": ["request_id", "backend", "max_tokens", "prompt_chars", "scheduled_s", "ttft_s",
                                   "e2e_s", "error", "unfinished"],
@@ -569,17 +612,52 @@ def run_cell(tmp: Path, sims: Sims, label: str, policy: str, load: float, cap: d
                                  None if r.e2e is None else round(r.e2e, 4), r.error, r.unfinished]
                                 for r in results]}
         if s["by_backend"]["not_in_access_log"]:
-            problems.append(f"{label} seed {s['seed']}: {s['by_backend']['not_in_access_log']} requests missing "
+            problems.append(f"{c.label} seed {s['seed']}: {s['by_backend']['not_in_access_log']} requests missing "
                             f"from the access log")
-    levels, samples = other_log_lines(proxy.log)
+    levels, samples = other_log_lines(c.proxy.log)
     if samples:
-        problems.append(f"{label}: proxy logged {dict(levels)}; first: {samples[0][:300]}")
+        problems.append(f"{c.label}: proxy logged {dict(levels)}; first: {samples[0][:300]}")
     statuses = Counter(str(ln.get("status")) for ln in lines if ln.get("path", "").startswith("/v1/"))
     learned = replay_learning(lines, sims.specs)
-    pooled = summarize([r for results in raw for r in results], sum(s["span_s"] for s in runs))
-    return {"label": label, "policy": policy, "load": load, "offered_rps": rate, "warmup": ws, "warmup_s": warm_s,
-            "runs": runs, "access_log_statuses": dict(statuses), "learned": learned,
-            "median": _medians(runs), "pooled": pooled}
+    if c.policy == "least_cost":
+        for when, snap in learned.items():
+            for spec in sims.specs:
+                got = snap["backends"][spec.name]["decode_tps"]
+                if got > 2 * spec.tokens_per_second or got < spec.tokens_per_second / 2:
+                    problems.append(f"{c.label} {when}: least_cost's decode speed for {spec.name} is {got:g} "
+                                    f"tokens/s (the runtime does {spec.tokens_per_second:g})")
+    pooled = summarize([r for results in c.raw for r in results], sum(s["span_s"] for s in c.runs))
+    return {"label": c.label, "policy": c.policy, "load": c.load, "offered_rps": c.rate, "warmup": c.warmup,
+            "warmup_s": c.warmup_s, "runs": c.runs, "access_log_statuses": dict(statuses), "learned": learned,
+            "median": _medians(c.runs), "pooled": pooled,
+            "contended_runs": sum(1 for s in c.runs if s["contended"])}
+
+
+ROUTING_SOURCES = ("proxy/pipeline/balancer.py", "proxy/pipeline/cost.py", "proxy/pipeline/dispatch.py",
+                   "proxy/upstream/state.py", "proxy/sim/runtime.py")
+
+
+def source_fingerprint() -> dict[str, str | None]:
+    """sha256 (12 hex) of the files that decide routing: the work tree may differ from the commit."""
+    import hashlib
+
+    out: dict[str, str | None] = {}
+    for rel in ROUTING_SOURCES:
+        try:
+            out[rel] = hashlib.sha256((ROOT / rel).read_bytes()).hexdigest()[:12]
+        except OSError:
+            out[rel] = None
+    return out
+
+
+def _machine_busy_ticks() -> int:
+    """Busy clock ticks of the whole machine (all CPUs), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        return user + nice + system + irq + softirq + steal
+    except (OSError, ValueError):
+        return 0
 
 
 def _self_ticks() -> int:
@@ -623,7 +701,8 @@ def table_rows(cells: list[dict[str, Any]]) -> list[list[str]]:
     for c in cells:
         m = c["median"]
         share = "/".join(f"{100 * v:.0f}" for v in m["backend_share"].values())
-        rows.append([f"{100 * c['load']:.0f}%", c["policy"], _sec(m, "e2e_p50_s"), _sec(m, "e2e_p95_s"),
+        mark = "*" if c.get("contended_runs") else ""
+        rows.append([f"{100 * c['load']:.0f}%", c["policy"] + mark, _sec(m, "e2e_p50_s"), _sec(m, "e2e_p95_s"),
                      _sec(m, "e2e_p99_s"), f"{m['ttft_p50_ms']:.0f}ms", f"{m['ttft_p99_ms']:.0f}ms",
                      f"{m['throughput_rps']:.1f}", str(m["errors"]), str(m["unfinished"]), share])
     return rows
@@ -641,6 +720,9 @@ def print_table(title: str, rows: list[list[str]]) -> None:
     print("-" * len(line))
     for r in rows:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if any(r[1].endswith("*") for r in rows):
+        print(f"* other processes used more than {OTHER_CPU_LIMIT:g}% of a core during at least one of this cell's "
+              "runs (see problems)")
 
 
 def ratio(cells: list[dict[str, Any]], load: float, num: str, den: str) -> dict[str, Any] | None:
@@ -766,21 +848,15 @@ def main(argv: list[str] | None = None) -> int:
                       + ", ".join(f"{n} {v['measured_s']:.3f}/{v['model_s']:.3f}s ({v['ratio']:.2f})"
                                   for n, v in cal.items())
                       + f" -> measured capacity ~{measured:.2f} req/s", flush=True)
-            for li, load in enumerate(loads):
-                order = policies[li % len(policies):] + policies[: li % len(policies)]  # rotate who goes first
-                for policy in order:
-                    label = f"L{round(100 * load)}-{policy}"
-                    print(f"  [{label}] offered {load * cap['rps']:.2f} req/s", flush=True)
-                    cells.append(run_cell(tmp, sims, label, policy, load, cap, args, problems))
+            for load in loads:
+                cells += run_level(tmp, sims, "", policies, load, cap, args, problems)
         finally:
             sims.close()
         if not args.skip_homogeneous:
             sims = Sims(tmp, "homo", HOMO)
             try:
-                for policy in ("least_conn", "least_cost"):
-                    label = f"homo-L80-{policy}"
-                    print(f"  [{label}] offered {0.8 * cap_homo['rps']:.2f} req/s", flush=True)
-                    homo_cells.append(run_cell(tmp, sims, label, policy, 0.8, cap_homo, args, problems))
+                homo_cells += run_level(tmp, sims, "homo-", ["least_conn", "least_cost"], 0.8, cap_homo, args,
+                                        problems)
             finally:
                 sims.close()
     except ov.BenchError as exc:
@@ -830,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = ov.machine_info("python")
         machine["loadavg_start"] = loadavg0
         machine["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        machine["routing_sources_sha256"] = source_fingerprint()
         doc = {
             "benchmark": "routing",
             "started_utc": started.isoformat(timespec="seconds"),
