@@ -42,18 +42,21 @@ class FeedbackTotals:
 
 
 class FeedbackLedger:
-    """request id → [route, variant, score or None] for the last `max_requests` routed requests."""
+    """request id → (route, variant, score or None) for the last `max_requests` routed requests.
+
+    Entries are tuples of strings and floats on purpose: the collector stops tracking such tuples, so
+    tens of thousands of entries add nothing to the cost of a full garbage collection (lists would)."""
 
     __slots__ = ("_served", "_totals", "_max")
 
     def __init__(self, max_requests: int = DEFAULT_MAX_REQUESTS) -> None:
-        self._served: OrderedDict[str, list[str | float | None]] = OrderedDict()
+        self._served: OrderedDict[str, tuple[str, str, float | None]] = OrderedDict()
         self._totals: dict[tuple[str, str], FeedbackTotals] = {}
         self._max = max_requests
 
     def remember(self, request_id: str, route: str, variant: str) -> None:
         served = self._served
-        served[request_id] = [route, variant, None]
+        served[request_id] = (route, variant, None)
         if len(served) > self._max:
             served.popitem(last=False)
 
@@ -63,12 +66,11 @@ class FeedbackLedger:
         if entry is None:
             return None
         route, variant, previous = entry
-        assert isinstance(route, str) and isinstance(variant, str)
         totals = self._totals.setdefault((route, variant), FeedbackTotals())
-        if isinstance(previous, float):
+        if previous is not None:
             totals.add(previous, -1)
         totals.add(score)
-        entry[2] = score
+        self._served[request_id] = (route, variant, score)  # same key: keeps its place in the order
         return route, variant
 
     def totals(self, route: str) -> dict[str, FeedbackTotals]:
