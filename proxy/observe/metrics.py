@@ -96,6 +96,7 @@ class Metrics:
             ("route", "result"), registry=r,
         )
         self._cache_children: dict[tuple[str, str], Counter] = {}
+        self._shadow_drop_children: dict[tuple[str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, str], RequestMetrics] = {}
         self.upstream_errors_total = Counter(
             "splitstream_upstream_errors_total", "Backend failures by reason.", ("backend", "reason"), registry=r
@@ -161,6 +162,12 @@ class Metrics:
             self.shadow_similarity.labels(*labels).observe(result.similarity)
         if result.completion_tokens_delta is not None:
             self.shadow_completion_tokens_delta.labels(*labels).observe(result.completion_tokens_delta)
+
+    def count_shadow_drop(self, route: str, pool: str) -> None:
+        child = self._shadow_drop_children.get((route, pool))
+        if child is None:
+            child = self._shadow_drop_children[(route, pool)] = self.shadow_requests_total.labels(route, pool, "dropped")
+        child.inc()
 
     def count_cache(self, route: str, result: str) -> None:
         child = self._cache_children.get((route, result))

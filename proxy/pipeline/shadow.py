@@ -84,9 +84,13 @@ class ShadowMirror:
         for shadow in route.shadows:
             if shadow.sample < 1.0 and self._rng.random() >= shadow.sample:
                 continue
+            key = (route.name, shadow.pool.name)
+            if not self._has_room(key, shadow):  # decided before allocating anything: drops are the common case
+                self._metrics.count_shadow_drop(*key)
+                continue
             pair = Pair(request_id, route.name, shadow.pool.name)
-            if self._submit(_Job(pair, shadow, route, view, path)):
-                pairs.append(pair)
+            self._submit(key, _Job(pair, shadow, route, view, path))
+            pairs.append(pair)
         return pairs
 
     def primary_done(self, pairs: list[Pair], side: Side) -> None:
@@ -113,17 +117,17 @@ class ShadowMirror:
 
     # -- bounded concurrency ------------------------------------------------------------------------
 
-    def _submit(self, job: _Job) -> bool:
-        key = (job.route.name, job.shadow.pool.name)
+    def _has_room(self, key: tuple[str, str], shadow: Shadow) -> bool:
+        if self._running.get(key, 0) < shadow.max_concurrency:
+            return True
+        queue = self._waiting.get(key)
+        return queue is None or len(queue) < shadow.max_queue
+
+    def _submit(self, key: tuple[str, str], job: _Job) -> None:
         if self._running.get(key, 0) < job.shadow.max_concurrency:
             self._start(key, job)
-            return True
-        queue = self._waiting.setdefault(key, deque())
-        if len(queue) < job.shadow.max_queue:
-            queue.append(job)
-            return True
-        self._metrics.shadow_requests_total.labels(key[0], key[1], "dropped").inc()
-        return False
+        else:
+            self._waiting.setdefault(key, deque()).append(job)
 
     def _start(self, key: tuple[str, str], job: _Job) -> None:
         self._running[key] = self._running.get(key, 0) + 1
