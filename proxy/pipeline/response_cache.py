@@ -98,11 +98,17 @@ class ResponseCache:
             return self._count(route, lookup)
         flight = self._flights[key] = Flight()  # registered before any await: later twins follow it
         lookup = Lookup(key, "miss")
+        done = False
         try:
             raw = await self._store().get(KEY_PREFIX + key)
+            done = True
         except StoreUnavailableError:
             lookup.result = "bypass"
             raw = None
+            done = True
+        finally:
+            if not done:  # cancelled (client gone) mid-lookup: release the twins waiting on this flight
+                self.end(key, flight, ok=False, rule=None)
         entry = Entry.decode(raw) if raw is not None else None
         if entry is not None:
             lookup.result, lookup.entry = "hit", entry

@@ -170,3 +170,53 @@ async def test_redis_cache_and_redis_down_is_bypass(sim: Any, proxy: Any, redis_
         status, result, _ = await post(handle, BODY)
         assert status == 200 and result == "bypass"
     assert handle.context.cache.counts["chat"]["bypass"] == 3
+
+
+class HeldStore:
+    """A store whose lookups wait until the test lets them go (to cancel a leader mid-lookup)."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.values: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        self.entered.set()
+        await self.release.wait()
+        return self.values.get(key)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:
+        if key in self.values:
+            return self.values[key]
+        self.values[key] = value
+        return None
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self.values[key] = value
+
+    async def delete(self, key: str) -> None:
+        self.values.pop(key, None)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_leader_leaving_mid_lookup_does_not_strand_its_twins(sim: Any, proxy: Any) -> None:
+    runtime, server = await sim()
+    store = HeldStore()
+    handle = await proxy(cache_rules(server), store=store)
+    async with aiohttp.ClientSession() as leader_session, aiohttp.ClientSession() as twin_session:
+        leader = asyncio.ensure_future(leader_session.post(handle.url("/v1/chat/completions"), json=BODY))
+        await store.entered.wait()  # the leader is looking the key up
+        twin = asyncio.ensure_future(twin_session.post(handle.url("/v1/chat/completions"), json=BODY))
+        while handle.context.cache.counts.get("chat", {}).get("coalesced", 0) < 1:
+            await asyncio.sleep(0)  # yield until the twin has joined the leader's flight (in-process state)
+        leader.cancel()
+        await leader_session.close()  # the leader's client goes away while the store is still answering
+        response = await asyncio.wait_for(twin, 30)
+        assert response.status == 200  # the twin went upstream itself instead of waiting forever
+        await response.read()
+        store.release.set()
