@@ -23,6 +23,7 @@ from proxy.delivery.views import add_delivery_routes
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.pipeline import handler
+from proxy.store.recent import RecentAssignments
 from proxy.pipeline.errors import error_middleware
 from proxy.store import MemoryStore, OwnedStore
 from proxy.ui.views import add_ui_routes
@@ -126,6 +127,8 @@ def build_app(
     app.cleanup_ctx.append(_health_checks)
     owned = store if store is not None else MemoryStore()
     context.store = owned
+    if not isinstance(owned, MemoryStore):
+        context.recent_assignments = RecentAssignments()
     app.cleanup_ctx.append(_store_lifecycle(owned))
     rollout_store = context.rollouts.store if isinstance(owned, MemoryStore) else owned
     context.rollouts = RolloutController(context, rollout_store, rollout_settings or RolloutSettings())

@@ -24,6 +24,7 @@ from proxy.observe.stats import RequestStats
 from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
 from proxy.upstream.pool import ConnectionPool
+from proxy.store.recent import RecentAssignments
 from proxy.pipeline.response_cache import ResponseCache
 from proxy.pipeline.shadow import ShadowMirror
 from proxy.upstream.health import HealthChecker
@@ -60,7 +61,7 @@ class ProxyContext:
 
     __slots__ = (
         "rules", "metrics", "access_log", "backends", "ids", "pool", "turns", "inflight", "client_key_hashes",
-        "model_stats", "queue", "health", "store", "rng", "shadows", "cache", "cache_store", "stats",
+        "model_stats", "queue", "health", "store", "rng", "shadows", "cache", "cache_store", "recent_assignments", "stats",
         "weights", "rollouts", "feedback",
     )
 
@@ -85,6 +86,7 @@ class ProxyContext:
         self.health: HealthChecker | None = None  # exists only while the app runs
         self.shadows = ShadowMirror(self.backends, lambda: self.upstream, metrics, lambda: self.rules.current)
         self.store: Store = MemoryStore()  # app.py swaps in the configured one (Redis) and owns its lifecycle
+        self.recent_assignments: RecentAssignments | None = None  # set by app.py in front of a shared store
         # Cached answers are large: embedded, they get their own byte-bounded LRU; with Redis, Redis holds them.
         self.cache_store: Store = MemoryStore(max_entries=CACHE_MAX_ENTRIES, max_bytes=CACHE_MAX_BYTES)
         self.cache = ResponseCache(self._cache_store, metrics)

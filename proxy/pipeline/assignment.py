@@ -17,6 +17,7 @@ from proxy.errors import StoreUnavailableError
 from proxy.pipeline import split
 from proxy.pipeline.request import RequestView
 from proxy.store.base import Store
+from proxy.store.recent import RecentAssignments
 
 
 def find_subject(sticky: Sticky | None, headers: Mapping[str, str], view: RequestView) -> str | None:
@@ -38,12 +39,18 @@ def find_subject(sticky: Sticky | None, headers: Mapping[str, str], view: Reques
 
 
 async def assign_variant(
-    route: Route, subject: str | None, store: Store, rng: Random, variants: tuple[Variant, ...] | None = None
+    route: Route,
+    subject: str | None,
+    store: Store,
+    rng: Random,
+    variants: tuple[Variant, ...] | None = None,
+    memo: RecentAssignments | None = None,
 ) -> tuple[Variant, str]:
     """(variant, source) where source is split.STICKY, split.NEW or split.FALLBACK.
 
     `variants` are the route's with the weights in force (a rollout's), default the rules'. Without sticky,
-    or without a subject, each request draws by weight (source NEW, nothing stored)."""
+    or without a subject, each request draws by weight (source NEW, nothing stored). `memo` remembers the
+    shared store's recent answers in this process."""
     sticky = route.sticky
     variants = route.variants if variants is None else variants
     if sticky is None or subject is None:
@@ -51,16 +58,27 @@ async def assign_variant(
     digest = split.subject_digest(subject)
     drawn = split.draw(variants, split.subject_unit(route.name, digest))
     key = split.sticky_key(route.name, digest)
+    if memo is not None:
+        remembered = memo.get(key)
+        kept = split.kept_variant(variants, remembered) if remembered is not None else None
+        if kept is not None:
+            return kept, split.STICKY
     try:
         stored = await store.set_if_absent(key, drawn.name.encode(), sticky.ttl)
         if stored is None:
+            if memo is not None:
+                memo.put(key, drawn.name.encode(), sticky.ttl)
             return drawn, split.NEW
         kept = split.kept_variant(variants, stored)
         if kept is not None:
+            if memo is not None:
+                memo.put(key, stored, sticky.ttl)
             return kept, split.STICKY
         # Its variant was removed or set to weight 0 (by a reload, or a rollout rolled back or promoted):
         # the subject takes today's draw.
         await store.set(key, drawn.name.encode(), sticky.ttl)
+        if memo is not None:
+            memo.put(key, drawn.name.encode(), sticky.ttl)
         return drawn, split.NEW
     except StoreUnavailableError:
         return drawn, split.FALLBACK

@@ -77,7 +77,9 @@ async def choose_variant(
         return route.variants[0]  # a plain `pool:` route: nothing to decide, nothing to count
     subject = find_subject(route.sticky, request.headers, view)
     variants = context.weights.variants_for(route)
-    variant, source = await assign_variant(route, subject, context.store, context.rng, variants)
+    variant, source = await assign_variant(
+        route, subject, context.store, context.rng, variants, context.recent_assignments
+    )
     context.metrics.count_assignment(route.name, variant.name, source)
     return variant
 

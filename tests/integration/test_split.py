@@ -264,6 +264,9 @@ async def test_redis_outage_mid_load_falls_back_then_recovers(
     clock = FakeClock()
     store = RedisStore(redis_server.url, timeout=TEST_TIMEOUT, cooldown=1.0, clock=clock)
     handle = await proxy(split_rules(stable, canary, variants=[("stable", 0, 70), ("canary", 1, 30)]), store=store)
+    # Every request must reach the store here: this is about the store's breaker and the hash fallback, not
+    # the in-process memory of recent answers (which would answer these repeat subjects during the outage).
+    handle.context.recent_assignments = None
     subjects = [f"u{i}" for i in range(60)]
     async with aiohttp.ClientSession() as session:
         assigned = await ask_many(session, handle, subjects)
@@ -351,3 +354,23 @@ async def test_serve_refuses_a_bad_redis_url(tmp_path: Path) -> None:
     _, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
     assert b"invalid --redis URL" in stderr and b"hunter2" not in stderr
+
+
+async def test_repeat_subjects_skip_the_redis_round_trip_but_removed_variants_do_not(
+    sim: Any, proxy: Any, redis_server: RedisServer
+) -> None:
+    _, stable = await sim()
+    _, canary = await sim()
+    store = RedisStore(redis_server.url, timeout=TEST_TIMEOUT)
+    handle = await proxy(split_rules(stable, canary, variants=[("stable", 0, 50), ("canary", 1, 50)]), store=store)
+    subjects = [f"user-{i}" for i in range(40)]
+    async with aiohttp.ClientSession() as session:
+        first = await ask_many(session, handle, subjects)
+        calls = store.calls
+        again = await ask_many(session, handle, subjects)
+        assert again == first and store.calls == calls  # answered from this process's memory of Redis
+        # canary set to 0 by a reload: its subjects must move at once, memory or not
+        await reload_rules(handle, split_rules(stable, canary, variants=[("stable", 0, 100), ("canary", 1, 0)]))
+        moved = await ask_many(session, handle, subjects)
+    assert set(moved.values()) == {"stable"}
+    assert "canary" in set(first.values())
