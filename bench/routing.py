@@ -7,10 +7,12 @@ pool of the three and `balance: <policy>`; this script is the load client (aioht
 inside the proxy's or a runtime's process.
 
 Workload: heavy-tailed streaming chat completions: prompt length lognormal (median ~400 characters, capped at
-16k), max_tokens from a mix (70% short, 25% medium, 5% long, scaled by --token-scale), open-loop Poisson
-arrivals at given fractions of the pool's analytic capacity. Every request is fired at its scheduled time
-whatever happened to the earlier ones. Each proxy gets the same warm-up first (least_cost learns backend
-speeds from completed requests), then one run per seed. A run waits for its requests up to --drain-cap
+16k), max_tokens from a mix (70% short, 25% medium, 5% long, scaled by --token-scale, default 0.25 so that
+the default run fits ~4 minutes on 2 cores), open-loop Poisson arrivals at given fractions of the pool's
+analytic capacity. Every request is fired at its scheduled time whatever happened to the earlier ones. Each
+proxy gets the same warm-up first (least_cost learns backend speeds from completed requests); then, per load,
+the runs alternate between the policies' proxies seed by seed, so intermittent foreign CPU load (measured
+per run from /proc/stat and reported) hits all policies alike. A run waits for its requests up to --drain-cap
 seconds after the last arrival; requests still running then are cancelled and counted as `unfinished`, with
 their elapsed time as a lower bound of their latency (a percentile reached by such a value prints as `>x`).
 
@@ -18,7 +20,7 @@ The proxy's access log (JSON lines on stderr, one per request, tagged with our X
 backend served each request; replaying those lines through `proxy/pipeline/cost.py`'s `learn` shows what
 least_cost believed about each backend's speed (the proxy does not expose it).
 
-    .venv/bin/python bench/routing.py                 # 3 seeds x 3 loads x 3 policies + homogeneous, ~4 min
+    .venv/bin/python bench/routing.py                 # 3 seeds x 3 loads x 3 policies + homogeneous, ~3.5 min
     .venv/bin/python bench/routing.py --quick         # 1 seed, fewer requests: smoke run
     .venv/bin/python bench/routing.py --loads 0.8 --policies least_conn,least_cost --seeds 5
 
