@@ -252,7 +252,9 @@ def start_proxy(tmp: Path, label: str, sims: Sims, policy: str) -> tuple[ov.Proc
     d = tmp / label
     d.mkdir()
     port = ov.free_port()
-    backends = "\n".join(f'  {s.name}: {{url: "{sims.url(s.name)}", kind: vllm}}' for s in sims.specs)
+    # `concurrency` tells the proxy each runtime's batch size, as an operator would (only least_cost uses it).
+    backends = "\n".join(f'  {s.name}: {{url: "{sims.url(s.name)}", kind: vllm, concurrency: {s.max_batch}}}'
+                         for s in sims.specs)
     (d / "bench.yaml").write_text(f"""\
 server: {{max_inflight: 100000}}
 backends:

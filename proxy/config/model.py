@@ -47,6 +47,7 @@ class Backend:
     kind: str = "openai"
     weight: float = 1.0
     max_inflight: int = 0  # 0 = unlimited
+    concurrency: int = 1  # requests the runtime decodes at once at full speed (vLLM max_num_seqs, llama.cpp --parallel)
     api_key: str | None = field(default=None, repr=False)
 
     @property

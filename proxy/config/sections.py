@@ -191,11 +191,13 @@ def build_backend(entry: Entry, env: Mapping[str, str], errors: Errors) -> Backe
     kind = reader.choice("kind", "openai", BACKEND_KINDS)
     weight = reader.number("weight", 1.0, minimum=0, inclusive=False)
     max_inflight = reader.integer("max_inflight", 0, minimum=0)
+    concurrency = reader.integer("concurrency", 1, minimum=1)
     api_key = _api_key(reader, env)
     if url is None or reader.failed:
         return None
     return Backend(name=entry.name, url=url.url, host=url.host, port=url.port, base_path=url.base_path,
-                   kind=kind, weight=weight, max_inflight=max_inflight, api_key=api_key)
+                   kind=kind, weight=weight, max_inflight=max_inflight, concurrency=concurrency,
+                   api_key=api_key)
 
 
 # --------------------------------------------------------------------------------------------- pools

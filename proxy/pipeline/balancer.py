@@ -1,8 +1,9 @@
 """Which backend of a pool takes a request: pure policy over backend state, no I/O, no clocks of its own.
 
-`least_cost` picks the backend where the request would add the least predicted work per unit of weight:
-(predicted seconds in flight + this request's predicted seconds there [+ the runtime's foreign queue]) /
-weight, so a slow backend or one holding long generations gets less. `least_conn` counts requests in flight
+`least_cost` picks the backend where the request would finish soonest per unit of weight: (its predicted
+seconds there + the wait before it starts [+ the runtime's foreign queue]) / weight. A runtime decodes up to
+`concurrency` requests at once at full speed, so there is no wait while it has a free slot; beyond that the
+in-flight work is spread over its slots. A slow backend or one full of long generations gets less. `least_conn` counts requests in flight
 per unit of weight (nginx, LiteLLM least-busy); `round_robin` walks weighted turns. Ties go to the earlier
 backend in the pool. Unavailable backends (unhealthy, ejected, throttled) and full ones (max_inflight) are
 never picked. Called by `pipeline/handler.py`; state from `upstream/state.py`, prices from `cost.py`.
@@ -21,6 +22,18 @@ RUNTIME_METRICS_MAX_AGE = 3.0
 def has_room(state: BackendState) -> bool:
     limit = state.backend.max_inflight
     return limit == 0 or state.inflight < limit
+
+
+# Among backends that would start the request at once, prefer the emptier one (ties only: negligible otherwise).
+TIE_BREAK_SECONDS = 1e-6
+
+
+def queued_seconds(state: BackendState) -> float:
+    """Predicted wait before a new request starts decoding: none while the runtime has a free batch slot
+    (`concurrency`), else the in-flight work spread over its slots. With concurrency 1 this is the whole
+    in-flight load, as for a runtime that serves one request at a time."""
+    slots = state.backend.concurrency
+    return state.predicted_load / slots if state.inflight >= slots else 0.0
 
 
 def foreign_requests(state: BackendState, now: float) -> float:
@@ -50,9 +63,9 @@ def pick_backend(
         if not state.is_available(now) or not has_room(state):
             continue
         if policy == "least_cost":
-            load = state.predicted_load + costs[i]
+            load = costs[i] + queued_seconds(state) + state.inflight * TIE_BREAK_SECONDS
             if runtime_load:
-                load += foreign_requests(state, now) * costs[i]
+                load += foreign_requests(state, now) * costs[i] / state.backend.concurrency
         else:
             load = float(state.inflight)
         score = load / state.backend.weight

@@ -73,3 +73,28 @@ def test_lease_release_is_idempotent_and_returns_to_zero() -> None:
     assert state.inflight == 1 and state.predicted_load == pytest.approx(3.25)
     b.release()
     assert (state.inflight, state.predicted_load) == (0, 0.0)
+
+
+def test_least_cost_counts_no_wait_while_a_batch_slot_is_free() -> None:
+    fast = BackendState(Backend("fast", "http://f:1", "f", 1, "", concurrency=8))
+    slow = BackendState(Backend("slow", "http://s:1", "s", 1, "", concurrency=8))
+    fast.inflight, fast.predicted_load = 3, 3.0  # busy, but 5 of its 8 slots are free
+    costs = [1.0, 4.0]  # this request takes 1 s on fast, 4 s on slow
+    assert pick_backend([fast, slow], costs, "least_cost", 0, NOW) == 0
+    fast.inflight, fast.predicted_load = 8, 40.0  # full: 40 s of work spread over 8 slots = 5 s wait
+    assert pick_backend([fast, slow], costs, "least_cost", 0, NOW) == 1
+
+
+def test_concurrency_one_is_the_whole_in_flight_load() -> None:
+    a = BackendState(Backend("a", "http://a:1", "a", 1, ""))
+    b = BackendState(Backend("b", "http://b:1", "b", 1, ""))
+    a.inflight, a.predicted_load = 1, 3.5
+    assert pick_backend([a, b], [1.0, 4.0], "least_cost", 0, NOW) == 1  # 3.5 + 1 > 0 + 4
+    assert pick_backend([a, b], [1.0, 4.6], "least_cost", 0, NOW) == 0
+
+
+def test_equal_idle_backends_spread_by_occupancy() -> None:
+    a = BackendState(Backend("a", "http://a:1", "a", 1, "", concurrency=4))
+    b = BackendState(Backend("b", "http://b:1", "b", 1, "", concurrency=4))
+    a.inflight, a.predicted_load = 2, 2.0
+    assert pick_backend([a, b], [1.0, 1.0], "least_cost", 0, NOW) == 1
