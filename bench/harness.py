@@ -8,6 +8,7 @@ routing.py and ui.py); importing it has no side effects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import resource
@@ -20,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +326,32 @@ def check_errors(label: str, res: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"{label}: {bad} failed of {total} ({res.get('error_kinds') or res})")
         if bad > 0.01 * max(total, 1):
             raise BenchError(f"{label}: {bad} of {total} requests failed, the numbers are meaningless: {res}")
+
+
+class Session:
+    """Outcome of one benchmark run: 0 ok, 1 a measurement failed, 130 interrupted."""
+
+    def __init__(self) -> None:
+        self.status = 0
+
+
+@contextlib.contextmanager
+def reported_session(tmp: Path, keep_logs: bool, problems: list[str]) -> Iterator[Session]:
+    """Run a benchmark body: a BenchError or Ctrl-C ends it with a status instead of a traceback, and the
+    temp dir (process logs) is kept when asked or when something failed, removed otherwise."""
+    session = Session()
+    try:
+        yield session
+    except BenchError as exc:
+        sys.stdout.flush()
+        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
+        problems.append(f"aborted: {str(exc).splitlines()[0]}")
+        session.status = 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        session.status = 130
+    finally:
+        if keep_logs or session.status:
+            print(f"process logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -60,14 +60,10 @@ import case_reload
 import case_shadow
 import case_sticky
 from clients import OPEN_STREAM_TOKENS, OPEN_STREAM_TPS, STREAM_TOKENS
-from harness import BenchError, raise_nofile
+from harness import raise_nofile, reported_session
 from report import Row, print_table
 from runinfo import machine_info, write_results
 
-# Re-exported for bench/routing.py and bench/ui.py, which `import overhead as ov` for these helpers; new code
-# imports them from harness and runinfo (routing.py's `ov._no_nan` is runinfo.no_nan).
-from harness import CLK_TCK, Proc, free_port, med, pct, run_async, wait_ready  # noqa: F401
-from runinfo import no_nan as _no_nan  # noqa: F401
 
 CaseRun = Callable[[Path, argparse.Namespace, str, list[str]], dict[str, Any]]
 
@@ -163,25 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="splitstream-bench-"))
     results: dict[str, Any] = {}
     problems: list[str] = []
-    status = 0
-    try:
+    with reported_session(tmp, args.keep_logs, problems) as session:
         for name, case in ALL_CASES.items():
             if name in cases:
                 print(case.banner(args, client), flush=True)
                 results[case.key] = case.run(tmp, args, client, problems)
-    except BenchError as exc:
-        sys.stdout.flush()
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
-        problems.append(f"aborted: {str(exc).splitlines()[0]}")
-        status = 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        status = 130
-    finally:
-        if args.keep_logs or status:
-            print(f"process logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    status = session.status
     wall = time.monotonic() - t0
 
     if results:

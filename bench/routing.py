@@ -34,7 +34,6 @@ import asyncio
 import datetime as dt
 import json
 import math
-import os
 import random
 import signal
 import statistics
@@ -55,9 +54,9 @@ if str(HERE) not in sys.path:
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import overhead as ov  # noqa: E402  (helpers only: no side effects on import)
+import harness  # noqa: E402
+import runinfo  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 MODEL = "sim-model"
 POLICIES = ("round_robin", "least_conn", "least_cost")
 TTFT_MS = 20.0
@@ -219,16 +218,16 @@ def sim_main(argv: list[str]) -> int:
 class Sims:
     def __init__(self, tmp: Path, label: str, specs: tuple[BackendSpec, ...]) -> None:
         self.specs = specs
-        self.ports = {s.name: ov.free_port() for s in specs}
-        self.procs: dict[str, ov.Proc] = {}
+        self.ports = {s.name: harness.free_port() for s in specs}
+        self.procs: dict[str, harness.Proc] = {}
         try:
             for s in specs:
-                self.procs[s.name] = ov.Proc(f"{label}-sim-{s.name}", [
+                self.procs[s.name] = harness.Proc(f"{label}-sim-{s.name}", [
                     sys.executable, str(Path(__file__).resolve()), "_sim", "--port", str(self.ports[s.name]),
                     "--tps", str(s.tokens_per_second), "--prefill", str(s.prefill_tokens_per_second),
                     "--ttft-ms", str(s.ttft_ms), "--max-batch", str(s.max_batch)], tmp)
             for s in specs:
-                ov.wait_ready(self.procs[s.name], f"http://127.0.0.1:{self.ports[s.name]}/health")
+                harness.wait_ready(self.procs[s.name], f"http://127.0.0.1:{self.ports[s.name]}/health")
         except BaseException:
             self.close()
             raise
@@ -248,10 +247,10 @@ class Sims:
             p.stop()
 
 
-def start_proxy(tmp: Path, label: str, sims: Sims, policy: str) -> tuple[ov.Proc, int]:
+def start_proxy(tmp: Path, label: str, sims: Sims, policy: str) -> tuple[harness.Proc, int]:
     d = tmp / label
     d.mkdir()
-    port = ov.free_port()
+    port = harness.free_port()
     # `concurrency` tells the proxy each runtime's batch size, as an operator would (only least_cost uses it).
     backends = "\n".join(f'  {s.name}: {{url: "{sims.url(s.name)}", kind: vllm, concurrency: {s.max_batch}}}'
                          for s in sims.specs)
@@ -268,11 +267,11 @@ routes:
     balance: {policy}
     timeouts: {{total: 10m, first_token: 5m, queue: 5m}}
 """)
-    proc = ov.Proc(f"{label}-proxy", [sys.executable, "-m", "proxy", "serve", "--rules", str(d), "--host",
+    proc = harness.Proc(f"{label}-proxy", [sys.executable, "-m", "proxy", "serve", "--rules", str(d), "--host",
                                       "127.0.0.1", "--port", str(port), "--no-watch"], tmp)
     try:
-        ov.wait_ready(proc, f"http://127.0.0.1:{port}/healthz")
-        ov.wait_ready(proc, f"http://127.0.0.1:{port}/readyz")
+        harness.wait_ready(proc, f"http://127.0.0.1:{port}/healthz")
+        harness.wait_ready(proc, f"http://127.0.0.1:{port}/readyz")
     except BaseException:
         proc.stop()
         raise
@@ -370,7 +369,7 @@ def summarize(results: list[Result], span: float) -> dict[str, Any]:
     floor_unfinished = min((r.e2e for r in unfinished if r.e2e is not None), default=math.inf)
 
     def p(vals: list[float], q: float) -> float:
-        return ov.pct(vals, q)
+        return harness.pct(vals, q)
 
     out: dict[str, Any] = {
         "requests": len(results), "completed": len(ok), "errors": sum(1 for r in results if r.error),
@@ -480,8 +479,8 @@ def backend_breakdown(results: list[Result], by_rid: dict[str, dict[str, Any]], 
             e2e_by[name].append(r.e2e)
     for name, d in per.items():
         d["statuses"] = dict(d["statuses"])
-        d["e2e_p99_s"] = ov.pct(e2e_by[name], 99)
-        d["e2e_p50_s"] = ov.pct(e2e_by[name], 50)
+        d["e2e_p99_s"] = harness.pct(e2e_by[name], 99)
+        d["e2e_p50_s"] = harness.pct(e2e_by[name], 50)
     order = [s.name for s in specs]
     return {"backends": {n: per[n] for n in order if n in per}, "not_in_access_log": unknown}
 
@@ -524,7 +523,7 @@ class Cell:
 
     def __init__(self, label: str, policy: str, load: float, rate: float) -> None:
         self.label, self.policy, self.load, self.rate = label, policy, load, rate
-        self.proxy: ov.Proc | None = None
+        self.proxy: harness.Proc | None = None
         self.url = ""
         self.warmup: dict[str, Any] = {}
         self.warmup_s = 0.0
@@ -548,7 +547,7 @@ def run_level(tmp: Path, sims: Sims, prefix: str, policies: list[str], load: flo
                         max_tokens_cap=max(1, round(128 * args.token_scale)))
         for c in cells:
             t0 = time.monotonic()
-            w = ov.run_async(run_load(c.url, warm, "warm", 30.0, args.concurrency_cap))
+            w = harness.run_async(run_load(c.url, warm, "warm", 30.0, args.concurrency_cap))
             c.warmup = summarize(w["results"], w["span_s"])
             c.warmup_s = time.monotonic() - t0
             if c.warmup["errors"] or c.warmup["unfinished"]:
@@ -573,15 +572,15 @@ def run_level(tmp: Path, sims: Sims, prefix: str, policies: list[str], load: flo
 def _measure(c: Cell, sims: Sims, reqs: list[Req], seed: int, args: argparse.Namespace,
              problems: list[str]) -> dict[str, Any]:
     assert c.proxy is not None
-    ticks0 = (c.proxy.cpu_ticks(), sims.cpu_ticks(), _self_ticks(), _machine_busy_ticks())
+    ticks0 = (c.proxy.cpu_ticks(), sims.cpu_ticks(), harness.self_cpu_ticks(), harness.machine_ticks()[0])
     t0 = time.monotonic()
-    r = ov.run_async(run_load(c.url, reqs, f"s{seed}", args.drain_cap, args.concurrency_cap))
+    r = harness.run_async(run_load(c.url, reqs, f"s{seed}", args.drain_cap, args.concurrency_cap))
     wall = time.monotonic() - t0
-    ticks1 = (c.proxy.cpu_ticks(), sims.cpu_ticks(), _self_ticks(), _machine_busy_ticks())
+    ticks1 = (c.proxy.cpu_ticks(), sims.cpu_ticks(), harness.self_cpu_ticks(), harness.machine_ticks()[0])
     s = summarize(r["results"], r["span_s"])
     s.update(seed=seed, wall_s=wall, window_s=r["window_s"], span_s=r["span_s"], offered_rps=c.rate,
              cap_bound=r["cap_bound"],
-             cpu_pct={k: 100.0 * (b - a) / ov.CLK_TCK / wall
+             cpu_pct={k: 100.0 * (b - a) / harness.CLK_TCK / wall
                       for k, a, b in zip(("proxy", "sims", "client", "machine"), ticks0, ticks1)})
     cpu = s["cpu_pct"]
     cpu["other"] = max(0.0, cpu["machine"] - cpu["proxy"] - cpu["sims"] - cpu["client"])
@@ -654,26 +653,11 @@ def source_fingerprint() -> dict[str, str | None]:
     return out
 
 
-def _machine_busy_ticks() -> int:
-    """Busy clock ticks of the whole machine (all CPUs), from /proc/stat."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-        return user + nice + system + irq + softirq + steal
-    except (OSError, ValueError):
-        return 0
-
-
-def _self_ticks() -> int:
-    t = os.times()
-    return round((t.user + t.system) * ov.CLK_TCK)
-
-
 MEDIAN_KEYS = ("e2e_p50_s", "e2e_p95_s", "e2e_p99_s", "ttft_p50_ms", "ttft_p99_ms", "throughput_rps")
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    m: dict[str, Any] = {k: ov.med([r[k] for r in runs]) for k in MEDIAN_KEYS}
+    m: dict[str, Any] = {k: harness.med([r[k] for r in runs]) for k in MEDIAN_KEYS}
     for k in ("e2e_p50_s", "e2e_p95_s", "e2e_p99_s"):
         # the median is a lower bound if at least half of the seeds' values are
         m[k + "_lower_bound"] = sum(r[k + "_lower_bound"] for r in runs) * 2 >= len(runs) and bool(runs)
@@ -811,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown policy {p!r}")
     if args.seeds < 1 or args.requests < 1 or not loads or any(not 0 < x < 2 for x in loads):
         parser.error("--seeds and --requests must be positive, loads in (0, 2)")
-    ov.raise_nofile(65536)
+    harness.raise_nofile(65536)
 
     moments = workload_moments(args.token_scale)
     cap = capacity(HETERO, moments)
@@ -837,13 +821,12 @@ def main(argv: list[str] | None = None) -> int:
     cells: list[dict[str, Any]] = []
     homo_cells: list[dict[str, Any]] = []
     calibration: dict[str, Any] = {}
-    status = 0
-    loadavg0 = Path("/proc/loadavg").read_text().split()[:3]
-    try:
+    loadavg0 = runinfo.loadavg()
+    with harness.reported_session(tmp, args.keep_logs, problems) as session:
         sims = Sims(tmp, "het", HETERO)
         try:
             if not args.no_calibrate:
-                calibration["heterogeneous"] = ov.run_async(calibrate(sims))
+                calibration["heterogeneous"] = harness.run_async(calibrate(sims))
                 cal = calibration["heterogeneous"]
                 measured = sum(s.max_batch / (cap["backends"][s.name]["mean_service_s"] * cal[s.name]["ratio"])
                                for s in HETERO)
@@ -863,20 +846,7 @@ def main(argv: list[str] | None = None) -> int:
                                         problems)
             finally:
                 sims.close()
-    except ov.BenchError as exc:
-        sys.stdout.flush()
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
-        problems.append(f"aborted: {str(exc).splitlines()[0]}")
-        status = 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        status = 130
-    finally:
-        if args.keep_logs or status:
-            print(f"process logs kept in {tmp}", file=sys.stderr)
-        else:
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
+    status = session.status
     wall = time.monotonic() - t_begin
 
     cells.sort(key=lambda c: (c["load"], POLICIES.index(c["policy"])))
@@ -905,17 +875,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwall time {wall:.0f} s")
 
     if cells or homo_cells:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out = RESULTS / f"routing-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-        machine = ov.machine_info("python")
+        machine = runinfo.machine_info("python")
         machine["loadavg_start"] = loadavg0
-        machine["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        machine["loadavg_end"] = runinfo.loadavg()
         machine["routing_sources_sha256"] = source_fingerprint()
-        doc = {
-            "benchmark": "routing",
-            "started_utc": started.isoformat(timespec="seconds"),
-            "wall_time_s": round(wall, 1),
-            "complete": status == 0,
+        runinfo.write_results("routing", started, wall, status == 0, {
             "args": vars(args) | {"loads": loads, "policies": policies},
             "machine": machine,
             "backends": {"heterogeneous": [asdict(s) for s in HETERO], "homogeneous": [asdict(s) for s in HOMO]},
@@ -932,9 +896,7 @@ def main(argv: list[str] | None = None) -> int:
             "cells": cells,
             "homogeneous_cells": homo_cells,
             "problems": problems,
-        }
-        out.write_text(json.dumps(ov._no_nan(doc), indent=2, default=str) + "\n")
-        print(f"results written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+        })
     return status
 
 

@@ -37,7 +37,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import overhead as ov  # noqa: E402  (helpers only: no side effects on import)
+import harness  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PAGES = ("/ui/", "/ui/backends", "/ui/shadow", "/ui/cache",
@@ -135,7 +135,7 @@ def time_pages(port: int, loads: int, rps_probe: list[float]) -> dict[str, list[
                 body = response.read()
                 times[page].append((time.perf_counter() - started) * 1000)
                 if response.status != 200:
-                    raise ov.BenchError(f"GET {page}: HTTP {response.status}")
+                    raise harness.BenchError(f"GET {page}: HTTP {response.status}")
                 if page == "/admin/overview":
                     rps_probe.append(json.loads(body)["totals"]["rps"])
     finally:
@@ -176,27 +176,27 @@ def main() -> int:
         return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="splitstream-ui-bench-"))
-    procs: list[ov.Proc] = []
+    procs: list[harness.Proc] = []
     try:
-        ports = {name: ov.free_port() for name in ("a", "b", "shadow")}
+        ports = {name: harness.free_port() for name in ("a", "b", "shadow")}
         for name, port in ports.items():
-            sim = ov.Proc(f"sim-{name}", [sys.executable, "-m", "proxy", "sim-backend", "--host", "127.0.0.1",
+            sim = harness.Proc(f"sim-{name}", [sys.executable, "-m", "proxy", "sim-backend", "--host", "127.0.0.1",
                                           "--port", str(port), "--model", "sim-model", "--tokens-per-second", "0",
                                           "--ttft-ms", "0", "--max-batch", "1024"], tmp)
             procs.append(sim)
-            ov.wait_ready(sim, f"http://127.0.0.1:{port}/health")
+            harness.wait_ready(sim, f"http://127.0.0.1:{port}/health")
         rules_dir = tmp / "rules"
         rules_dir.mkdir()
         (rules_dir / "bench.yaml").write_text(rules(ports))
-        proxy_port = ov.free_port()
-        proxy = ov.Proc("proxy", [sys.executable, "-m", "proxy", "serve", "--rules", str(rules_dir),
+        proxy_port = harness.free_port()
+        proxy = harness.Proc("proxy", [sys.executable, "-m", "proxy", "serve", "--rules", str(rules_dir),
                                   "--host", "127.0.0.1", "--port", str(proxy_port)], tmp)
         procs.append(proxy)
-        ov.wait_ready(proxy, f"http://127.0.0.1:{proxy_port}/healthz")
+        harness.wait_ready(proxy, f"http://127.0.0.1:{proxy_port}/healthz")
 
         # Load long enough to cover the warm-up and the timed loads under load, whatever they take.
         budget = args.warmup + max(10.0, args.loads * len(PAGES) * 0.01)
-        load = ov.Proc("load", [sys.executable, str(Path(__file__).resolve()), "--rate", str(args.rate),
+        load = harness.Proc("load", [sys.executable, str(Path(__file__).resolve()), "--rate", str(args.rate),
                                 "--concurrency", str(args.concurrency), "--load-worker",
                                 f"http://127.0.0.1:{proxy_port}/v1/chat/completions", str(budget)], tmp)
         procs.append(load)

@@ -18,13 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import free_port
+
 READY_TIMEOUT = 10.0  # seconds for redis-server to start listening; it needs a few milliseconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

@@ -28,7 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import grafana
-from tests.integration.conftest import free_port
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 30.0  # seconds for a process to answer HTTP (they need well under one)

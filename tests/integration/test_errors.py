@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 from multidict import CIMultiDict
@@ -13,14 +12,9 @@ import openai
 import pytest
 
 from tests.conftest import Gate, simple_rules
+from tests.processes import free_port
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def post(url: str, data: Any = None, json: Any = None, headers: dict[str, str] | None = None) -> tuple[int, CIMultiDict[str], Any]:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,35 +13,9 @@ import pytest
 
 from proxy.cli import check
 from tests.conftest import Gate, simple_rules
+from tests.processes import ROOT, free_port, reaped, start, wait_for_line
 
-ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def start(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-async def wait_for_line(stream: asyncio.StreamReader, needle: str) -> str:
-    """Read lines until one contains `needle` (the process says it reached a state; no polling)."""
-    seen = []
-    while True:
-        line = (await asyncio.wait_for(stream.readline(), 60)).decode()
-        if not line:
-            raise AssertionError(f"stream ended before {needle!r}; saw: {''.join(seen)[-2000:]}")
-        seen.append(line)
-        if needle in line:
-            return line
 
 
 async def test_sigterm_drains_streams_in_flight(sim: Any, tmp_path: Path) -> None:
@@ -52,8 +23,7 @@ async def test_sigterm_drains_streams_in_flight(sim: Any, tmp_path: Path) -> Non
     runtime, server = await sim(pacer=gate)
     (tmp_path / "rules.yaml").write_text(simple_rules(server))
     port = free_port()
-    proc = await start("serve", "--rules", str(tmp_path), "--port", str(port))
-    try:
+    async with reaped(await start("serve", "--rules", str(tmp_path), "--port", str(port))) as proc:
         assert proc.stderr is not None
         await wait_for_line(proc.stderr, "listening")
         gate.open(0)
@@ -71,10 +41,6 @@ async def test_sigterm_drains_streams_in_flight(sim: Any, tmp_path: Path) -> Non
                 rest = await response.read()
         assert rest.rstrip().endswith(b"data: [DONE]")
         assert await asyncio.wait_for(proc.wait(), 60) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_invalid_rules_exit_nonzero_with_file_and_line(tmp_path: Path) -> None:
@@ -119,8 +85,7 @@ async def test_sighup_reloads_the_rules(sim: Any, tmp_path: Path) -> None:
     rules.write_text(simple_rules(a))
     port = free_port()
     # --no-watch: the file watcher would otherwise race the signal to the edit.
-    proc = await start("serve", "--rules", str(tmp_path), "--port", str(port), "--no-watch")
-    try:
+    async with reaped(await start("serve", "--rules", str(tmp_path), "--port", str(port), "--no-watch")) as proc:
         assert proc.stderr is not None
         await wait_for_line(proc.stderr, "listening")
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
@@ -142,16 +107,11 @@ async def test_sighup_reloads_the_rules(sim: Any, tmp_path: Path) -> None:
 
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_demo_starts_and_answers() -> None:
     port = free_port()
-    proc = await start("demo", "--port", str(port))
-    try:
+    async with reaped(await start("demo", "--port", str(port))) as proc:
         assert proc.stdout is not None
         line = await wait_for_line(proc.stdout, "base_url")
         assert f"http://127.0.0.1:{port}/v1" in line
@@ -164,7 +124,3 @@ async def test_demo_starts_and_answers() -> None:
         assert embedding.data[0].embedding
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()

@@ -284,7 +284,7 @@ async def test_two_replicas_on_one_redis_agree_and_a_restart_resumes(
 async def test_blue_green_waits_for_a_healthy_candidate_then_switches_at_once(sim: Any, proxy: Any) -> None:
     """`steps: [100]` added to a running route: the candidate takes everything once it answers its probe,
     and is judged against what the baseline served before the switch."""
-    from tests.integration.conftest import free_port
+    from tests.processes import free_port
 
     _, blue = await sim(**HEALTHY)
     _, green = await sim(**HEALTHY)

@@ -313,15 +313,14 @@ async def test_redis_outage_mid_load_falls_back_then_recovers(
 async def test_serve_with_redis_flag_stores_assignments_in_redis(
     sim: Any, tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    from tests.integration.test_process import free_port, start, wait_for_line
+    from tests.processes import free_port, reaped, start, wait_for_line
 
     _, stable = await sim()
     _, canary = await sim()
     (tmp_path / "rules.yaml").write_text(
         split_rules(stable, canary, variants=[("stable", 0, 50), ("canary", 1, 50)]))
     port = free_port()
-    proc = await start("serve", "--rules", str(tmp_path), "--port", str(port), "--redis", redis_server.url)
-    try:
+    async with reaped(await start("serve", "--rules", str(tmp_path), "--port", str(port), "--redis", redis_server.url)) as proc:
         assert proc.stderr is not None
         assert f"127.0.0.1:{redis_server.port}" in await wait_for_line(proc.stderr, "redis store at")
         await wait_for_line(proc.stderr, "listening")
@@ -336,14 +335,10 @@ async def test_serve_with_redis_flag_stores_assignments_in_redis(
                 assert redis_server.command(b"GET", key.encode()) == f"${len(variant)}\r\n{variant}\r\n".encode()
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_serve_refuses_a_bad_redis_url(tmp_path: Path) -> None:
-    from tests.integration.test_process import start
+    from tests.processes import start
 
     (tmp_path / "rules.yaml").write_text(textwrap.dedent("""\
         backends: {b: {url: "http://127.0.0.1:9"}}

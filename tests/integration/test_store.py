@@ -207,7 +207,7 @@ async def test_a_redis_that_stops_answering_times_out_into_the_breaker(redis_ser
 
 
 async def test_unreachable_redis_at_start_is_logged_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
-    from tests.integration.conftest import free_port
+    from tests.processes import free_port
 
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", clock=FakeClock())
     try:
