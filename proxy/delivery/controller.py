@@ -85,7 +85,6 @@ class RolloutController:
         self.lease_seconds = settings.lease
         self.replica_id = settings.replica_id or default_replica_id()
         self.is_leader = False
-        self.ticks = 0  # completed ticks (tests and the status page)
         self._lock = asyncio.Lock()  # one tick or operator action at a time in this process
         self._checkpoints: dict[str, _Checkpoint] = {}
         self._refreshed: dict[str, float] = {}
@@ -111,7 +110,6 @@ class RolloutController:
         """Read (and, as the lease holder, drive) every rollout of the running rules, then apply the weights."""
         async with self._lock:
             await self._tick(self.clock())
-        self.ticks += 1
 
     async def _tick(self, now: float) -> None:
         routes = [route for route in self._context.rules.current.routes if route.rollout is not None]

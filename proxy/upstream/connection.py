@@ -78,12 +78,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(BackendResetError("backend closed the connection before the response was complete"))
         self._wake()
 
-    def pause_writing(self) -> None:  # request bodies are small and written at once
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- httptools callbacks ----------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:

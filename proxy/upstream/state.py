@@ -162,7 +162,3 @@ class BackendStates:
                 sample = (name, other[1] + s.inflight, other[2] + s.predicted_load, live[3])
             merged[name] = sample
         return list(merged.values())
-
-    @property
-    def total_inflight(self) -> int:
-        return sum(s.inflight for s in self._states.values())
