@@ -29,10 +29,10 @@ from playwright.async_api import async_playwright
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.admin import RELOADER  # noqa: E402
+from proxy.config.reloader import RELOADER  # noqa: E402
 from proxy.app import build_app  # noqa: E402
 from proxy.config.loader import load_rules  # noqa: E402
-from proxy.context import CONTEXT  # noqa: E402
+from proxy.pipeline.shadow import SHADOWS  # noqa: E402
 from proxy.sim.runtime import SimConfig, SimRuntime  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -150,7 +150,7 @@ async def main() -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         await traffic(base, args.requests, random.Random(7))
-        await app[CONTEXT].shadows.idle()
+        await app[SHADOWS].idle()
         # A refused edit, so the overview shows how a reload error looks (the running rules stay).
         (rules_dir / "zz-typo.yaml").write_text("routes:\n  - name: extra\n    match: {model: other}\n    pool: llama-nxt\n")
         await app[RELOADER].reload("watch")

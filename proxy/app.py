@@ -1,7 +1,9 @@
 """Builds the aiohttp Application and wires the parts together; no request logic of its own.
 
-Background parts (rules watcher, upstream connection pool, health checks, store, rollouts) start in
-`cleanup_ctx` generators and are closed after `yield`, so tests and `serve` share one lifecycle.
+Every part is built here, once, and given exactly the parts it uses (no shared hub); each is also stored
+under its own typed `web.AppKey` (declared beside its class) for the admin pages, the CLI and tests.
+Background parts (rules watcher, upstream client, health checks, store, rollouts) start in `cleanup_ctx`
+generators and are closed after `yield`, so tests and `serve` share one lifecycle.
 """
 
 from __future__ import annotations
@@ -9,30 +11,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from proxy.admin import ADMIN_ACCESS, RELOADER, AdminAccess, add_admin_routes, admin_token_from_env
-from proxy.config.model import Snapshot
-from proxy.config.reloader import Reloader
-from proxy.context import CONTEXT, ProxyContext
-from proxy.delivery.controller import RolloutController, RolloutSettings
-from proxy.delivery.views import add_delivery_routes
+from proxy.admin import add_admin_routes
+from proxy.admin.guard import ADMIN_ACCESS, admin_token_from_env
+from proxy.auth import AdminAccess, ClientKeys
+from proxy.config.model import RULES, RulesHolder, Snapshot
+from proxy.config.reloader import RELOADER, Reloader
+from proxy.delivery.controller import ROLLOUTS, RolloutController, RolloutSettings
+from proxy.delivery.weights import WEIGHTS, RolloutWeights
+from proxy.observe.feedback import FEEDBACK, FeedbackLedger
 from proxy.observe.logs import AccessLog
-from proxy.observe.metrics import Metrics
-from proxy.pipeline import handler
-from proxy.store.recent import RecentAssignments
-from proxy.pipeline.errors import error_middleware
+from proxy.observe.metrics import METRICS, Metrics
+from proxy.observe.record import Recorder
+from proxy.observe.stats import STATS, RequestStats
+from proxy.pipeline.assignment import SPLITTER, Splitter
+from proxy.pipeline.dispatch import DISPATCHER, Dispatcher
+from proxy.pipeline.feedback import FeedbackEndpoint
+from proxy.pipeline.handler import ENDPOINTS, Endpoints, healthz
+from proxy.pipeline.middleware import RequestIds, error_middleware
+from proxy.pipeline.result_cache import CACHE, ResultCache
+from proxy.pipeline.shadow import SHADOWS, ShadowMirror
 from proxy.store import MemoryStore, OwnedStore
+from proxy.store.recent import RecentAssignments
+from proxy.types import Clock
 from proxy.ui.views import add_ui_routes
-from proxy.upstream.health import HealthChecker
-from proxy.upstream.pool import ConnectionPool
+from proxy.upstream.client import UPSTREAM, UpstreamClient
+from proxy.upstream.health import HEALTH, HealthChecker
+from proxy.upstream.queue import WaitQueue
+from proxy.upstream.state import BACKENDS, BackendStates
 
 # Hard ceiling for aiohttp's own body reader; the configurable limit (`server.max_body_bytes`) is checked
-# per request in `pipeline/handler.py` so a reload can change it.
+# per request in `pipeline/body.py` so a reload can change it.
 CLIENT_MAX_SIZE = 1024 * 1024 * 1024
+
+# The embedded result cache's bounds (the process's memory is the limit; Redis has its own maxmemory).
+CACHE_MAX_ENTRIES = 50_000
+CACHE_MAX_BYTES = 256 * 1024 * 1024
+# Embedded rollout state gets its own small store, which sticky subjects filling the shared LRU never evict.
+ROLLOUT_MAX_ENTRIES = 1024
 
 
 def client_keys_from_env() -> list[str]:
@@ -40,56 +61,9 @@ def client_keys_from_env() -> list[str]:
     return [k.strip() for k in os.environ.get("SPLITSTREAM_API_KEYS", "").split(",") if k.strip()]
 
 
-async def _health_checks(app: web.Application) -> AsyncIterator[None]:
-    context = app[CONTEXT]
-    context.health = HealthChecker(context.backends, lambda: context.rules.current)
-    task = asyncio.create_task(context.health.run(), name="splitstream-health")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-def _rules_reloader(watch: bool) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        reloader = app[RELOADER]
-        if watch:
-            reloader.start_watching()
-        yield
-        await reloader.close()  # the watcher and any reload still running (SIGHUP, admin)
-
-    return lifecycle
-
-
-async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
-    context = app[CONTEXT]
-    context.pool = ConnectionPool(asyncio.get_running_loop())
-    yield
-    await context.shadows.close()  # shadow copies use the pool: stop them first
-    await context.cache.close()
-    context.pool.close()
-    context.access_log.flush()
-
-
-def _store_lifecycle(store: OwnedStore) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await store.start()
-        yield
-        await store.close()
-
-    return lifecycle
-
-
-async def _rollouts(app: web.Application) -> AsyncIterator[None]:
-    controller = app[CONTEXT].rollouts
-    await controller.tick_logged()  # weights of every rollout are known before the first request
-    task = asyncio.create_task(controller.run(), name="splitstream-rollouts") if controller.tick_seconds else None
-    yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await controller.close()
+def loop_clock() -> float:
+    """The event loop's clock: the default clock of backend state."""
+    return asyncio.get_running_loop().time()
 
 
 def build_app(
@@ -103,43 +77,130 @@ def build_app(
     rules_env: Mapping[str, str] | None = None,
     watch_rules: bool = True,
     rollout_settings: RolloutSettings | None = None,
+    backend_clock: Clock | None = None,
 ) -> web.Application:
     """The proxy app. `store` (default: embedded) is opened and closed with the app, which owns it.
 
     `rules_dir` is where `snapshot` came from: given, the app reloads from it on POST /admin/reload and,
     with `watch_rules`, whenever a rule file in it changes; `rules_env` is where reloads read `api_key_env`
     values (default os.environ). `admin_token` defaults to SPLITSTREAM_ADMIN_TOKEN; '' = loopback-only.
-    `rollout_settings`: the rollout controller's clock, tick, lease and replica id (tests drive ticks)."""
-    context = ProxyContext(
-        snapshot,
-        metrics or Metrics(),
-        access_log or AccessLog(),
-        client_keys if client_keys is not None else client_keys_from_env(),
-    )
-    context.metrics.rules_generation.set(snapshot.generation)
-    context.metrics.rules_reloads_total.labels("success").inc()
-    app = web.Application(middlewares=[error_middleware], client_max_size=CLIENT_MAX_SIZE)
-    app[CONTEXT] = context
-    app[RELOADER] = Reloader(rules_dir, context.rules, context.backends, context.metrics, env=rules_env)
-    app[ADMIN_ACCESS] = AdminAccess.from_token(admin_token if admin_token is not None else admin_token_from_env())
-    app.cleanup_ctx.append(_rules_reloader(watch_rules))
-    app.cleanup_ctx.append(_upstream_pool)
-    app.cleanup_ctx.append(_health_checks)
+    `rollout_settings`: the rollout controller's clock, tick, lease and replica id (tests drive ticks).
+    `backend_clock`: the clock of ejection, throttling and probing (default the loop's; tests pass a fake)."""
+    metrics = metrics or Metrics()
+    access_log = access_log or AccessLog()
     owned = store if store is not None else MemoryStore()
-    context.store = owned
-    if not isinstance(owned, MemoryStore):
-        context.recent_assignments = RecentAssignments()
+    shared = not isinstance(owned, MemoryStore)  # a shared store (Redis) also holds the cache and rollouts
+
+    rules = RulesHolder(snapshot)
+    backends = BackendStates()
+    backends.sync(snapshot.backends)
+    queue = WaitQueue()
+    weights = RolloutWeights()  # effective split weights of routes with a rollout (hot path)
+    stats = RequestStats()  # per-variant counters and recent samples (status pages, rollouts)
+    feedback = FeedbackLedger()  # request id -> variant, and client feedback scores per variant
+    client = UpstreamClient()
+    dispatcher = Dispatcher(backends, client, queue, metrics, backend_clock)
+    shadows = ShadowMirror(dispatcher, metrics)
+    cache = ResultCache(owned if shared else MemoryStore(max_entries=CACHE_MAX_ENTRIES, max_bytes=CACHE_MAX_BYTES),
+                        metrics)
+    splitter = Splitter(owned, RecentAssignments() if shared else None, weights, metrics)
+    rollouts = RolloutController(
+        owned if shared else MemoryStore(max_entries=ROLLOUT_MAX_ENTRIES), rules, weights, stats,
+        lambda: shadows.recent, backends, metrics, rollout_settings or RolloutSettings(), backend_clock,
+    )
+    clock = backend_clock or loop_clock
+    health = HealthChecker(backends, lambda: rules.current, clock)
+    reloader = Reloader(rules_dir, rules, on_swap=lambda new: backends.sync(new.backends),
+                        on_outcome=metrics.record_reload, env=rules_env)
+    metrics.rules_generation.set(snapshot.generation)
+    metrics.rules_reloads_total.labels("success").inc()
+    metrics.watch_backends(lambda: backends.samples(clock()))
+    metrics.watch_rules(lambda: rules.current, queue.depths, weights.variants_for)
+    keys = ClientKeys.of(client_keys if client_keys is not None else client_keys_from_env())
+    endpoints = Endpoints(rules, keys, splitter, cache, dispatcher, shadows, metrics)
+
+    recorder = Recorder(metrics, access_log, stats, feedback)
+    app = web.Application(middlewares=[error_middleware(recorder, RequestIds())], client_max_size=CLIENT_MAX_SIZE)
+    app[RULES], app[RELOADER], app[METRICS], app[BACKENDS], app[UPSTREAM] = rules, reloader, metrics, backends, client
+    app[DISPATCHER], app[SHADOWS], app[CACHE], app[SPLITTER], app[ENDPOINTS] = (
+        dispatcher, shadows, cache, splitter, endpoints)
+    app[WEIGHTS], app[STATS], app[FEEDBACK], app[ROLLOUTS], app[HEALTH] = weights, stats, feedback, rollouts, health
+    app[ADMIN_ACCESS] = AdminAccess.from_token(admin_token if admin_token is not None else admin_token_from_env())
+
+    app.cleanup_ctx.append(_rules_reloader(reloader, watch_rules))
+    app.cleanup_ctx.append(_upstream(client, shadows, cache, access_log))
+    app.cleanup_ctx.append(_background("splitstream-health", health.run))
     app.cleanup_ctx.append(_store_lifecycle(owned))
-    rollout_store = context.rollouts.store if isinstance(owned, MemoryStore) else owned
-    context.rollouts = RolloutController(context, rollout_store, rollout_settings or RolloutSettings())
-    app.cleanup_ctx.append(_rollouts)  # after the store: it starts once the store is open, stops before it closes
+    app.cleanup_ctx.append(_rollouts(rollouts))  # after the store: starts once it is open, stops before it closes
+
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        app.router.add_post(path, handler.inference)
-    app.router.add_get("/v1/models", handler.list_models)
-    app.router.add_get("/healthz", handler.healthz)
-    app.router.add_get("/readyz", handler.readyz)
-    app.router.add_get("/metrics", handler.metrics)
-    add_admin_routes(app)
-    add_delivery_routes(app)  # /admin/rollouts, /admin/experiments, POST /v1/feedback
+        app.router.add_post(path, endpoints.inference)
+    app.router.add_get("/v1/models", endpoints.list_models)
+    app.router.add_post("/v1/feedback", FeedbackEndpoint(keys, feedback).post)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", endpoints.readyz)
+    app.router.add_get("/metrics", endpoints.metrics_page)
+    add_admin_routes(app)  # /admin/rules, /admin/reload, /admin/rollouts, /admin/experiments
     add_ui_routes(app)  # /ui/ status pages and their JSON twins under /admin/
     return app
+
+
+Lifecycle = Callable[[web.Application], AsyncIterator[None]]
+
+
+def _rules_reloader(reloader: Reloader, watch: bool) -> Lifecycle:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        if watch:
+            reloader.start_watching()
+        yield
+        await reloader.close()  # the watcher and any reload still running (SIGHUP, admin)
+
+    return lifecycle
+
+
+def _upstream(client: UpstreamClient, shadows: ShadowMirror, cache: ResultCache, access_log: AccessLog) -> Lifecycle:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        client.open()
+        yield
+        await shadows.close()  # shadow copies use the client: stop them first
+        await cache.close()
+        client.close()
+        access_log.flush()
+
+    return lifecycle
+
+
+def _background(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> Lifecycle:
+    """A task that runs for the app's life and is cancelled (and awaited) when it stops."""
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(run(), name=name)
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return lifecycle
+
+
+def _store_lifecycle(store: OwnedStore) -> Lifecycle:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await store.start()
+        yield
+        await store.close()
+
+    return lifecycle
+
+
+def _rollouts(controller: RolloutController) -> Lifecycle:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await controller.tick_logged()  # weights of every rollout are known before the first request
+        task = asyncio.create_task(controller.run(), name="splitstream-rollouts") if controller.tick_seconds else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await controller.close()
+
+    return lifecycle

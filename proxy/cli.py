@@ -19,9 +19,9 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from proxy.admin import RELOADER
 from proxy.app import build_app
 from proxy.config.loader import RulesError, load_rules
+from proxy.config.reloader import RELOADER
 from proxy.delivery import client as rollout_client
 from proxy.delivery.state import OPERATOR_ACTIONS
 from proxy.observe.logs import configure_logging

@@ -1,7 +1,7 @@
 """Every error a client can see, as one tree; each class carries its HTTP status, OpenAI `type` and `code`.
 
 Raise these anywhere on the request path; `error_body` / `sse_error_event` below render them (the
-middleware in `pipeline/errors.py` as a JSON body before the response started; relays as an SSE `error`
+middleware in `pipeline/middleware.py` as a JSON body before the response started; relays as an SSE `error`
 event after). Nothing else builds an error body.
 
     SplitstreamError                      500 server_error / internal_error

@@ -16,12 +16,21 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.admin import RELOADER
 from proxy.app import build_app
 from proxy.config.loader import load_rules
-from proxy.config.reloader import Reloader
-from proxy.context import CONTEXT, ProxyContext
-from proxy.delivery.controller import RolloutSettings
+from proxy.config.model import RULES, RulesHolder
+from proxy.config.reloader import RELOADER, Reloader
+from proxy.delivery.controller import ROLLOUTS, RolloutController, RolloutSettings
+from proxy.delivery.weights import WEIGHTS, RolloutWeights
+from proxy.observe.metrics import METRICS, Metrics
+from proxy.pipeline.assignment import SPLITTER, Splitter
+from proxy.pipeline.dispatch import DISPATCHER, Dispatcher
+from proxy.pipeline.handler import ENDPOINTS, Endpoints
+from proxy.pipeline.result_cache import CACHE, ResultCache
+from proxy.pipeline.shadow import SHADOWS, ShadowMirror
+from proxy.types import Clock
+from proxy.upstream.health import HEALTH, HealthChecker
+from proxy.upstream.state import BACKENDS, BackendStates
 from proxy.sim.runtime import Pacer, SimConfig, SimRuntime
 from proxy.store import OwnedStore
 
@@ -75,17 +84,59 @@ def backend_url(server: TestServer) -> str:
 
 
 class ProxyHandle:
+    """A served proxy and, by name, the parts tests look into (each under its app key)."""
+
     def __init__(self, server: TestServer, rules_dir: Path) -> None:
         self.server = server
         self.rules_dir = rules_dir
 
     @property
-    def context(self) -> ProxyContext:
-        return self.server.app[CONTEXT]
-
-    @property
     def reloader(self) -> Reloader:
         return self.server.app[RELOADER]
+
+    @property
+    def rules(self) -> RulesHolder:
+        return self.server.app[RULES]
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.server.app[METRICS]
+
+    @property
+    def backends(self) -> BackendStates:
+        return self.server.app[BACKENDS]
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.server.app[DISPATCHER]
+
+    @property
+    def splitter(self) -> Splitter:
+        return self.server.app[SPLITTER]
+
+    @property
+    def cache(self) -> ResultCache:
+        return self.server.app[CACHE]
+
+    @property
+    def shadows(self) -> ShadowMirror:
+        return self.server.app[SHADOWS]
+
+    @property
+    def rollouts(self) -> RolloutController:
+        return self.server.app[ROLLOUTS]
+
+    @property
+    def weights(self) -> RolloutWeights:
+        return self.server.app[WEIGHTS]
+
+    @property
+    def health(self) -> HealthChecker:
+        return self.server.app[HEALTH]
+
+    @property
+    def endpoints(self) -> Endpoints:
+        return self.server.app[ENDPOINTS]
 
     @property
     def base_url(self) -> str:
@@ -101,14 +152,15 @@ async def proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Callable[.
 
     async def make(rules_yaml: str, client_keys: list[str] | None = None, env: dict[str, str] | None = None,
                    store: OwnedStore | None = None, admin_token: str = "", watch_rules: bool = True,
-                   rollout_settings: RolloutSettings | None = None) -> ProxyHandle:
+                   rollout_settings: RolloutSettings | None = None,
+                   backend_clock: Clock | None = None) -> ProxyHandle:
         rules_dir = tmp_path / f"rules{len(handles)}"
         rules_dir.mkdir()
         (rules_dir / "rules.yaml").write_text(rules_yaml)
         snapshot = load_rules(rules_dir, env=env or {}, generation=1)
         app = build_app(snapshot, client_keys=client_keys or [], store=store, rules_dir=rules_dir,
                         admin_token=admin_token, rules_env=env or {}, watch_rules=watch_rules,
-                        rollout_settings=rollout_settings)
+                        rollout_settings=rollout_settings, backend_clock=backend_clock)
         server = await aiohttp_server(app)  # TestServer enables handler_cancellation itself
         handle = ProxyHandle(server, rules_dir)
         handles.append(handle)
@@ -116,11 +168,11 @@ async def proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Callable[.
 
     yield make
     for handle in handles:
-        context = handle.context
+        backends, endpoints = handle.backends, handle.endpoints
         await handle.server.close()  # waits for every handler to finish
-        leftovers = [(s.backend.name, s.inflight, s.predicted_load) for s in context.backends if s.inflight or s.predicted_load]
+        leftovers = [(s.backend.name, s.inflight, s.predicted_load) for s in backends if s.inflight or s.predicted_load]
         assert not leftovers, f"backend load not released: {leftovers}"
-        assert context.inflight == 0
+        assert endpoints.inflight == 0
 
 
 def simple_rules(*servers: TestServer, model: str = "sim-model", client_model: str = "my-model",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
 BACKEND_KINDS = ("vllm", "llamacpp", "ollama", "tgi", "openai")
 BALANCE_POLICIES = ("least_cost", "least_conn", "round_robin")
 ENDPOINTS = ("chat", "completions", "embeddings")
@@ -227,3 +229,6 @@ class RulesHolder:
 
     def swap(self, snapshot: Snapshot) -> None:
         self.current = snapshot
+
+
+RULES = web.AppKey("RULES", RulesHolder)

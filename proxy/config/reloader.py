@@ -3,7 +3,9 @@
 `Reloader.reload()` parses the directory in a worker thread, then swaps the snapshot and syncs backend
 state on the event loop with no await in between: a request sees the old rules or the new ones, never a mix,
 and keeps the snapshot it started with. A rejected load changes nothing but `last_error`. Callers: the
-watcher (started by app.py's cleanup_ctx), SIGHUP in `cli.serve`, POST /admin/reload (`proxy/admin.py`).
+watcher (started by app.py's cleanup_ctx), SIGHUP in `cli.serve`, POST /admin/reload (`admin/rules.py`).
+Whoever must follow a swap (backend state, metrics) is told through the callbacks `app.py` gives at wiring
+time: this module imports nothing above the ground floor.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiohttp import web
 from watchfiles import Change, awatch
 
 from proxy.config.loader import RULE_SUFFIXES, RulesError, load_rules
-from proxy.config.model import RulesHolder
-from proxy.observe.metrics import Metrics
-from proxy.upstream.state import BackendStates
+from proxy.config.model import RulesHolder, Snapshot
 
 log = logging.getLogger("splitstream.rules")
 
@@ -55,25 +56,31 @@ def is_rule_change(change: Change, path: str) -> bool:
     return name.startswith("..data") or (name.endswith(RULE_SUFFIXES) and not name.startswith("."))
 
 
+def _ignore(_: object) -> None:
+    pass
+
+
 class Reloader:
     """Owns reloading: the directory, the running generation, when it was loaded and the last rejection.
 
-    A lock keeps two reloads from interleaving, so generations go up by one and never race."""
+    A lock keeps two reloads from interleaving, so generations go up by one and never race. `on_swap` is
+    called with the new snapshot just before it becomes current, with no await in between (backend state
+    follows it atomically); `on_outcome` with every attempt's outcome that loaded or rejected files."""
 
     def __init__(
         self,
         rules_dir: str | Path | None,
         holder: RulesHolder,
-        backends: BackendStates,
-        metrics: Metrics,
         *,
+        on_swap: Callable[[Snapshot], None] = _ignore,
+        on_outcome: Callable[[ReloadOutcome], None] = _ignore,
         env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.rules_dir = None if rules_dir is None else str(rules_dir)
         self._holder = holder
-        self._backends = backends
-        self._metrics = metrics
+        self._on_swap = on_swap
+        self._on_outcome = on_outcome
         self._env = env  # api_key_env values; None = os.environ (as at startup)
         self._clock = clock
         self.loaded_at = clock()
@@ -111,7 +118,7 @@ class Reloader:
             outcome = ReloadOutcome(ERROR, trigger, current.generation, self._clock(), loop.time() - started,
                                     exc.errors)
             self.last_error = outcome
-            self._metrics.rules_reloads_total.labels(ERROR).inc()
+            self._on_outcome(outcome)
             log.error("rules reload (%s) rejected, generation %d keeps serving: %d error%s: %s", trigger,
                       current.generation, len(exc.errors), "" if len(exc.errors) == 1 else "s",
                       " | ".join(exc.errors))
@@ -122,15 +129,15 @@ class Reloader:
             log.debug("rules reload (%s): files unchanged, generation %d", trigger, current.generation)
             return ReloadOutcome(UNCHANGED, trigger, current.generation, self._clock(), duration)
         # No await from here on: requests see the old snapshot or the new one with its backend state.
-        self._backends.sync(snapshot.backends)
+        self._on_swap(snapshot)
         self._holder.swap(snapshot)
         self.loaded_at = self._clock()
-        self._metrics.rules_generation.set(snapshot.generation)
-        self._metrics.rules_reloads_total.labels(SUCCESS).inc()
         log.info("rules reloaded (%s): generation %d, %d routes, %d pools, %d backends, %.0f ms", trigger,
                  snapshot.generation, len(snapshot.routes), len(snapshot.pools), len(snapshot.backends),
                  duration * 1000)
-        return ReloadOutcome(SUCCESS, trigger, snapshot.generation, self.loaded_at, duration)
+        outcome = ReloadOutcome(SUCCESS, trigger, snapshot.generation, self.loaded_at, duration)
+        self._on_outcome(outcome)
+        return outcome
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Return once `predicate()` holds, checking after every reload attempt (tests await this)."""
@@ -207,3 +214,6 @@ class _StopSignal(asyncio.Event):
             with contextlib.suppress(RuntimeError):  # the loop closed first: nobody is waiting
                 self._loop.call_soon_threadsafe(on_watching)
         return super().is_set()
+
+
+RELOADER = web.AppKey("RELOADER", Reloader)

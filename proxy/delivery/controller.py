@@ -13,11 +13,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from proxy.config.model import Route
+from aiohttp import web
+
+from proxy.config.model import Route, RulesHolder
 from proxy.delivery.analysis import Analysis, ShadowPairs, Window, analyse
 from proxy.delivery.state import (
     ADVANCE,
@@ -34,12 +36,15 @@ from proxy.delivery.state import (
     operator_action,
     state_key,
 )
+from proxy.delivery.weights import RolloutWeights
 from proxy.errors import RolloutConflictError, RolloutUnavailableError, StoreUnavailableError, UnknownRolloutError
+from proxy.observe.compare import Comparison
+from proxy.observe.metrics import Metrics
+from proxy.observe.stats import RequestStats
 from proxy.store.base import Store
+from proxy.types import Clock
 from proxy.upstream.probe import is_reachable
-
-if TYPE_CHECKING:
-    from proxy.context import ProxyContext
+from proxy.upstream.state import BackendStates
 
 log = logging.getLogger("splitstream.rollout")
 
@@ -75,11 +80,32 @@ class _Checkpoint:
 
 
 class RolloutController:
-    """Rollout state I/O for one process. `is_leader`: whether this replica drove the last tick."""
+    """Rollout state I/O for one process. `is_leader`: whether this replica drove the last tick.
 
-    def __init__(self, context: ProxyContext, store: Store, settings: RolloutSettings = RolloutSettings()) -> None:
-        self._context = context
+    Given, at wiring time, exactly what it reads and drives: the rules, the weights it applies, the
+    per-variant statistics it judges, the shadow comparisons (a callable: the mirror lives upstairs),
+    backend state for the candidate's readiness, and its metrics."""
+
+    def __init__(
+        self,
+        store: Store,
+        rules: RulesHolder,
+        weights: RolloutWeights,
+        stats: RequestStats,
+        comparisons: Callable[[], Iterable[Comparison]],
+        backends: BackendStates,
+        metrics: Metrics,
+        settings: RolloutSettings = RolloutSettings(),
+        backend_clock: Clock | None = None,
+    ) -> None:
         self.store = store
+        self._rules = rules
+        self._weights = weights
+        self._stats = stats
+        self._comparisons = comparisons
+        self._backends = backends
+        self._metrics = metrics
+        self._backend_clock = backend_clock
         self.clock = settings.clock
         self.tick_seconds = settings.tick
         self.lease_seconds = settings.lease
@@ -112,11 +138,11 @@ class RolloutController:
             await self._tick(self.clock())
 
     async def _tick(self, now: float) -> None:
-        routes = [route for route in self._context.rules.current.routes if route.rollout is not None]
-        for name in self._context.weights.retain({route.name for route in routes}):
+        routes = [route for route in self._rules.current.routes if route.rollout is not None]
+        for name in self._weights.retain({route.name for route in routes}):
             self._checkpoints.pop(name, None)
             with contextlib.suppress(KeyError):
-                self._context.metrics.rollout_step.remove(name)
+                self._metrics.rollout_step.remove(name)
         if not routes:
             return
         try:
@@ -205,8 +231,8 @@ class RolloutController:
         return new
 
     def _follow(self, route: Route, state: RolloutState | None) -> None:
-        applied = self._context.weights.apply(route, state)
-        self._context.metrics.rollout_step.labels(route.name).set(applied.percent)
+        applied = self._weights.apply(route, state)
+        self._metrics.rollout_step.labels(route.name).set(applied.percent)
         if state is not None:
             self._checkpoint(route, state)
 
@@ -219,7 +245,7 @@ class RolloutController:
         if checkpoint is None or checkpoint.key != key:
             marks = {}
             for variant in route.variants:
-                stats = self._context.stats.get(route.name, variant.name)
+                stats = self._stats.get(route.name, variant.name)
                 marks[variant.name] = (stats.requests, stats.errors) if stats is not None else (0, 0)
             checkpoint = self._checkpoints[route.name] = _Checkpoint(key, marks)
         return checkpoint
@@ -235,7 +261,7 @@ class RolloutController:
         return analyse(rollout, candidate, baseline, self._shadow_pairs(route), early=now < state.due)
 
     def _window(self, route: str, variant: str, marks: dict[str, tuple[int, int]], whole_ring: bool = False) -> Window:
-        stats = self._context.stats.get(route, variant)
+        stats = self._stats.get(route, variant)
         if stats is None:
             return Window()
         if whole_ring:
@@ -251,7 +277,7 @@ class RolloutController:
         pool = next(v.pool.name for v in route.variants if v.name == route.rollout.candidate)
         if not any(shadow.pool.name == pool for shadow in route.shadows):
             return None
-        pairs = [c for c in self._context.shadows.recent if c.route == route.name and c.pool == pool]
+        pairs = [c for c in self._comparisons() if c.route == route.name and c.pool == pool]
         return ShadowPairs(
             pairs=len(pairs),
             shadow_failed=sum(1 for c in pairs if c.shadow_status >= 500 > c.primary_status),
@@ -262,15 +288,15 @@ class RolloutController:
         """Some backend of the candidate's pool is available to the balancer and answers its probe now."""
         assert route.rollout is not None
         pool = next(v.pool for v in route.variants if v.name == route.rollout.candidate)
-        now = asyncio.get_running_loop().time()
-        timeout = self._context.rules.current.health.timeout
-        usable = [b for b in pool.backends if self._context.backends.get(b).is_available(now)]
+        now = self._backend_clock() if self._backend_clock else asyncio.get_running_loop().time()
+        timeout = self._rules.current.health.timeout
+        usable = [b for b in pool.backends if self._backends.get(b).is_available(now)]
         return any(await asyncio.gather(*(is_reachable(b, timeout) for b in usable)))
 
     # --------------------------------------------------------------------------------- operators
 
     def route(self, name: str) -> Route:
-        for route in self._context.rules.current.routes:
+        for route in self._rules.current.routes:
             if route.name == name and route.rollout is not None:
                 return route
         raise UnknownRolloutError(f"No route `{name[:128]}` with a rollout in the running rules.")
@@ -281,7 +307,7 @@ class RolloutController:
         try:
             return decode(await self.store.get(state_key(route.name, route.rollout.digest)))
         except StoreUnavailableError:
-            return self._context.weights.state_of(route.name)
+            return self._weights.state_of(route.name)
 
     async def act(self, route_name: str, action: str) -> tuple[Route, RolloutState]:
         """An operator's pause | resume | promote | abort, applied to the stored state and followed here at once
@@ -320,7 +346,7 @@ class RolloutController:
     def _transitioned(self, route: Route, state: RolloutState, action: str) -> None:
         """Count and log one transition: one line, names and numbers only."""
         assert route.rollout is not None
-        self._context.metrics.rollout_transitions_total.labels(route.name, action).inc()
+        self._metrics.rollout_transitions_total.labels(route.name, action).inc()
         entry = state.history[-1] if state.history else {}
         log.info("rollout %s: %s -> %s, candidate %s at %g%% (step %d/%d), reason %s%s", route.name, action,
                  state.status, route.rollout.candidate, candidate_percent(state, route.rollout), state.step + 1,
@@ -331,3 +357,6 @@ def _numbers(numbers: dict[str, Any]) -> str:
     shown = [f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
              for name, value in numbers.items() if value is not None]
     return ": " + " ".join(shown) if shown else ""
+
+
+ROLLOUTS = web.AppKey("ROLLOUTS", RolloutController)

@@ -3,7 +3,7 @@ with confidence intervals and p-values against the baseline. Pure: statistics in
 
 Counts (requests, errors, tokens) are since start; latency and TTFT cover each variant's recent successful
 requests (the `observe/stats.py` sample ring); feedback covers every score this process joined
-(`observe/feedback.py`). All per process, like the status pages. Called by `delivery/views.py`.
+(`observe/feedback.py`). All per process, like the status pages. Called by `admin/rollouts.py`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ block (a new block has no state yet: candidate 0 % until the controller starts i
 
 from __future__ import annotations
 
+from aiohttp import web
+
 from proxy.config.model import Route, Variant
 from proxy.delivery.state import RolloutState, candidate_percent, effective_variants
 
@@ -63,3 +65,6 @@ class RolloutWeights:
         for name in gone:
             del self._applied[name]
         return gone
+
+
+WEIGHTS = web.AppKey("WEIGHTS", RolloutWeights)

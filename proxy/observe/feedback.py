@@ -1,7 +1,7 @@
 """Client feedback joined to the variant that served the request: a bounded request-id map and totals.
 
-`remember()` runs once per routed request from `observe/record.py` `finish()`: one OrderedDict insert and,
-past `max_requests`, one eviction (O(1)). `score()` serves POST /v1/feedback (`delivery/views.py`): it finds
+`remember()` runs once per routed request from `observe/record.py` `Recorder.finish()`: one OrderedDict insert and,
+past `max_requests`, one eviction (O(1)). `score()` serves POST /v1/feedback (`pipeline/feedback.py`): it finds
 the request, replaces an earlier score for the same request, and keeps per-(route, variant) count, sum and
 sum of squares for the A/B report. Per process, like `observe/stats.py`: ids and numbers, never text.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from aiohttp import web
 
 # ~100 bytes per remembered request: 64 Ki requests cost a few MiB. Feedback for older ones gets a 404.
 DEFAULT_MAX_REQUESTS = 65_536
@@ -75,3 +77,6 @@ class FeedbackLedger:
 
     def totals(self, route: str) -> dict[str, FeedbackTotals]:
         return {variant: totals for (name, variant), totals in self._totals.items() if name == route}
+
+
+FEEDBACK = web.AppKey("FEEDBACK", FeedbackLedger)

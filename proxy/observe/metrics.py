@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -18,7 +19,8 @@ from proxy.errors import SplitstreamError
 
 if TYPE_CHECKING:
     from proxy.config.model import Route, Snapshot, Variant
-    from proxy.pipeline.compare import Comparison
+    from proxy.config.reloader import ReloadOutcome
+    from proxy.observe.compare import Comparison
 
 # LLM requests take from milliseconds (cache hits, embeddings) to minutes (long generations).
 DURATION_BUCKETS = (
@@ -148,6 +150,11 @@ class Metrics:
         if child is None:
             child = self._assignment_children[key] = self.split_assignments_total.labels(*key)
         child.inc()
+
+    def record_reload(self, outcome: ReloadOutcome) -> None:
+        """One rules load that swapped (success) or was refused (error); `unchanged` loads are not reloads."""
+        self.rules_reloads_total.labels(outcome.result).inc()
+        self.rules_generation.set(outcome.generation)
 
     def record_comparison(self, result: Comparison) -> None:
         labels = (result.route, result.pool)
@@ -281,3 +288,6 @@ class RuleGauges:
                 "splitstream_queue_waiting", "Requests waiting for a backend slot per pool.", labels=["pool"]
             ),
         )
+
+
+METRICS = web.AppKey("METRICS", Metrics)

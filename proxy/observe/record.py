@@ -1,8 +1,8 @@
 """The per-request record: filled in along the path, written once at the end as one log line and metrics.
 
 Holds ids, names, sizes, timings and token counts — never prompt or completion text. Created and
-finished by the error middleware (`pipeline/errors.py`), so every request is recorded exactly once,
-whichever way it ended (answer, error, client gone).
+finished by the error middleware (`pipeline/middleware.py`) through one `Recorder`, so every request is
+recorded exactly once, whichever way it ended (answer, error, client gone).
 """
 
 from __future__ import annotations
@@ -47,47 +47,55 @@ class RequestRecord:
         self.cache: str | None = None  # hit | miss | bypass | coalesced, on routes with a cache
 
 
-def finish(
-    record: RequestRecord, metrics: Metrics, access_log: AccessLog, now: float, stats: RequestStats | None = None,
-    feedback: FeedbackLedger | None = None,
-) -> None:
-    """Write the request metrics, the per-variant statistics (status pages, rollouts), the request's variant
-    for later feedback, and the access-log line."""
-    duration = now - record.started
-    if record.route is not NONE:
-        if stats is not None:
-            stats.record(record.route, record.variant, now, duration, record.ttft, is_error_status(record.status),
-                         record.prompt_tokens, record.completion_tokens)
-        if feedback is not None:
-            feedback.remember(record.request_id, record.route, record.variant)
-        children = metrics.for_request(record.route, record.variant, record.backend)
-        children.count(record.status)
-        children.duration.observe(duration)
-        if record.ttft is not None:
-            children.ttft.observe(record.ttft)
-        if record.prompt_tokens:
-            children.prompt_tokens.inc(record.prompt_tokens)
-        if record.completion_tokens:
-            children.completion_tokens.inc(record.completion_tokens)
-    elif record.path.startswith("/v1/"):
-        metrics.requests_total.labels(NONE, NONE, NONE, status_class(record.status)).inc()
-    if access_log.enabled:
-        access_log.write({
-            "request_id": record.request_id,
-            "method": record.method,
-            "path": record.path,
-            "route": record.route,
-            "variant": record.variant,
-            "backend": record.backend,
-            "status": record.status,
-            "stream": record.stream,
-            "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out,
-            "prompt_tokens": record.prompt_tokens,
-            "completion_tokens": record.completion_tokens,
-            "ttft_ms": None if record.ttft is None else round(record.ttft * 1000, 3),
-            "duration_ms": round(duration * 1000, 3),
-            "attempts": record.attempts,
-            "cache": record.cache,
-            "error": record.error,
-        })
+class Recorder:
+    """Where finished requests go: metrics, per-variant statistics, the feedback ledger, the access log."""
+
+    __slots__ = ("metrics", "access_log", "stats", "feedback")
+
+    def __init__(
+        self, metrics: Metrics, access_log: AccessLog, stats: RequestStats, feedback: FeedbackLedger
+    ) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+        self.stats = stats
+        self.feedback = feedback
+
+    def finish(self, record: RequestRecord, now: float) -> None:
+        """Write the request metrics, the per-variant statistics (status pages, rollouts), the request's
+        variant for later feedback, and the access-log line."""
+        duration = now - record.started
+        if record.route is not NONE:
+            self.stats.record(record.route, record.variant, now, duration, record.ttft,
+                              is_error_status(record.status), record.prompt_tokens, record.completion_tokens)
+            self.feedback.remember(record.request_id, record.route, record.variant)
+            children = self.metrics.for_request(record.route, record.variant, record.backend)
+            children.count(record.status)
+            children.duration.observe(duration)
+            if record.ttft is not None:
+                children.ttft.observe(record.ttft)
+            if record.prompt_tokens:
+                children.prompt_tokens.inc(record.prompt_tokens)
+            if record.completion_tokens:
+                children.completion_tokens.inc(record.completion_tokens)
+        elif record.path.startswith("/v1/"):
+            self.metrics.requests_total.labels(NONE, NONE, NONE, status_class(record.status)).inc()
+        if self.access_log.enabled:
+            self.access_log.write({
+                "request_id": record.request_id,
+                "method": record.method,
+                "path": record.path,
+                "route": record.route,
+                "variant": record.variant,
+                "backend": record.backend,
+                "status": record.status,
+                "stream": record.stream,
+                "bytes_in": record.bytes_in,
+                "bytes_out": record.bytes_out,
+                "prompt_tokens": record.prompt_tokens,
+                "completion_tokens": record.completion_tokens,
+                "ttft_ms": None if record.ttft is None else round(record.ttft * 1000, 3),
+                "duration_ms": round(duration * 1000, 3),
+                "attempts": record.attempts,
+                "cache": record.cache,
+                "error": record.error,
+            })

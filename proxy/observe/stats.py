@@ -1,6 +1,6 @@
 """Per-variant request statistics, for the status pages, rollout analysis and the A/B report.
 
-`RequestStats.record()` runs once per routed client request, from `observe/record.py` `finish()`: O(1),
+`RequestStats.record()` runs once per routed client request, from `observe/record.py` `Recorder.finish()`: O(1),
 a few integer additions and one small tuple appended to a bounded ring — no sorting, no clock reads.
 Readers (`proxy/ui`) call `snapshot()` at their own pace; percentiles are computed there. Shadow copies
 never pass through `finish()`, so they are never counted here.
@@ -13,6 +13,8 @@ import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+from aiohttp import web
 
 WINDOW_SECONDS = 60  # the "recent" window: rates and percentiles cover at most this much time
 RECENT_SAMPLES = 2048  # per variant; at high rates the ring covers less than the window (see `covered`)
@@ -194,3 +196,6 @@ class RequestStats:
             samples=tuple(samples),
             covered=now - samples[0][0] if samples else 0.0,
         )
+
+
+STATS = web.AppKey("STATS", RequestStats)

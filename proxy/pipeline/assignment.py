@@ -3,7 +3,8 @@
 The policy (weights, hashing, reassignment) is `pipeline/split.py`; this module only reads the subject
 from the request and does the store I/O: SET-if-absent of the hash-drawn variant, with TTL, so replicas
 that see a new subject at the same moment agree. Store failures fall back to that same hash draw.
-Called by `pipeline/handler.py`; subjects are hashed before they reach a key, and are never logged.
+`Splitter` holds what a decision needs (store, in-process memo, RNG, the weights in force, the metric) and
+is called by `pipeline/handler.py`; subjects are hashed before they reach a key, and are never logged.
 """
 
 from __future__ import annotations
@@ -11,13 +12,44 @@ from __future__ import annotations
 from collections.abc import Mapping
 from random import Random
 
+from aiohttp import web
+
+from proxy.auth import hash_api_key
 from proxy.config.model import Route, Sticky, Variant
-from proxy.context import hash_api_key
+from proxy.delivery.weights import RolloutWeights
 from proxy.errors import StoreUnavailableError
+from proxy.observe.metrics import Metrics
 from proxy.pipeline import split
 from proxy.pipeline.request import RequestView
 from proxy.store.base import Store
 from proxy.store.recent import RecentAssignments
+
+
+class Splitter:
+    """Chooses each request's variant. `rng` (per-request draws) and `recent` may be replaced by tests."""
+
+    __slots__ = ("store", "recent", "rng", "weights", "metrics")
+
+    def __init__(
+        self, store: Store, recent: RecentAssignments | None, weights: RolloutWeights, metrics: Metrics,
+        rng: Random | None = None,
+    ) -> None:
+        self.store = store
+        self.recent = recent  # the shared store's recent answers, remembered in-process (None: embedded store)
+        self.rng = rng or Random()
+        self.weights = weights
+        self.metrics = metrics
+
+    async def choose(self, route: Route, headers: Mapping[str, str], view: RequestView) -> Variant:
+        """The variant serving this request, drawn with the weights in force: a running rollout's
+        (`delivery/weights.py`), else the rules'."""
+        if route.sticky is None and len(route.variants) == 1:
+            return route.variants[0]  # a plain `pool:` route: nothing to decide, nothing to count
+        subject = find_subject(route.sticky, headers, view)
+        variants = self.weights.variants_for(route)
+        variant, source = await assign_variant(route, subject, self.store, self.rng, variants, self.recent)
+        self.metrics.count_assignment(route.name, variant.name, source)
+        return variant
 
 
 def find_subject(sticky: Sticky | None, headers: Mapping[str, str], view: RequestView) -> str | None:
@@ -82,3 +114,6 @@ async def assign_variant(
         return drawn, split.NEW
     except StoreUnavailableError:
         return drawn, split.FALLBACK
+
+
+SPLITTER = web.AppKey("SPLITTER", Splitter)

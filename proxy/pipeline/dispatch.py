@@ -1,33 +1,42 @@
-"""Dispatch: choose a backend, send, and retry or fail over until the answer has begun — then commit.
+"""Dispatch: the one way a backend is called — pick, lease, forward, read the first chunk; later, settle.
 
-A request is retried on another backend (bounded by the route's `retry.attempts` and the total deadline)
-when the runtime could not be reached, answered 5xx or 429, reset, or timed out — but only before any
-byte went to the client: a stream commits with its first chunk, a whole answer once it was fully read.
-Every attempt's lease is released and every outcome recorded exactly once, in `settle` (called by the
-handler in `finally`), however the request ends. Policies come from balancer.py, cost.py, ejection.py.
+Client requests (`handler.py`) and shadow copies (`shadow.py`) both come through `Dispatcher.call`, so
+both honour the pool's balance policy and turns, runtime load, health, ejection, a runtime's 429 /
+Retry-After, and both teach the balancer the backends' speeds. A call is retried on another backend
+(at most `attempts` times, within the total deadline) when the runtime could not be reached, answered
+5xx or 429, reset, or timed out — but only before any byte went to the client: a stream commits with
+its first chunk, a whole answer once it was fully read. Every attempt's lease is released and every
+outcome recorded exactly once (`settle`, called by the owner in `finally`), however the request ends.
+Policies come from `balancer.py`, `cost.py` and `upstream/ejection.py`; state from `upstream/`.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from proxy.config.model import HealthSettings, Pool, Route, ServerSettings, Snapshot
-from proxy.context import ProxyContext
+from aiohttp import web
+
+from proxy.config.model import HealthSettings, Pool, Route, Snapshot
 from proxy.errors import (
     BackendThrottledError,
     NoHealthyBackendError,
     OverloadedError,
     UpstreamError,
 )
+from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
 from proxy.pipeline.balancer import pick_backend
 from proxy.pipeline.cost import Estimate, estimate, learn, new_model_stats, predicted_seconds
-from proxy.pipeline.ejection import record_failure, record_success, record_throttle
-from proxy.pipeline.forward import Deadlines, build_request, open_exchange
-from proxy.pipeline.relay import is_event_stream
+from proxy.pipeline.deadlines import Deadlines
+from proxy.pipeline.forward import build_request, open_exchange
+from proxy.pipeline.headers import is_event_stream
 from proxy.pipeline.request import RequestView
+from proxy.types import Clock
+from proxy.upstream.client import UpstreamClient
 from proxy.upstream.connection import UpstreamConnection
-from proxy.upstream.state import BackendState, Lease
+from proxy.upstream.ejection import record_failure, record_success, record_throttle
+from proxy.upstream.queue import WaitQueue
+from proxy.upstream.state import BackendState, BackendStates, Lease, ModelStats
 
 
 class Attempt:
@@ -51,131 +60,165 @@ class Attempt:
         return self.lease.state
 
 
-async def dispatch(
-    context: ProxyContext,
-    snapshot: Snapshot,
-    route: Route,
-    pool: Pool,
-    view: RequestView,
-    payload: bytes,
-    path: str,
-    record: RequestRecord,
-    deadlines: Deadlines,
-) -> Attempt:
-    loop_time = asyncio.get_running_loop().time
-    model = pool.model or view.model
-    stats = context.model_stats.get(model)
-    if stats is None:
-        stats = context.model_stats[model] = new_model_stats()
-    est = estimate(stats, len(view.body), view.max_tokens, view.endpoint == "embeddings")
-    tried: list[BackendState] = []
-    last_error: UpstreamError | None = None
-    for attempt_number in range(1, route.retry_attempts + 1):
-        if loop_time() >= deadlines.total:
-            break
-        try:
-            lease = await _acquire(context, snapshot.server, route, pool, est, tried, loop_time(), deadlines)
-        except (NoHealthyBackendError, OverloadedError):
-            if last_error is not None:
-                raise last_error from None  # the failure the client should hear about is the backend's
-            raise
-        state = lease.state
-        record.backend, record.attempts = state.backend.name, attempt_number
-        started = loop_time()
-        request_bytes = build_request(state.backend, path, payload, record.request_id, view.is_stream)
-        conn: UpstreamConnection | None = None
-        committed = False
-        try:
-            conn = await open_exchange(
-                context.upstream, state.backend, request_bytes, deadlines, started, view.is_stream, context.metrics
-            )
-            attempt = Attempt(lease, conn, started, model, snapshot.health)
-            if view.is_stream and conn.status == 200 and is_event_stream(conn.headers):
-                attempt.first_chunk = await conn.read_chunk(deadlines.first_token(started), "first_token")
-            else:
-                attempt.body = await conn.read_body(deadlines.total, "total")
-                if conn.status == 429:
-                    raise BackendThrottledError(
-                        f"The backend '{state.backend.name}' is rate limiting.", _retry_after(conn)
-                    )
-            committed = True
-            return attempt
-        except UpstreamError as exc:
-            if conn is not None:  # open_exchange counted its own errors; these came from reading the answer
-                context.metrics.count_upstream_error(state.backend.name, exc)
-            _note_failure(snapshot.health, state, exc, loop_time())
-            last_error = exc
-            tried.append(state)
-        finally:
-            if not committed:
-                if conn is not None:
-                    context.upstream.release(conn)
-                lease.release()
-                context.queue.notify()
-    assert last_error is not None or loop_time() >= deadlines.total
-    raise last_error if last_error is not None else NoHealthyBackendError("The request ran out of time.")
+class Dispatcher:
+    """The parts a backend call needs: backend state, the upstream client, the wait queue, what was learned.
 
+    `clock` is the backend-state clock (ejection, throttling, availability); None means the event loop's.
+    Deadlines and durations always use the loop's time, which the connection's timers run on."""
 
-def settle(context: ProxyContext, attempt: Attempt, record: RequestRecord, body_bytes: int) -> None:
-    """After the relay: give the connection and lease back, and learn from how it went."""
-    status = record.status or attempt.conn.status  # record.status is set only when the relay failed
-    context.upstream.release(attempt.conn)  # (resets the connection's status for its next exchange)
-    attempt.lease.release()
-    context.queue.notify()
-    state = attempt.state
-    now = asyncio.get_running_loop().time()
-    if status >= 500:
-        record_failure(state, attempt.health, now)
-        return
-    if status == CLIENT_CLOSED:
-        return
-    record_success(state)
-    if status == 200 and (record.prompt_tokens or record.completion_tokens):
-        stats = context.model_stats.get(attempt.model)
-        if stats is not None:
-            ttft = None if record.ttft is None else record.ttft - (attempt.started - record.started)
-            learn(stats, state, body_bytes, record.prompt_tokens or 0, record.completion_tokens or 0, ttft,
-                  now - attempt.started)
+    __slots__ = ("backends", "client", "queue", "metrics", "model_stats", "_clock", "_turns")
 
+    def __init__(
+        self, backends: BackendStates, client: UpstreamClient, queue: WaitQueue, metrics: Metrics,
+        clock: Clock | None = None,
+    ) -> None:
+        self.backends = backends
+        self.client = client
+        self.queue = queue
+        self.metrics = metrics
+        self.model_stats: dict[str, ModelStats] = {}  # learned per upstream model (see pipeline/cost.py)
+        self._clock = clock
+        self._turns: dict[str, int] = {}  # per-pool request counter for round_robin
 
-async def _acquire(
-    context: ProxyContext,
-    server: ServerSettings,
-    route: Route,
-    pool: Pool,
-    est: Estimate,
-    tried: list[BackendState],
-    now: float,
-    deadlines: Deadlines,
-) -> Lease:
-    """A lease on the best backend not tried yet; waits in the pool's FIFO queue while all are full."""
-    get = context.backends.get
-    candidates = [get(b) for b in pool.backends]
-    if tried:  # fail over to backends not tried yet, when there are any
-        candidates = [s for s in candidates if s not in tried] or candidates
-    queue = context.queue
-    loop_time = asyncio.get_running_loop().time
-    queue_deadline = min(now + route.timeouts.queue, deadlines.total)
-    waited = False
-    while True:
-        now = loop_time()
-        if waited or not queue.waiting(pool.name):  # newcomers queue behind those already waiting (FIFO)
-            costs = [predicted_seconds(s, est) for s in candidates]
-            index = pick_backend(candidates, costs, route.balance, context.next_turn(pool.name), now,
-                                 route.runtime_load)
-            if index is not None:
-                if waited:
-                    queue.notify()  # others may fit too (several slots freed at once)
-                return candidates[index].lease(costs[index])
-            if not any(s.is_available(now) for s in candidates):
-                raise NoHealthyBackendError(f"No healthy backend in pool '{pool.name}'.")
-        if queue.waiting(pool.name) >= server.max_queue:
-            raise OverloadedError(f"Every backend of pool '{pool.name}' is busy and the queue is full.",
-                                  retry_after=route.timeouts.queue)
-        if now >= queue_deadline or not await queue.wait(pool.name, queue_deadline - now, at_head=waited):
-            raise OverloadedError(f"Every backend of pool '{pool.name}' stayed busy for "
-                                  f"{route.timeouts.queue:g}s.", retry_after=route.timeouts.queue)
-        waited = True
+    async def call(
+        self,
+        snapshot: Snapshot,
+        route: Route,
+        pool: Pool,
+        view: RequestView,
+        path: str,
+        record: RequestRecord,
+        deadlines: Deadlines,
+        *,
+        attempts: int,
+        queue_timeout: float,
+    ) -> Attempt:
+        """The committed exchange with a backend of `pool`, after at most `attempts` tries.
+
+        `queue_timeout`: how long to wait in the pool's FIFO queue while every backend is full (0: never
+        wait — shadow copies must not stand in line with client requests)."""
+        loop_time = asyncio.get_running_loop().time
+        clock = self._clock or loop_time
+        model = pool.model or view.model
+        stats = self.model_stats.get(model)
+        if stats is None:
+            stats = self.model_stats[model] = new_model_stats()
+        est = estimate(stats, len(view.body), view.max_tokens, view.endpoint == "embeddings")
+        payload = view.upstream_body(pool.model)
+        tried: list[BackendState] = []
+        last_error: UpstreamError | None = None
+        for attempt_number in range(1, attempts + 1):
+            if loop_time() >= deadlines.total:
+                break
+            try:
+                lease = await self._acquire(snapshot, route, pool, est, tried, deadlines, queue_timeout, clock)
+            except (NoHealthyBackendError, OverloadedError):
+                if last_error is not None:
+                    raise last_error from None  # the failure the client should hear about is the backend's
+                raise
+            state = lease.state
+            record.backend, record.attempts = state.backend.name, attempt_number
+            started = loop_time()
+            request_bytes = build_request(state.backend, path, payload, record.request_id, view.is_stream)
+            conn: UpstreamConnection | None = None
+            committed = False
+            try:
+                conn = await open_exchange(
+                    self.client, state.backend, request_bytes, deadlines, started, view.is_stream, self.metrics
+                )
+                attempt = Attempt(lease, conn, started, model, snapshot.health)
+                if view.is_stream and conn.status == 200 and is_event_stream(conn.headers):
+                    attempt.first_chunk = await conn.read_chunk(deadlines.first_token(started), "first_token")
+                else:
+                    attempt.body = await conn.read_body(deadlines.total, "total")
+                    if conn.status == 429:
+                        raise BackendThrottledError(
+                            f"The backend '{state.backend.name}' is rate limiting.", _retry_after(conn)
+                        )
+                committed = True
+                return attempt
+            except UpstreamError as exc:
+                if conn is not None:  # open_exchange counted its own errors; these came from reading the answer
+                    self.metrics.count_upstream_error(state.backend.name, exc)
+                _note_failure(snapshot.health, state, exc, clock())
+                last_error = exc
+                tried.append(state)
+            finally:
+                if not committed:
+                    if conn is not None:
+                        self.client.release(conn)
+                    lease.release()
+                    self.queue.notify()
+        assert last_error is not None or loop_time() >= deadlines.total
+        raise last_error if last_error is not None else NoHealthyBackendError("The request ran out of time.")
+
+    def settle(self, attempt: Attempt, record: RequestRecord, body_bytes: int) -> None:
+        """After the answer was relayed (or read): give the connection and lease back, learn from how it went."""
+        status = record.status or attempt.conn.status  # record.status is set only when the relay failed
+        self.client.release(attempt.conn)  # (resets the connection's status for its next exchange)
+        attempt.lease.release()
+        self.queue.notify()
+        state = attempt.state
+        loop_now = asyncio.get_running_loop().time()
+        if status >= 500:
+            record_failure(state, attempt.health, self._clock() if self._clock else loop_now)
+            return
+        if status == CLIENT_CLOSED:
+            return
+        record_success(state)
+        if status == 200 and (record.prompt_tokens or record.completion_tokens):
+            stats = self.model_stats.get(attempt.model)
+            if stats is not None:
+                ttft = None if record.ttft is None else record.ttft - (attempt.started - record.started)
+                learn(stats, state, body_bytes, record.prompt_tokens or 0, record.completion_tokens or 0, ttft,
+                      loop_now - attempt.started)
+
+    def next_turn(self, pool_name: str) -> int:
+        turn = self._turns.get(pool_name, 0)
+        self._turns[pool_name] = turn + 1
+        return turn
+
+    async def _acquire(
+        self,
+        snapshot: Snapshot,
+        route: Route,
+        pool: Pool,
+        est: Estimate,
+        tried: list[BackendState],
+        deadlines: Deadlines,
+        queue_timeout: float,
+        clock: Clock,
+    ) -> Lease:
+        """A lease on the best backend not tried yet; waits in the pool's FIFO queue while all are full."""
+        get = self.backends.get
+        candidates = [get(b) for b in pool.backends]
+        if tried:  # fail over to backends not tried yet, when there are any
+            candidates = [s for s in candidates if s not in tried] or candidates
+        queue = self.queue
+        loop_time = asyncio.get_running_loop().time
+        queue_deadline = min(loop_time() + queue_timeout, deadlines.total)
+        max_queue = snapshot.server.max_queue
+        waited = False
+        while True:
+            now = clock()
+            if waited or not queue.waiting(pool.name):  # newcomers queue behind those already waiting (FIFO)
+                costs = [predicted_seconds(s, est) for s in candidates]
+                index = pick_backend(candidates, costs, route.balance, self.next_turn(pool.name), now,
+                                     route.runtime_load)
+                if index is not None:
+                    if waited:
+                        queue.notify()  # others may fit too (several slots freed at once)
+                    return candidates[index].lease(costs[index])
+                if not any(s.is_available(now) for s in candidates):
+                    raise NoHealthyBackendError(f"No healthy backend in pool '{pool.name}'.")
+            if queue.waiting(pool.name) >= max_queue:
+                raise OverloadedError(f"Every backend of pool '{pool.name}' is busy and the queue is full.",
+                                      retry_after=route.timeouts.queue)
+            left = queue_deadline - loop_time()
+            if left <= 0 or not await queue.wait(pool.name, left, at_head=waited):
+                raise OverloadedError(f"Every backend of pool '{pool.name}' stayed busy for "
+                                      f"{route.timeouts.queue:g}s.", retry_after=route.timeouts.queue)
+            waited = True
 
 
 def _note_failure(health: HealthSettings, state: BackendState, exc: UpstreamError, now: float) -> None:
@@ -193,3 +236,6 @@ def _retry_after(conn: UpstreamConnection) -> float:
             except ValueError:
                 return 1.0
     return 1.0
+
+
+DISPATCHER = web.AppKey("DISPATCHER", Dispatcher)

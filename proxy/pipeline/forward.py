@@ -1,17 +1,19 @@
 """Forward: send the upstream request on a pooled connection and wait for the runtime's answer to begin.
 
 Owns the upstream request bytes (client keys never go out: the backend's own key or none), the retry of
-a stale keep-alive connection, the phase deadlines, and turning runtime 5xx answers into our errors.
+a stale keep-alive connection, and turning runtime 5xx answers into our errors. Called by
+`pipeline/dispatch.py` only, for client requests and shadow copies alike.
 Everything here happens before a byte reaches the client; relaying the body is `pipeline/relay.py`.
 """
 
 from __future__ import annotations
 
-from proxy.config.model import Backend, Timeouts
+from proxy.config.model import Backend
 from proxy.errors import BackendResetError, BackendStatusError, UpstreamError
 from proxy.observe.metrics import Metrics
+from proxy.pipeline.deadlines import Deadlines
+from proxy.upstream.client import UpstreamClient
 from proxy.upstream.connection import UpstreamConnection
-from proxy.upstream.pool import ConnectionPool
 
 # A runtime's error body is read to free the connection; it is not relayed, so it is not read forever.
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -33,27 +35,8 @@ def build_request(backend: Backend, path: str, body: bytes, request_id: str, str
     return head.encode("latin-1") + body
 
 
-class Deadlines:
-    """Absolute loop times for each phase, all capped by the total (aiohttp `ClientTimeout` semantics)."""
-
-    __slots__ = ("timeouts", "total")
-
-    def __init__(self, timeouts: Timeouts, started: float) -> None:
-        self.timeouts = timeouts
-        self.total = started + timeouts.total
-
-    def connect(self, now: float) -> float:
-        return max(0.0, min(self.timeouts.connect, self.total - now))
-
-    def first_token(self, now: float) -> float:
-        return min(now + self.timeouts.first_token, self.total)
-
-    def idle(self, now: float) -> float:
-        return min(now + self.timeouts.idle, self.total)
-
-
 async def open_exchange(
-    pool: ConnectionPool,
+    client: UpstreamClient,
     backend: Backend,
     request_bytes: bytes,
     deadlines: Deadlines,
@@ -67,14 +50,14 @@ async def open_exchange(
     connection (the close raced our request). Runtime 5xx answers raise `BackendStatusError`.
     """
     try:
-        conn = await _exchange(pool, backend, request_bytes, deadlines, now, stream)
+        conn = await _exchange(client, backend, request_bytes, deadlines, now, stream)
     except UpstreamError as exc:
         metrics.count_upstream_error(backend.name, exc)
         raise
     if conn.status >= 500:
         status = conn.status
         await _discard_body(conn, deadlines)
-        pool.release(conn)
+        client.release(conn)
         error = BackendStatusError(f"The backend '{backend.name}' answered HTTP {status}.")
         metrics.count_upstream_error(backend.name, error)
         raise error
@@ -82,12 +65,12 @@ async def open_exchange(
 
 
 async def _exchange(
-    pool: ConnectionPool, backend: Backend, request_bytes: bytes, deadlines: Deadlines, now: float, stream: bool
+    client: UpstreamClient, backend: Backend, request_bytes: bytes, deadlines: Deadlines, now: float, stream: bool
 ) -> UpstreamConnection:
     head_deadline = deadlines.first_token(now) if stream else deadlines.total
     phase = "first_token" if stream else "total"
     for attempt in (0, 1):
-        conn, reused = await pool.acquire(backend.host, backend.port, deadlines.connect(now))
+        conn, reused = await client.acquire(backend.host, backend.port, deadlines.connect(now))
         done = False
         try:
             conn.start(request_bytes)
@@ -114,5 +97,5 @@ async def _discard_body(conn: UpstreamConnection, deadlines: Deadlines) -> None:
                 return
             read += len(chunk)
     except UpstreamError:
-        pass  # the status already says the backend failed; pool.release drops this connection
+        pass  # the status already says the backend failed; client.release drops this connection
     conn.abort()

@@ -14,45 +14,11 @@ from aiohttp import web
 from proxy.errors import UpstreamError, sse_error_event
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
-from proxy.pipeline.forward import Deadlines
+from proxy.pipeline.deadlines import Deadlines
+from proxy.pipeline.headers import response_headers
 from proxy.pipeline.request import RequestView
 from proxy.pipeline.sse import SseRelay, find_usage_object
-from proxy.upstream.connection import Headers, UpstreamConnection
-
-# Upstream response headers that describe the hop, not the answer: never relayed.
-HOP_HEADERS = frozenset({
-    "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server",
-    "proxy-connection", "te", "trailer", "upgrade", "content-encoding",
-})
-
-
-def response_headers(upstream: Headers, record: RequestRecord) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, value in upstream:
-        key = name.decode("latin-1").lower()
-        if key not in HOP_HEADERS and not key.startswith("x-splitstream-") and key != "x-request-id":
-            headers[key] = value.decode("latin-1")
-    headers["x-request-id"] = record.request_id
-    headers["x-splitstream-route"] = record.route
-    headers["x-splitstream-variant"] = record.variant
-    headers["x-splitstream-backend"] = record.backend
-    if record.cache is not None:
-        headers["x-splitstream-cache"] = record.cache
-    return headers
-
-
-def content_type_of(upstream: Headers) -> str:
-    for name, value in upstream:
-        if name.lower() == b"content-type":
-            return value.decode("latin-1")
-    return "application/json"
-
-
-def is_event_stream(upstream: Headers) -> bool:
-    for name, value in upstream:
-        if name.lower() == b"content-type":
-            return value.startswith(b"text/event-stream")
-    return False
+from proxy.upstream.connection import UpstreamConnection
 
 
 def relay_body(conn: UpstreamConnection, body: bytes, record: RequestRecord) -> web.Response:

@@ -2,7 +2,7 @@
 
 Parsing happens here and nowhere else (orjson, once). The upstream body is the client's bytes untouched
 unless something must change (the model name, or `stream_options.include_usage` for a stream); then it is
-re-serialised once. Pure: no aiohttp, no I/O — `pipeline/handler.py` reads the bytes and calls `parse`.
+re-serialised once. Pure: no aiohttp, no I/O — `pipeline/body.py` reads the bytes, `pipeline/handler.py` calls `parse`.
 """
 
 from __future__ import annotations

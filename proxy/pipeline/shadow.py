@@ -1,11 +1,13 @@
 """Shadow mirroring: sampled copies of requests sent to shadow pools, compared with the primary's answer.
 
-The handler calls `mirror()` once the primary has been dispatched (its answer has begun) and
-`primary_done()` after relaying it. Copies run in tasks owned here, never awaited by a request, and never
-cancelled by a client leaving; per (route, pool) at most `max_concurrency` run and `max_queue` wait, the
-rest are dropped and counted. A copy is picked by the same balancer and health state as any request
-(without queueing or retries), uses the shared connection pool, and touches no primary metric, cache or
-sticky assignment. The comparison (`compare.py`) runs after both sides finished, off the request path.
+The handler calls `mirror()` once the primary has been dispatched (its answer has begun); the returned
+`Mirror` captures the primary's stream (bounded) and, from `primary_done()`, hands its side over to the
+comparison. Copies run in tasks owned here, never awaited by a request, and never cancelled by a client
+leaving; per (route, pool) at most `max_concurrency` run and `max_queue` wait, the rest are dropped and
+counted. A copy is one `Dispatcher.call` like any request — the pool's balance policy and turns, runtime
+load, health, 429 / Retry-After, learned speeds — with one attempt and no place in the pool's wait queue.
+It touches no primary metric, cache or sticky assignment. The comparison (`observe/compare.py`) runs
+after both sides finished, off the request path.
 """
 
 from __future__ import annotations
@@ -14,24 +16,23 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+
+from aiohttp import web
 
 from proxy.config.model import Route, Shadow, Snapshot
-from proxy.errors import BackendTimeoutError, UpstreamError
+from proxy.errors import BackendTimeoutError, OverloadedError, UpstreamError
+from proxy.observe.compare import MAX_CAPTURE_BYTES, Comparison, Side, compare
 from proxy.observe.metrics import Metrics
-from proxy.pipeline.balancer import pick_backend
-from proxy.pipeline.compare import MAX_CAPTURE_BYTES, Comparison, Side, compare
-from proxy.pipeline.cost import estimate, new_model_stats, predicted_seconds
-from proxy.pipeline.ejection import record_failure, record_success
-from proxy.pipeline.forward import Deadlines, build_request, open_exchange
+from proxy.observe.record import CLIENT_CLOSED, RequestRecord
+from proxy.pipeline.deadlines import Deadlines
+from proxy.pipeline.dispatch import Attempt, Dispatcher
 from proxy.pipeline.request import RequestView
 from proxy.pipeline.sse import find_usage_object
-from proxy.upstream.pool import ConnectionPool
-from proxy.upstream.state import BackendStates, ModelStats
 
 log = logging.getLogger("splitstream.shadow")
 
 RECENT_COMPARISONS = 200
+USAGE_TAIL_BYTES = 8192  # a stream's usage chunk is its last event: look for it at the end only
 
 
 class Pair:
@@ -48,38 +49,60 @@ class Pair:
 
 
 class _Job:
-    __slots__ = ("pair", "shadow", "route", "view", "path", "started")
+    __slots__ = ("pair", "shadow", "snapshot", "route", "view", "path")
 
-    def __init__(self, pair: Pair, shadow: Shadow, route: Route, view: RequestView, path: str) -> None:
-        self.pair, self.shadow, self.route, self.view, self.path = pair, shadow, route, view, path
-        self.started = 0.0
+    def __init__(
+        self, pair: Pair, shadow: Shadow, snapshot: Snapshot, route: Route, view: RequestView, path: str
+    ) -> None:
+        self.pair, self.shadow, self.snapshot, self.route, self.view, self.path = (
+            pair, shadow, snapshot, route, view, path)
+
+
+class Mirror:
+    """The copies of one client request: captures the primary's stream and gives its side to each pair."""
+
+    __slots__ = ("_owner", "_pairs", "_status", "_sent_at", "_is_stream", "_body", "_buffer", "tee")
+
+    def __init__(self, owner: ShadowMirror, pairs: list[Pair], primary: Attempt, is_stream: bool) -> None:
+        self._owner = owner
+        self._pairs = pairs
+        self._status = primary.conn.status  # read now: the connection is reset when it goes back to the client
+        self._sent_at = primary.started
+        self._is_stream = is_stream
+        self._body = primary.body
+        self._buffer = bytearray()
+        # Where the relay copies a streamed answer's chunks to (bounded); None for a whole answer.
+        self.tee = self._capture if primary.body is None else None
+
+    def _capture(self, chunk: bytes) -> None:
+        if len(self._buffer) < MAX_CAPTURE_BYTES:
+            self._buffer.extend(chunk)
+
+    def primary_done(self, record: RequestRecord) -> None:
+        """The primary's answer was relayed (or failed): compare it with each copy once that is done too."""
+        output = self._body if self._body is not None else bytes(self._buffer)
+        side = side_of(record, self._status, output, self._is_stream, self._sent_at)
+        self._owner.primary_done(self._pairs, side)
 
 
 class ShadowMirror:
     """Owns shadow copies in flight and waiting, and the last comparisons (ids and numbers only)."""
 
-    def __init__(
-        self,
-        backends: BackendStates,
-        upstream: Callable[[], ConnectionPool],
-        metrics: Metrics,
-        snapshot: Callable[[], Snapshot],
-        rng: random.Random | None = None,
-    ) -> None:
-        self._backends = backends
-        self._upstream = upstream
+    def __init__(self, dispatcher: Dispatcher, metrics: Metrics, rng: random.Random | None = None) -> None:
+        self._dispatcher = dispatcher
         self._metrics = metrics
-        self._snapshot = snapshot
         self._rng = rng or random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[tuple[str, str], int] = {}
         self._waiting: dict[tuple[str, str], deque[_Job]] = {}
-        self._model_stats: dict[str, ModelStats] = {}  # shadows learn apart: they must not skew primary costs
         self.recent: deque[Comparison] = deque(maxlen=RECENT_COMPARISONS)
         self.compared = asyncio.Event()  # set after each comparison (tests await it)
 
-    def mirror(self, route: Route, view: RequestView, path: str, request_id: str) -> list[Pair]:
-        """Start (or queue, or drop) a copy for each of the route's shadows that samples this request."""
+    def mirror(
+        self, snapshot: Snapshot, route: Route, view: RequestView, path: str, request_id: str, primary: Attempt
+    ) -> Mirror | None:
+        """Start (or queue, or drop) a copy for each of the route's shadows that samples this request; the
+        `Mirror` of those started, or None when none was."""
         pairs = []
         for shadow in route.shadows:
             if shadow.sample < 1.0 and self._rng.random() >= shadow.sample:
@@ -89,9 +112,9 @@ class ShadowMirror:
                 self._metrics.count_shadow_drop(*key)
                 continue
             pair = Pair(request_id, route.name, shadow.pool.name)
-            self._submit(key, _Job(pair, shadow, route, view, path))
+            self._submit(key, _Job(pair, shadow, snapshot, route, view, path))
             pairs.append(pair)
-        return pairs
+        return Mirror(self, pairs, primary, view.is_stream) if pairs else None
 
     def primary_done(self, pairs: list[Pair], side: Side) -> None:
         loop = asyncio.get_running_loop()
@@ -149,70 +172,59 @@ class ShadowMirror:
     async def _run(self, job: _Job) -> None:
         loop = asyncio.get_running_loop()
         route, pool = job.route.name, job.shadow.pool.name
-        job.started = loop.time()
-        outcome = "error"
-        side = Side(status=0, duration=0.0, ttft=None, prompt_tokens=None, completion_tokens=None,
-                    output=b"", is_stream=job.view.is_stream)
+        record = RequestRecord(job.pair.request_id + "-shadow", "POST", job.path, loop.time())
+        outcome, status, output, sent_at = "error", 0, b"", record.started
         try:
-            side = await self._exchange(job)
-            outcome = "ok" if side.status < 500 else "error"
+            status, output, sent_at = await self._exchange(job, record)
+            outcome = "ok" if status < 500 else "error"
         except BackendTimeoutError:
             outcome = "timeout"
-        except UpstreamError:
-            outcome = "error"
+        except (UpstreamError, OverloadedError):
+            outcome = "error"  # (a full shadow pool too: copies never wait for a slot)
         finally:
-            duration = loop.time() - job.started
+            duration = loop.time() - record.started
             self._metrics.shadow_requests_total.labels(route, pool, outcome).inc()
             self._metrics.shadow_duration.labels(route, pool).observe(duration)
-            if side.status == 0:  # failed before any answer: a status the comparison can show
-                side = Side(502 if outcome == "error" else 504, duration, None, None, None, b"", side.is_stream)
+            if status == 0:  # failed before any answer: a status the comparison can show
+                side = Side(504 if outcome == "timeout" else 502, duration, None, None, None, b"", job.view.is_stream)
+            else:
+                side = side_of(record, status, output, job.view.is_stream, sent_at)
             job.pair.shadow = side
             if job.pair.primary is not None:
                 self._compare(job.pair)
 
-    async def _exchange(self, job: _Job) -> Side:
+    async def _exchange(self, job: _Job, record: RequestRecord) -> tuple[int, bytes, float]:
+        """(status, output, when it was sent) of one copy, read to its end; settled like any request."""
         loop = asyncio.get_running_loop()
-        pool = job.shadow.pool
         view = job.view
-        model = pool.model or view.model
-        stats = self._model_stats.setdefault(model, new_model_stats())
-        est = estimate(stats, len(view.body), view.max_tokens, view.endpoint == "embeddings")
-        states = [self._backends.get(b) for b in pool.backends]
-        costs = [predicted_seconds(s, est) for s in states]
-        now = loop.time()
-        index = pick_backend(states, costs, job.route.balance, 0, now)
-        if index is None:
-            raise UpstreamError(f"no shadow backend with room in pool '{pool.name}'")
-        state = states[index]
-        lease = state.lease(costs[index])
-        deadlines = Deadlines(job.route.timeouts, now)
-        upstream = self._upstream()
-        conn = None
+        deadlines = Deadlines(job.route.timeouts, record.started)
+        attempt = await self._dispatcher.call(job.snapshot, job.route, job.shadow.pool, view, job.path, record,
+                                              deadlines, attempts=1, queue_timeout=0.0)
+        status = attempt.conn.status
         try:
-            payload = view.upstream_body(pool.model)
-            request = build_request(state.backend, job.path, payload, job.pair.request_id + "-shadow", view.is_stream)
-            conn = await open_exchange(upstream, state.backend, request, deadlines, now, view.is_stream, self._metrics)
-            ttft = None
-            captured = bytearray()
-            deadline = deadlines.first_token(now) if view.is_stream else deadlines.total
-            while (chunk := await conn.read_chunk(deadline, "idle" if ttft is not None else "first_token")) is not None:
-                if ttft is None:
-                    ttft = loop.time() - job.started
-                if len(captured) < MAX_CAPTURE_BYTES:
-                    captured += chunk
-                if view.is_stream:
-                    deadline = deadlines.idle(loop.time())
-            usage = find_usage_object(bytes(captured[-8192:]) if view.is_stream else bytes(captured))
-            record_success(state)
-            return Side(conn.status, loop.time() - job.started, ttft if view.is_stream else None,
-                        usage[0] if usage else None, usage[1] if usage else None, bytes(captured), view.is_stream)
-        except UpstreamError:
-            record_failure(state, self._snapshot().health, loop.time())
+            if attempt.body is not None:
+                output = attempt.body
+                usage = find_usage_object(output) if status == 200 else None
+            else:
+                record.ttft = loop.time() - record.started
+                captured = bytearray(attempt.first_chunk or b"")
+                while (chunk := await attempt.conn.read_chunk(deadlines.idle(loop.time()), "idle")) is not None:
+                    if len(captured) < MAX_CAPTURE_BYTES:
+                        captured += chunk
+                output = bytes(captured)
+                usage = find_usage_object(output[-USAGE_TAIL_BYTES:])
+            if usage is not None:
+                record.prompt_tokens, record.completion_tokens = usage
+            return status, output, attempt.started
+        except UpstreamError as exc:
+            self._metrics.count_upstream_error(record.backend, exc)
+            record.status = exc.status  # settle counts it against the backend
+            raise
+        except asyncio.CancelledError:
+            record.status = CLIENT_CLOSED
             raise
         finally:
-            if conn is not None:
-                upstream.release(conn)
-            lease.release()
+            self._dispatcher.settle(attempt, record, len(view.body))
 
     def _compare(self, pair: Pair) -> None:
         assert pair.primary is not None and pair.shadow is not None
@@ -222,3 +234,14 @@ class ShadowMirror:
         self._metrics.record_comparison(result)
         self.compared.set()
         self.compared.clear()
+
+
+def side_of(record: RequestRecord, status: int, output: bytes, is_stream: bool, sent_at: float) -> Side:
+    """One answer as the comparison sees it, timed from its own send (`sent_at`), for primary and copy alike."""
+    now = asyncio.get_running_loop().time()
+    ttft = None if record.ttft is None or not is_stream else record.ttft - (sent_at - record.started)
+    return Side(record.status or status, now - sent_at, ttft, record.prompt_tokens, record.completion_tokens,
+                output, is_stream)
+
+
+SHADOWS = web.AppKey("SHADOWS", ShadowMirror)

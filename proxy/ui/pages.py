@@ -15,12 +15,16 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from proxy.admin import rules_document
+from proxy.admin.rollouts import rollout_document
+from proxy.admin.rules import rules_document
+from proxy.config.model import RulesHolder
 from proxy.config.reloader import Reloader
-from proxy.context import ProxyContext
-from proxy.delivery.views import rollout_document
-from proxy.observe.stats import VariantSnapshot
-from proxy.upstream.state import BackendState
+from proxy.delivery.weights import RolloutWeights
+from proxy.observe.metrics import Metrics
+from proxy.observe.stats import RequestStats, VariantSnapshot
+from proxy.pipeline.result_cache import ResultCache
+from proxy.pipeline.shadow import ShadowMirror
+from proxy.upstream.state import BackendState, BackendStates
 
 RECENT_COMPARISONS_SHOWN = 50
 
@@ -36,7 +40,21 @@ class Clocks:
         return self.wall + (loop_time - self.loop)
 
 
-PageBuilder = Callable[[ProxyContext, Reloader, Clocks], dict[str, Any]]
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """The parts the pages read (never write), handed over by `views.py` from the app's keys."""
+
+    rules: RulesHolder
+    reloader: Reloader
+    weights: RolloutWeights
+    stats: RequestStats
+    metrics: Metrics
+    backends: BackendStates
+    shadows: ShadowMirror
+    cache: ResultCache
+
+
+PageBuilder = Callable[[Sources, Clocks], dict[str, Any]]
 
 
 def iso(wall: float) -> str:
@@ -50,12 +68,12 @@ def _share(part: float, whole: float) -> float | None:
 # ------------------------------------------------------------------------------------------ overview
 
 
-def overview(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[str, Any]:
+def overview(sources: Sources, clocks: Clocks) -> dict[str, Any]:
     """Rules (generation, load time, last rejected reload), then every route's variants: configured weight,
     observed share since start, and the recent window's rate, error rate and latency percentiles; then the
     rollouts and where they stand."""
-    page = rules_document(context.rules.current, reloader)
-    stats = context.stats
+    page = rules_document(sources.rules.current, sources.reloader)
+    stats = sources.stats
     configured = {route["name"] for route in page["routes"]}
     routes = page["routes"] + [  # routes a reload removed still served requests since start: keep them visible
         {"name": name, "models": [], "source": "", "variants": [], "retired": True}
@@ -85,19 +103,19 @@ def overview(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[
     page["routes"] = routes
     page["totals"] = dict(totals, error_rate=_share(totals["window_errors"], totals["window_requests"]),
                           window_seconds=window)
-    page["rollouts"] = rollouts(context)
+    page["rollouts"] = rollouts(sources)
     page["now"] = iso(clocks.wall)
     return page
 
 
-def rollouts(context: ProxyContext) -> list[dict[str, Any]]:
+def rollouts(sources: Sources) -> list[dict[str, Any]]:
     """Every rollout of the running rules as this replica last read it (no store I/O while rendering), with
     its latest decision."""
     rows = []
-    for route in context.rules.current.routes:
+    for route in sources.rules.current.routes:
         if route.rollout is None:
             continue
-        row = rollout_document(route, context.weights.state_of(route.name))
+        row = rollout_document(route, sources.weights.state_of(route.name))
         row["last"] = row["history"][-1] if row["history"] else None
         row["history"] = row["history"][-5:]
         rows.append(row)
@@ -147,11 +165,11 @@ def counter_values(counter: Counter) -> Iterable[tuple[dict[str, str], float]]:
                 yield sample.labels, sample.value
 
 
-def backends(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[str, Any]:
+def backends(sources: Sources, clocks: Clocks) -> dict[str, Any]:
     """Every backend with state: health, load in flight, learned speeds, ejections, failures by reason."""
-    snapshot = context.rules.current
+    snapshot = sources.rules.current
     errors: dict[str, dict[str, int]] = {}
-    for labels, value in counter_values(context.metrics.upstream_errors_total):
+    for labels, value in counter_values(sources.metrics.upstream_errors_total):
         errors.setdefault(labels["backend"], {})[labels["reason"]] = int(value)
     pools: dict[str, list[str]] = {}
     for pool in snapshot.pools:
@@ -159,7 +177,7 @@ def backends(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[
             pools.setdefault(member.name, []).append(pool.name)
     now = clocks.loop
     rows = []
-    for state in context.backends:
+    for state in sources.backends:
         backend = state.backend
         status = backend_status(state, now)
         by_reason = errors.get(backend.name, {})
@@ -205,15 +223,15 @@ def backends(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[
 # ------------------------------------------------------------------------------------------ shadow
 
 
-def shadow(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[str, Any]:
+def shadow(sources: Sources, clocks: Clocks) -> dict[str, Any]:
     """The latest primary/shadow comparisons (ids and numbers, never text), newest first, with a summary
     per route and shadow pool over the comparisons kept, and the copies' outcomes since start."""
-    recent = list(context.shadows.recent)
+    recent = list(sources.shadows.recent)
     groups: dict[tuple[str, str], list[Any]] = {}
     for result in recent:
         groups.setdefault((result.route, result.pool), []).append(result)
     outcomes: dict[tuple[str, str], dict[str, int]] = {}
-    for labels, value in counter_values(context.metrics.shadow_requests_total):
+    for labels, value in counter_values(sources.metrics.shadow_requests_total):
         outcomes.setdefault((labels["route"], labels["pool"]), {})[labels["outcome"]] = int(value)
     summary = []
     for key in sorted(set(groups) | set(outcomes)):
@@ -230,7 +248,7 @@ def shadow(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[st
             "outcomes": {name: outcomes.get(key, {}).get(name, 0) for name in ("ok", "error", "timeout", "dropped")},
         })
     return {
-        "generation": context.rules.current.generation,
+        "generation": sources.rules.current.generation,
         "now": iso(clocks.wall),
         "kept": len(recent),
         "summary": summary,
@@ -251,11 +269,11 @@ def _mean(values: Iterable[float | None]) -> float | None:
 # ------------------------------------------------------------------------------------------ cache
 
 
-def cache(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[str, Any]:
+def cache(sources: Sources, clocks: Clocks) -> dict[str, Any]:
     """Result-cache lookups per route since start and what the store holds (None: the store cannot tell,
     e.g. Redis). Hit ratio counts coalesced requests as hits (neither cost a backend call) and leaves
     bypassed ones (not cacheable) out."""
-    summary = context.cache.summary()
+    summary = sources.cache.summary()
     routes = []
     for name, counts in sorted(summary.get("routes", {}).items()):
         hit, miss, coalesced = counts.get("hit", 0), counts.get("miss", 0), counts.get("coalesced", 0)
@@ -268,7 +286,7 @@ def cache(context: ProxyContext, reloader: Reloader, clocks: Clocks) -> dict[str
             "hit_ratio": _share(hit + coalesced, hit + miss + coalesced),
         })
     return {
-        "generation": context.rules.current.generation,
+        "generation": sources.rules.current.generation,
         "now": iso(clocks.wall),
         "routes": routes,
         "entries": summary.get("entries"),

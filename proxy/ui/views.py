@@ -1,8 +1,9 @@
 """HTTP side of the status pages: /ui/* (HTML, Jinja with autoescape) and their JSON twins /admin/*.
 
-Every page is one builder from `pages.py` rendered two ways. Access goes through `proxy/admin.py`'s guard:
-the pages also take the login session cookie (`session.py`, issued by POST /ui/login when an admin token is
-set) and turn a refusal into a redirect to the login form; the JSON twins take the bearer header only.
+Every page is one builder from `pages.py` rendered two ways. Access goes through the admin guard
+(`admin/guard.py`): the pages also take the login session cookie (`proxy/auth.py`, issued by POST /ui/login
+when an admin token is set) and turn a refusal into a redirect to the login form; the JSON twins take the
+bearer header only.
 `add_ui_routes` is called once by `app.py`.
 """
 
@@ -20,12 +21,19 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from proxy.admin import ADMIN_ACCESS, RELOADER, require_admin
-from proxy.context import CONTEXT, hash_api_key
+from proxy.admin.guard import ADMIN_ACCESS, require_admin
+from proxy.auth import SESSION_COOKIE, SESSION_SECONDS, hash_api_key, issue_session
+from proxy.config.model import RULES
+from proxy.config.reloader import RELOADER
+from proxy.delivery.weights import WEIGHTS
 from proxy.errors import AdminAuthError, AdminForbiddenError, BodyTooLargeError
+from proxy.observe.metrics import METRICS
+from proxy.observe.stats import STATS
+from proxy.pipeline.result_cache import CACHE
+from proxy.pipeline.shadow import SHADOWS
 from proxy.ui.filters import FILTERS
-from proxy.ui.pages import PAGES, Clocks
-from proxy.ui.session import SESSION_COOKIE, SESSION_SECONDS, issue_session
+from proxy.ui.pages import PAGES, Clocks, Sources
+from proxy.upstream.state import BACKENDS
 
 MAX_LOGIN_BYTES = 4096  # a login form is one short field; the app's own body limit is far larger
 LOGIN_PATH = "/ui/login"
@@ -40,6 +48,11 @@ CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}
 
 def _clocks() -> Clocks:
     return Clocks(asyncio.get_running_loop().time(), time.time())
+
+
+def _sources(app: web.Application) -> Sources:
+    return Sources(app[RULES], app[RELOADER], app[WEIGHTS], app[STATS], app[METRICS], app[BACKENDS], app[SHADOWS],
+                   app[CACHE])
 
 
 def _has_token(request: web.Request) -> bool:
@@ -78,7 +91,7 @@ def _ui_page(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
             return _render(request, "refused.html", {"name": "refused", "message": exc.message}, status=403)
         except AdminAuthError:
             return _redirect(f"{LOGIN_PATH}?next={quote(request.path)}")
-        data = build(request.app[CONTEXT], request.app[RELOADER], _clocks())
+        data = build(_sources(request.app), _clocks())
         return _render(request, f"{name}.html", dict(data, name=name))
 
     return page
@@ -89,7 +102,7 @@ def _json_twin(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 
     async def document(request: web.Request) -> web.Response:
         require_admin(request)
-        return web.json_response(build(request.app[CONTEXT], request.app[RELOADER], _clocks()))
+        return web.json_response(build(_sources(request.app), _clocks()))
 
     return document
 

@@ -2,8 +2,10 @@
 
 One task per app (started in `app.py`'s cleanup_ctx). Each round probes the backends whose probe is due
 (healthy ones every `health.interval`, unhealthy ones every `health.unhealthy_interval`), applies the
-results through `pipeline/ejection.py`, refreshes runtime metrics for backends of `runtime_load` routes,
-then sleeps until the next deadline. `rounds` lets tests await a round instead of sleeping.
+results through `upstream/ejection.py`, refreshes runtime metrics for backends of `runtime_load` routes
+(their variants' pools and their shadows'), then sleeps until the next deadline. A round that fails
+unexpectedly is logged and the next one runs: probing is what re-admits ejected backends. `wait_round`
+lets tests await a round instead of sleeping; `clock` is the backend-state clock (tests pass a fake one).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from proxy.config.model import Snapshot
-from proxy.pipeline.ejection import record_probe
+from aiohttp import web
+
+from proxy.config.model import Pool, Route, Snapshot
+from proxy.upstream.ejection import record_probe
 from proxy.upstream.probe import is_reachable, read_runtime_load
 from proxy.upstream.state import BackendState, BackendStates
 
@@ -24,39 +28,54 @@ MAX_SLEEP = 0.5  # re-read the snapshot at least this often (a reload may add ba
 
 
 class HealthChecker:
-    __slots__ = ("_states", "_snapshot", "_round", "_loop")
+    __slots__ = ("_states", "_snapshot", "_clock", "_round", "_next_load_read")
 
-    def __init__(self, states: BackendStates, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, states: BackendStates, snapshot: Callable[[], Snapshot], clock: Callable[[], float]) -> None:
         self._states = states
         self._snapshot = snapshot
-        self._round = asyncio.Condition()
-        self._loop = asyncio.get_running_loop()
+        self._clock = clock
+        self._round: asyncio.Condition | None = None  # made on the running loop, by the first waiter or round
+        self._next_load_read = 0.0
 
     async def run(self) -> None:
-        next_load_read = 0.0
+        """Probe forever (`app.py` cancels it)."""
         while True:
-            snapshot = self._snapshot()
-            now = self._loop.time()
-            due = [s for s in self._states if now >= s.next_probe_at and _is_configured(s, snapshot)]
-            if due:
-                await self._probe(due, snapshot)
-            if now >= next_load_read:
-                await self._read_loads(snapshot)
-                next_load_read = now + RUNTIME_LOAD_INTERVAL
-            async with self._round:
-                self._round.notify_all()
+            try:
+                await self.check_once()
+            except Exception:  # a bug in one round must not end probing, and with it re-admission
+                log.exception("health round failed; the next one runs as scheduled")
+            async with self._condition():
+                self._condition().notify_all()
+            now = self._clock()
             wake = min((s.next_probe_at for s in self._states), default=now + MAX_SLEEP)
-            await asyncio.sleep(max(0.0, min(wake - self._loop.time(), MAX_SLEEP)))
+            await asyncio.sleep(max(0.0, min(wake - now, MAX_SLEEP)))
+
+    async def check_once(self) -> None:
+        """One round: probe the backends that are due, and read runtime loads when that is due."""
+        snapshot = self._snapshot()
+        now = self._clock()
+        due = [s for s in self._states if now >= s.next_probe_at and _is_configured(s, snapshot)]
+        if due:
+            await self._probe(due, snapshot)
+        if now >= self._next_load_read:
+            self._next_load_read = now + RUNTIME_LOAD_INTERVAL
+            await self._read_loads(snapshot)
+
+    def _condition(self) -> asyncio.Condition:
+        if self._round is None:
+            self._round = asyncio.Condition()
+        return self._round
 
     async def wait_round(self) -> None:
         """Return after the next completed round (tests await this instead of sleeping)."""
-        async with self._round:
-            await self._round.wait()
+        condition = self._condition()
+        async with condition:
+            await condition.wait()
 
     async def _probe(self, due: list[BackendState], snapshot: Snapshot) -> None:
         settings = snapshot.health
         results = await asyncio.gather(*(is_reachable(s.backend, settings.timeout) for s in due))
-        now = self._loop.time()
+        now = self._clock()
         for state, ok in zip(due, results, strict=True):
             was_healthy = state.healthy
             record_probe(state, ok, settings, now)
@@ -64,16 +83,14 @@ class HealthChecker:
                 log.warning("backend %s is %s (probe)", state.backend.name, "healthy" if state.healthy else "unhealthy")
 
     async def _read_loads(self, snapshot: Snapshot) -> None:
-        wanted = {
-            b.identity for route in snapshot.routes if route.runtime_load
-            for v in route.variants for b in v.pool.backends
-        }
+        wanted = {b.identity for route in snapshot.routes if route.runtime_load for pool in _pools(route)
+                  for b in pool.backends}
         states = [s for s in self._states if s.backend.identity in wanted]
         if not states:
             return
         timeout = snapshot.health.timeout
         loads = await asyncio.gather(*(read_runtime_load(s.backend, timeout) for s in states))
-        now = self._loop.time()
+        now = self._clock()
         for state, load in zip(states, loads, strict=True):
             if load is not None:
                 state.runtime_waiting, state.runtime_running = load.waiting, load.running
@@ -81,5 +98,13 @@ class HealthChecker:
                 state.runtime_sampled_at = now
 
 
+def _pools(route: Route) -> list[Pool]:
+    """Every pool a route sends requests to: its variants' and its shadows' (they pick by the same policy)."""
+    return [v.pool for v in route.variants] + [s.pool for s in route.shadows]
+
+
 def _is_configured(state: BackendState, snapshot: Snapshot) -> bool:
     return any(b.identity == state.backend.identity for b in snapshot.backends)
+
+
+HEALTH = web.AppKey("HEALTH", HealthChecker)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 
+from aiohttp import web
+
 from proxy.config.model import Backend
 
 
@@ -162,3 +164,6 @@ class BackendStates:
                 sample = (name, other[1] + s.inflight, other[2] + s.predicted_load, live[3])
             merged[name] = sample
         return list(merged.values())
+
+
+BACKENDS = web.AppKey("BACKENDS", BackendStates)

@@ -45,7 +45,7 @@ async def wait_until(handle: Any, predicate: Any, rounds: int = 200) -> None:
     for _ in range(rounds):
         if predicate():
             return
-        await handle.context.health.wait_round()
+        await handle.health.wait_round()
     raise AssertionError("condition not reached after health rounds")
 
 
@@ -53,14 +53,14 @@ async def test_dead_backend_costs_clients_nothing(sim: Any, proxy: Any) -> None:
     runtime_a, a = await sim()
     runtime_b, b = await sim()
     handle = await proxy(two_backend_rules(a, b, top="health: {interval: 10m}", balance="round_robin"))
-    await handle.context.health.wait_round()
+    await handle.health.wait_round()
     await a.close()  # dies between probes: clients must not notice
     client = openai.AsyncOpenAI(base_url=handle.base_url, api_key="k", max_retries=0)
     answers = await asyncio.gather(*(chat(client, max_tokens=2) for _ in range(20)))
     assert all(r.http_response.status_code == 200 for r in answers)
     assert {r.headers["x-splitstream-backend"] for r in answers} == {"b"}
     assert runtime_b.stats.completed == 20
-    state_a = next(s for s in handle.context.backends if s.backend.name == "a")
+    state_a = next(s for s in handle.backends if s.backend.name == "a")
     assert not state_a.is_available(asyncio.get_running_loop().time())  # ejected after its failures
 
 
@@ -73,7 +73,7 @@ async def test_failing_backend_is_ejected_then_readmitted(sim: Any, proxy: Any) 
         response = await chat(client, max_tokens=2)
         assert response.http_response.status_code == 200  # a's 500s fail over to b
     assert runtime_a.stats.failed == 2  # ejected after `failures: 2`, then skipped
-    state_a = next(s for s in handle.context.backends if s.backend.name == "a")
+    state_a = next(s for s in handle.backends if s.backend.name == "a")
     assert state_a.ejections_total == 1
     runtime_a.config = dataclasses.replace(runtime_a.config, fail_rate=0.0)  # a recovers
     await wait_until(handle, lambda: state_a.is_available(asyncio.get_running_loop().time()))
@@ -171,10 +171,10 @@ async def test_speeds_are_learned_from_real_traffic(sim: Any, proxy: Any) -> Non
     for _ in range(5):
         stream = await client.chat.completions.create(model="my-model", messages=MESSAGES, stream=True, max_tokens=20)
         [c async for c in stream]
-    state = next(s for s in handle.context.backends if s.backend.name == "a")
+    state = next(s for s in handle.backends if s.backend.name == "a")
     assert state.completed == 5
     assert state.decode_tps > PRIOR_DECODE_TPS  # a 2,000 tok/s runtime is faster than the prior guess
-    stats = handle.context.model_stats["sim-model"]
+    stats = handle.dispatcher.model_stats["sim-model"]
     assert stats.completion_tokens < 256 and stats.samples == 5
 
 
@@ -188,7 +188,7 @@ async def test_runtime_load_is_read_from_runtime_metrics(sim: Any, proxy: Any) -
     async with aiohttp.ClientSession() as session:
         held = [asyncio.ensure_future(session.post(handle.url("/v1/chat/completions"), json=body)) for _ in range(3)]
         await gate.wait_reached(0)
-        state = next(s for s in handle.context.backends if s.backend.name == "a")
+        state = next(s for s in handle.backends if s.backend.name == "a")
         await wait_until(handle, lambda: state.runtime_running == 3)
         assert state.runtime_waiting == 0
         gate.open_all()
@@ -212,7 +212,7 @@ pools:
 routes:
   - {{name: main, match: {{model: "m"}}, pool: p}}
 """)
-    await handle.context.health.wait_round()
+    await handle.health.wait_round()
     async with aiohttp.ClientSession() as session:
         async with session.get(handle.url("/readyz")) as r:
             assert r.status == 503

@@ -44,7 +44,7 @@ async def test_hit_after_miss_is_byte_identical(sim: Any, proxy: Any) -> None:
     for stream, max_tokens in ((False, 5), (True, 7)):  # different questions: a stream is not answered from JSON
         body = {**BODY, "stream": stream, "max_tokens": max_tokens}
         first = await post(handle, body)
-        await handle.context.cache.writes_done()
+        await handle.cache.writes_done()
         second = await post(handle, body)
         assert first[:2] == (200, "miss") and second[:2] == (200, "hit")
         assert second[2] == first[2]
@@ -73,7 +73,7 @@ async def test_every_shape_through_the_sdk(sim: Any, proxy: Any, first_stream: b
             completion.usage.completion_tokens if completion.usage else None
 
     miss = await ask(first_stream)
-    await handle.context.cache.writes_done()
+    await handle.cache.writes_done()
     hit = await ask(second_stream)
     assert miss[0] == "miss" and hit[0] == "hit"
     assert hit[1] == miss[1] and hit[1]
@@ -102,7 +102,7 @@ async def test_twenty_identical_misses_reach_the_runtime_once(sim: Any, proxy: A
             bodies.append(await response.read())
     assert runtime.stats.requests == 1
     assert len(set(bodies)) == 1
-    counts = handle.context.cache.counts["chat"]
+    counts = handle.cache.counts["chat"]
     assert counts["miss"] == 1 and counts["coalesced"] == 19
 
 
@@ -112,7 +112,7 @@ async def test_cut_stream_is_never_cached(sim: Any, proxy: Any) -> None:
     for _ in range(2):
         status, result, raw = await post(handle, {**BODY, "stream": True})
         assert result == "miss" and b"event: error" in raw
-        await handle.context.cache.writes_done()
+        await handle.cache.writes_done()
     assert runtime.stats.requests == 2
 
 
@@ -122,7 +122,7 @@ async def test_bypass_rules_and_opt_out(sim: Any, proxy: Any) -> None:
     assert (await post(handle, {**BODY, "temperature": 0.8}))[1] == "bypass"
     assert (await post(handle, BODY, {"Cache-Control": "no-cache"}))[1] == "bypass"
     assert (await post(handle, {**BODY, "temperature": 0.8}, {"x-splitstream-cache": "force"}))[1] == "miss"
-    await handle.context.cache.writes_done()
+    await handle.cache.writes_done()
     assert (await post(handle, {**BODY, "temperature": 0.8}, {"x-splitstream-cache": "force"}))[1] == "hit"
 
 
@@ -131,7 +131,7 @@ async def test_tenants_are_isolated_unless_shared(sim: Any, proxy: Any, shared: 
     runtime, server = await sim()
     handle = await proxy(cache_rules(server, cache=f"{{ttl: 1m, shared: {str(shared).lower()}}}"))
     first = await post(handle, BODY, {"Authorization": "Bearer tenant-a"})
-    await handle.context.cache.writes_done()
+    await handle.cache.writes_done()
     second = await post(handle, BODY, {"Authorization": "Bearer tenant-b"})
     assert first[1] == "miss"
     assert second[1] == ("hit" if shared else "miss")
@@ -142,7 +142,7 @@ async def test_entries_over_the_size_limit_are_not_kept(sim: Any, proxy: Any) ->
     handle = await proxy(cache_rules(server, cache="{ttl: 1m, max_entry_bytes: 64}"))
     for _ in range(2):
         assert (await post(handle, BODY))[1] == "miss"
-        await handle.context.cache.writes_done()
+        await handle.cache.writes_done()
 
 
 async def test_shadow_copies_never_fill_the_cache(sim: Any, proxy: Any) -> None:
@@ -151,9 +151,9 @@ async def test_shadow_copies_never_fill_the_cache(sim: Any, proxy: Any) -> None:
     rules = cache_rules(server).replace("pools:\n", "pools:\n" + extra_pool) + "    shadow: [{pool: next}]\n"
     handle = await proxy(rules)
     await post(handle, BODY)
-    await handle.context.shadows.idle()
-    await handle.context.cache.writes_done()
-    assert len(handle.context.cache_store) == 1  # type: ignore[arg-type]  # the primary's answer only
+    await handle.shadows.idle()
+    await handle.cache.writes_done()
+    assert len(handle.cache.store) == 1  # type: ignore[arg-type]  # the primary's answer only
     assert (await post(handle, BODY))[1] == "hit"
 
 
@@ -162,14 +162,14 @@ async def test_redis_cache_and_redis_down_is_bypass(sim: Any, proxy: Any, redis_
     store = RedisStore(redis_server.url, timeout=0.5)
     handle = await proxy(cache_rules(server), store=store)
     assert (await post(handle, BODY))[1] == "miss"
-    await handle.context.cache.writes_done()
+    await handle.cache.writes_done()
     assert (await post(handle, BODY))[1] == "hit"
     assert b"splitstream:cache:" in redis_server.command(b"KEYS", b"splitstream:cache:*")
     redis_server.stop()
     for _ in range(3):
         status, result, _ = await post(handle, BODY)
         assert status == 200 and result == "bypass"
-    assert handle.context.cache.counts["chat"]["bypass"] == 3
+    assert handle.cache.counts["chat"]["bypass"] == 3
 
 
 class HeldStore:
@@ -212,7 +212,7 @@ async def test_leader_leaving_mid_lookup_does_not_strand_its_twins(sim: Any, pro
         leader = asyncio.ensure_future(leader_session.post(handle.url("/v1/chat/completions"), json=BODY))
         await store.entered.wait()  # the leader is looking the key up
         twin = asyncio.ensure_future(twin_session.post(handle.url("/v1/chat/completions"), json=BODY))
-        while handle.context.cache.counts.get("chat", {}).get("coalesced", 0) < 1:
+        while handle.cache.counts.get("chat", {}).get("coalesced", 0) < 1:
             await asyncio.sleep(0)  # yield until the twin has joined the leader's flight (in-process state)
         leader.cancel()
         await leader_session.close()  # the leader's client goes away while the store is still answering

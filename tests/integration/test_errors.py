@@ -128,7 +128,7 @@ async def test_full_backend_queues_then_answers(sim: Any, proxy: Any) -> None:
         first = asyncio.ensure_future(session.post(handle.url("/v1/chat/completions"), json=body))
         await gate.wait_reached(0)
         second = asyncio.ensure_future(session.post(handle.url("/v1/chat/completions"), json=body))
-        await until(lambda: handle.context.queue.waiting("main-pool") == 1)
+        await until(lambda: handle.dispatcher.queue.waiting("main-pool") == 1)
         assert runtime.stats.requests == 1  # the second one waits in splitstream, not at the runtime
         gate.open_all()
         for response in (await first, await second):
@@ -151,7 +151,7 @@ async def test_full_backend_and_queue_is_429(sim: Any, proxy: Any, server_block:
         status, headers, body = await post(handle.url("/v1/chat/completions"), json={"model": "my-model", "messages": MESSAGES})
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert_error_shape(body, "overloaded")
-        assert handle.context.queue.waiting("main-pool") == 0
+        assert handle.dispatcher.queue.waiting("main-pool") == 0
         gate.open_all()
         (await held).release()
 
@@ -179,7 +179,7 @@ async def test_backend_4xx_is_relayed(sim: Any, proxy: Any) -> None:
 async def test_backend_gone_between_probes_is_502_unreachable(sim: Any, proxy: Any) -> None:
     runtime, server = await sim()
     handle = await proxy(simple_rules(server, server_block="health: {interval: 10m}"))
-    await handle.context.health.wait_round()  # the first probe found it healthy
+    await handle.health.wait_round()  # the first probe found it healthy
     await server.close()  # ...and now it is gone, long before the next probe
     status, _, body = await post(handle.url("/v1/chat/completions"), json={"model": "my-model", "messages": MESSAGES})
     assert status == 502
@@ -193,7 +193,7 @@ async def test_dead_backend_found_by_probe_is_503(sim: Any, proxy: Any) -> None:
     rules = simple_rules().replace("backends:\n", f'backends:\n  dead: {{url: "http://127.0.0.1:{free_port()}"}}\n')
     rules = rules.replace("backends: []", "backends: [dead]")
     handle = await proxy(rules)
-    await handle.context.health.wait_round()
+    await handle.health.wait_round()
     status, _, body = await post(handle.url("/v1/chat/completions"), json={"model": "my-model", "messages": MESSAGES})
     assert status == 503
     assert_error_shape(body, "no_healthy_backend")

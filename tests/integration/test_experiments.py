@@ -41,7 +41,7 @@ async def test_the_ab_report_joins_feedback_to_variants(sim: Any, proxy: Any) ->
     _, stable = await sim()
     _, canary = await sim(fail_rate=0.25, seed=5)
     handle = await proxy(rules(stable, canary), admin_token=TOKEN)
-    handle.context.rng = random.Random(3)
+    handle.splitter.rng = random.Random(3)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     ids: dict[str, list[str]] = defaultdict(list)
     async with openai.AsyncOpenAI(base_url=handle.base_url, api_key="k", max_retries=0) as client:

@@ -222,7 +222,7 @@ async def test_reloads_under_streaming_load_lose_no_request_and_cut_no_stream(si
     # The last rules (step 10) have no b1: once the last handler is done (close waits for them), b1's
     # state has drained and is forgotten; b0's was kept throughout.
     await handle.server.close()
-    assert [s.backend.name for s in handle.context.backends] == ["b0"]
+    assert [s.backend.name for s in handle.backends] == ["b0"]
 
 
 async def test_admin_reload_answers_the_outcome(sim: Any, proxy: Any) -> None:

@@ -69,23 +69,23 @@ def rollout_block(steps: str = "[10, 25, 50, 100]", min_requests: int = 30, **ex
 async def start(proxy: Any, text: str, clock: FakeClock, seed: int = 7, **options: Any) -> ProxyHandle:
     settings = RolloutSettings(clock=clock, tick=None, replica_id=options.pop("replica_id", None))
     handle: ProxyHandle = await proxy(text, rollout_settings=settings, **options)
-    handle.context.rng = random.Random(seed)  # per-request draws: a fixed sequence
+    handle.splitter.rng = random.Random(seed)  # per-request draws: a fixed sequence
     return handle
 
 
 def state_of(handle: ProxyHandle) -> RolloutState:
-    state = handle.context.weights.state_of("chat")
+    state = handle.weights.state_of("chat")
     assert state is not None
     return state
 
 
 def percent_of(handle: ProxyHandle) -> float | None:
-    return handle.context.weights.percent_of("chat")
+    return handle.weights.percent_of("chat")
 
 
 def transitions(handle: ProxyHandle) -> Counter[str]:
     counts: Counter[str] = Counter()
-    for family in handle.context.metrics.registry.collect():
+    for family in handle.metrics.registry.collect():
         if family.name == "splitstream_rollout_transitions":
             for sample in family.samples:
                 if sample.name.endswith("_total") and sample.labels["route"] == "chat":
@@ -141,7 +141,7 @@ async def test_a_healthy_candidate_is_promoted_through_every_step(sim: Any, prox
     _, canary = await sim(**HEALTHY)
     clock = FakeClock(1_000_000.0)
     handle = await start(proxy, rules(stable, canary, rollout_block(max_p95_ratio=SAME_SPEED)), clock)
-    controller = handle.context.rollouts
+    controller = handle.rollouts
     assert state_of(handle).status == "running" and percent_of(handle) == 10.0  # started with the app
     async with aiohttp.ClientSession() as session:
         traffic = Traffic(session, handle)
@@ -161,7 +161,7 @@ async def test_a_healthy_candidate_is_promoted_through_every_step(sim: Any, prox
     assert [entry["action"] for entry in history] == ["start", "advance", "advance", "advance", "promote"]
     assert all(entry["numbers"]["candidate_requests"] >= 30 for entry in history[1:])
     assert transitions(handle) == Counter({"start": 1, "advance": 3, "promote": 1})
-    assert handle.context.metrics.rollout_step.labels("chat")._value.get() == 100.0
+    assert handle.metrics.rollout_step.labels("chat")._value.get() == 100.0
 
 
 async def test_a_failing_candidate_is_rolled_back_at_its_first_step(sim: Any, proxy: Any) -> None:
@@ -174,7 +174,7 @@ async def test_a_failing_candidate_is_rolled_back_at_its_first_step(sim: Any, pr
         traffic = Traffic(session, handle)
         # Mid-interval the evidence becomes decisive: the next tick rolls back without waiting for the end.
         await traffic.until(lambda n: n["canary"] >= 80, sticky=True)
-        await handle.context.rollouts.tick()
+        await handle.rollouts.tick()
         state = state_of(handle)
         assert state.status == "rolled_back" and percent_of(handle) == 0.0
         rollback = state.history[-1]
@@ -209,7 +209,7 @@ async def test_a_slow_candidate_is_rolled_back(sim: Any, proxy: Any) -> None:
         # last of them (stable's) by the time it takes to relay the others, which is not the runtime's speed.
         await traffic.until(lambda n: n["canary"] >= 30 and n["stable"] >= 30, size=10)
         clock.advance(INTERVAL)
-        await handle.context.rollouts.tick()
+        await handle.rollouts.tick()
     state = state_of(handle)
     assert state.status == "rolled_back" and percent_of(handle) == 0.0, state.history[-1]
     numbers = state.history[-1]["numbers"]
@@ -222,7 +222,7 @@ async def test_too_little_traffic_holds_the_step(sim: Any, proxy: Any) -> None:
     _, canary = await sim()
     clock = FakeClock(1_000_000.0)
     handle = await start(proxy, rules(stable, canary, rollout_block(steps="[10, 100]", min_requests=200)), clock)
-    controller = handle.context.rollouts
+    controller = handle.rollouts
     async with aiohttp.ClientSession() as session:
         await Traffic(session, handle).batch(40)
     due = state_of(handle).due
@@ -250,34 +250,34 @@ async def test_two_replicas_on_one_redis_agree_and_a_restart_resumes(
         return await start(proxy, text, clock, store=RedisStore(redis_server.url, timeout=5.0), replica_id=name)
 
     a, b = await replica("replica-a"), await replica("replica-b")
-    assert a.context.rollouts.is_leader and not b.context.rollouts.is_leader  # one lease, one driver
+    assert a.rollouts.is_leader and not b.rollouts.is_leader  # one lease, one driver
     assert redis_server.command(b"GET", LEASE_KEY.encode()) == b"$9\r\nreplica-a\r\n"
     assert state_of(a) == state_of(b) and percent_of(b) == 10.0
     async with aiohttp.ClientSession() as session:
         await Traffic(session, a).until(lambda n: n["canary"] >= 30 and n["stable"] >= 30)
         clock.advance(INTERVAL)
-        await b.context.rollouts.tick()  # the follower decides nothing, however due the step is
+        await b.rollouts.tick()  # the follower decides nothing, however due the step is
         assert percent_of(b) == 10.0 and state_of(b).step == 0
-        await a.context.rollouts.tick()
+        await a.rollouts.tick()
         assert percent_of(a) == 50.0
-        await b.context.rollouts.tick()  # and follows at its next tick
+        await b.rollouts.tick()  # and follows at its next tick
         assert percent_of(b) == 50.0 and state_of(b) == state_of(a)
-        assert not b.context.rollouts.is_leader
-        assert b.context.metrics.rollout_step.labels("chat")._value.get() == 50.0
+        assert not b.rollouts.is_leader
+        assert b.metrics.rollout_step.labels("chat")._value.get() == 50.0
 
         # An operator pauses through the follower; the leader sees it and holds still, due or not.
         async with session.post(b.url("/admin/rollouts/chat/pause")) as response:
             assert response.status == 200 and (await response.json())["status"] == "paused"
         clock.advance(2 * INTERVAL)
-        await a.context.rollouts.tick()
+        await a.rollouts.tick()
         assert state_of(a).status == "paused" and percent_of(a) == 50.0
 
     await a.server.close()  # replica a stops and hands the lease back
     c = await replica("replica-c")  # a new replica on the same Redis: the stored step, the same state
-    assert c.context.rollouts.is_leader
+    assert c.rollouts.is_leader
     assert state_of(c) == state_of(b) and state_of(c).status == "paused" and percent_of(c) == 50.0
-    await b.context.rollouts.tick()
-    assert not b.context.rollouts.is_leader
+    await b.rollouts.tick()
+    assert not b.rollouts.is_leader
     assert transitions(a) + transitions(b) + transitions(c) == Counter({"start": 1, "advance": 1, "pause": 1})
 
 
@@ -290,7 +290,7 @@ async def test_blue_green_waits_for_a_healthy_candidate_then_switches_at_once(si
     _, green = await sim(**HEALTHY)
     clock = FakeClock(1_000_000.0)
     handle = await start(proxy, rules(blue, green, ""), clock, watch_rules=False)
-    controller = handle.context.rollouts
+    controller = handle.rollouts
     async with aiohttp.ClientSession() as session:
         traffic = Traffic(session, handle)
         await traffic.until(lambda n: n["stable"] >= 40, size=20)  # blue serves everything, as the weights say
@@ -300,7 +300,7 @@ async def test_blue_green_waits_for_a_healthy_candidate_then_switches_at_once(si
         switch = rollout_block(steps="[100]", max_p95_ratio=SAME_SPEED)
         await reload(handle, rules(blue, green, switch, canary_url=dead))
         await controller.tick()
-        assert handle.context.weights.state_of("chat") is None and percent_of(handle) == 0.0  # pending
+        assert handle.weights.state_of("chat") is None and percent_of(handle) == 0.0  # pending
         before = Counter(traffic.served)
         await traffic.batch()
         assert traffic.served - before == Counter({"stable": 40})
@@ -399,7 +399,7 @@ async def test_with_redis_down_weights_stay_and_operator_actions_are_refused(
     assert percent_of(handle) == 10.0
     redis_server.stop()
     clock.advance(INTERVAL)
-    await handle.context.rollouts.tick()  # no store: nothing moves, nothing breaks
+    await handle.rollouts.tick()  # no store: nothing moves, nothing breaks
     assert percent_of(handle) == 10.0 and state_of(handle).status == "running"
     async with aiohttp.ClientSession() as session:
         async with session.post(handle.url("/admin/rollouts/chat/pause")) as response:

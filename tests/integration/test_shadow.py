@@ -43,7 +43,7 @@ async def scrape(handle: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 async def next_comparison(handle: Any) -> Any:
-    mirror = handle.context.shadows
+    mirror = handle.shadows
     if not mirror.recent:
         await asyncio.wait_for(mirror.compared.wait(), 30)
     return mirror.recent[-1]
@@ -126,12 +126,12 @@ async def test_full_shadow_queue_drops_and_counts(sim: Any, proxy: Any) -> None:
     client = openai.AsyncOpenAI(base_url=handle.base_url, api_key="k")
     for _ in range(4):
         await client.chat.completions.create(model="my-model", messages=MESSAGES, max_tokens=2)
-    assert handle.context.shadows.queued() == {"chat/next": 1}
+    assert handle.shadows.queued() == {"chat/next": 1}
     samples = await scrape(handle)
     assert samples[("splitstream_shadow_requests_total", (("outcome", "dropped"), ("pool", "next"), ("route", "chat")))] == 2
     gate.open_all()
-    await asyncio.wait_for(handle.context.shadows.idle(), 30)
-    assert len(handle.context.shadows.recent) == 2
+    await asyncio.wait_for(handle.shadows.idle(), 30)
+    assert len(handle.shadows.recent) == 2
     assert shadow.stats.requests == 2  # one ran, one waited its turn, two never left the proxy
 
 
@@ -145,7 +145,7 @@ async def test_sampling_ratio_within_binomial_bound(sim: Any, proxy: Any) -> Non
             async with session.post(handle.url("/v1/chat/completions"),
                                     json={"model": "my-model", "messages": MESSAGES, "max_tokens": 1}) as r:
                 assert r.status == 200
-    await asyncio.wait_for(handle.context.shadows.idle(), 30)
+    await asyncio.wait_for(handle.shadows.idle(), 30)
     sigma = math.sqrt(n * share * (1 - share))
     assert abs(shadow.stats.requests - n * share) <= 5 * sigma
     assert primary.stats.requests == n

@@ -21,7 +21,7 @@ import aiohttp
 import openai
 
 from proxy.config.loader import load_rules
-from proxy.context import hash_api_key
+from proxy.auth import hash_api_key
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from tests.conftest import ProxyHandle, backend_url
@@ -61,7 +61,7 @@ def five_sigma(n: int, p: float) -> tuple[float, float]:
 def assignments(handle: ProxyHandle) -> Counter[tuple[str, str]]:
     """split_assignments_total of route `canary` as {(variant, source): count}, read from the registry."""
     counts: Counter[tuple[str, str]] = Counter()
-    for family in handle.context.metrics.registry.collect():
+    for family in handle.metrics.registry.collect():
         if family.name == "splitstream_split_assignments":
             for sample in family.samples:
                 if sample.name.endswith("_total") and sample.labels["route"] == "canary":
@@ -101,7 +101,7 @@ async def reload_rules(handle: ProxyHandle, rules_yaml: str) -> None:
     (handle.rules_dir / "rules.yaml").write_text(rules_yaml)
     outcome = await handle.reloader.reload("test")
     assert outcome.result in ("success", "unchanged"), outcome  # unchanged: the watcher got there first
-    assert handle.context.rules.current.files == load_rules(handle.rules_dir, env={}).files
+    assert handle.rules.current.files == load_rules(handle.rules_dir, env={}).files
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -154,13 +154,13 @@ async def test_without_sticky_each_request_draws_by_weight(sim: Any, proxy: Any)
     _, stable = await sim()
     _, canary = await sim()
     handle = await proxy(split_rules(stable, canary, sticky="", variants=[("stable", 0, 80), ("canary", 1, 20)]))
-    handle.context.rng = random.Random(5)
+    handle.splitter.rng = random.Random(5)
     async with aiohttp.ClientSession() as session:
         served = await asyncio.gather(*(ask(session, handle, "same-user") for _ in range(400)))
     low, high = five_sigma(400, 0.2)
     assert low <= served.count("canary") <= high  # the header means nothing here: no stickiness
     assert by_source(assignments(handle)) == Counter({"new": 400})
-    assert isinstance(handle.context.store, MemoryStore) and len(handle.context.store) == 0
+    assert isinstance(handle.splitter.store, MemoryStore) and len(handle.splitter.store) == 0
 
 
 async def test_weight_zero_and_blue_green_reloads(sim: Any, proxy: Any) -> None:
@@ -217,7 +217,7 @@ async def test_subject_from_body_user_and_api_key_via_the_openai_sdk(sim: Any, p
     assert by_source(assignments(by_key)) == Counter({"new": 20, "sticky": 20})
     # What the stores hold names neither the subject nor the key, nor the hash the key is checked against.
     for handle, secrets in ((by_user, ["alice"]), (by_key, ["sk-client", hash_api_key("sk-client-secret-0")[:32]])):
-        store = handle.context.store
+        store = handle.splitter.store
         assert isinstance(store, MemoryStore)
         keys = list(store._entries)  # the test looks inside the embedded store
         assert len(keys) == 20 and all(re.fullmatch(r"splitstream:sticky:canary:[0-9a-f]{32}", k) for k in keys)
@@ -228,7 +228,7 @@ async def test_requests_without_a_subject_draw_per_request_and_count_as_new(sim:
     _, stable = await sim()
     _, canary = await sim()
     handle = await proxy(split_rules(stable, canary, variants=[("stable", 0, 50), ("canary", 1, 50)]))
-    handle.context.rng = random.Random(11)
+    handle.splitter.rng = random.Random(11)
     async with aiohttp.ClientSession() as session:
         served = Counter([await ask(session, handle) for _ in range(200)] + [await ask(session, handle, "") for _ in range(20)])
         async with session.get(handle.url("/metrics")) as response:
@@ -236,7 +236,7 @@ async def test_requests_without_a_subject_draw_per_request_and_count_as_new(sim:
     low, high = five_sigma(220, 0.5)
     assert low <= served["canary"] <= high
     assert by_source(assignments(handle)) == Counter({"new": 220})
-    assert isinstance(handle.context.store, MemoryStore) and len(handle.context.store) == 0
+    assert isinstance(handle.splitter.store, MemoryStore) and len(handle.splitter.store) == 0
     lines = [ln for ln in exposition.splitlines() if ln.startswith("splitstream_split_assignments_total{")]
     assert any(all(f'{k}="{v}"' in ln for k, v in (("route", "canary"), ("variant", "canary"), ("source", "new")))
                for ln in lines), lines
@@ -251,7 +251,7 @@ async def test_plain_pool_routes_make_no_split_decision(sim: Any, proxy: Any) ->
         body = {"model": "my-model", "messages": MESSAGES, "max_tokens": 1}
         async with session.post(handle.url("/v1/chat/completions"), json=body, headers={"x-user-id": "u"}) as r:
             assert r.status == 200 and r.headers["x-splitstream-variant"] == "main-pool"
-    samples = [s for f in handle.context.metrics.registry.collect() if f.name == "splitstream_split_assignments"
+    samples = [s for f in handle.metrics.registry.collect() if f.name == "splitstream_split_assignments"
                for s in f.samples]
     assert samples == []
 
@@ -266,7 +266,7 @@ async def test_redis_outage_mid_load_falls_back_then_recovers(
     handle = await proxy(split_rules(stable, canary, variants=[("stable", 0, 70), ("canary", 1, 30)]), store=store)
     # Every request must reach the store here: this is about the store's breaker and the hash fallback, not
     # the in-process memory of recent answers (which would answer these repeat subjects during the outage).
-    handle.context.recent_assignments = None
+    handle.splitter.recent = None
     subjects = [f"u{i}" for i in range(60)]
     async with aiohttp.ClientSession() as session:
         assigned = await ask_many(session, handle, subjects)

@@ -204,7 +204,7 @@ async def test_overview_shows_both_variants_with_live_numbers(sim: Any, proxy: A
     _, a = await sim()
     _, b = await sim()
     handle = await proxy(split_rules(a, b, weights=(3, 1)))
-    handle.context.rng.seed(11)  # per-request draws: a fixed sequence, counted from the response headers
+    handle.splitter.rng.seed(11)  # per-request draws: a fixed sequence, counted from the response headers
     served = await send(handle, 24)
     assert served["stable"] > 0 and served["canary"] > 0
 
@@ -361,7 +361,7 @@ routes:
     retry: {{attempts: 1}}
 """
     handle = await proxy(rules)
-    mirror = handle.context.shadows
+    mirror = handle.shadows
     answer = await client(handle).chat.completions.with_raw_response.create(
         model="my-model", messages=MESSAGES, max_tokens=4, temperature=0
     )
@@ -370,7 +370,7 @@ routes:
     assert text
     while not any(c.request_id == request_id for c in mirror.recent):
         await asyncio.wait_for(mirror.compared.wait(), 30)
-    await handle.context.cache.writes_done()  # the answer is stored off the request path
+    await handle.cache.writes_done()  # the answer is stored off the request path
     repeat = await client(handle).chat.completions.with_raw_response.create(
         model="my-model", messages=MESSAGES, max_tokens=4, temperature=0
     )

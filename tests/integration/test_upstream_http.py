@@ -14,8 +14,9 @@ import pytest
 from proxy.config.model import Backend, Timeouts
 from proxy.errors import BackendProtocolError, BackendResetError, BackendTimeoutError
 from proxy.observe.metrics import Metrics
-from proxy.pipeline.forward import Deadlines, build_request, open_exchange
-from proxy.upstream.pool import ConnectionPool
+from proxy.pipeline.deadlines import Deadlines
+from proxy.pipeline.forward import build_request, open_exchange
+from proxy.upstream.client import UpstreamClient
 
 # script(connection_index, request_index) -> raw response bytes, or None to close without answering,
 # or "hang" to never answer.
@@ -68,8 +69,9 @@ class ScriptedServer:
 
 
 @pytest.fixture
-async def pool() -> AsyncIterator[ConnectionPool]:
-    p = ConnectionPool(asyncio.get_running_loop())
+async def pool() -> AsyncIterator[UpstreamClient]:
+    p = UpstreamClient()
+    p.open()
     yield p
     p.close()
 
@@ -78,7 +80,7 @@ def ok(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
-async def exchange(pool: ConnectionPool, server: ScriptedServer, timeouts: Timeouts = Timeouts(), stream: bool = False) -> tuple[int, bytes]:
+async def exchange(pool: UpstreamClient, server: ScriptedServer, timeouts: Timeouts = Timeouts(), stream: bool = False) -> tuple[int, bytes]:
     loop = asyncio.get_running_loop()
     deadlines = Deadlines(timeouts, loop.time())
     request = build_request(server.backend(), "/v1/chat/completions", b'{"model":"m"}', "rid-1", stream)
@@ -90,7 +92,7 @@ async def exchange(pool: ConnectionPool, server: ScriptedServer, timeouts: Timeo
         pool.release(conn)
 
 
-async def test_keep_alive_connection_is_reused(pool: ConnectionPool) -> None:
+async def test_keep_alive_connection_is_reused(pool: UpstreamClient) -> None:
     server = ScriptedServer(lambda c, n: ok(b'{"n":%d}' % n))
     await server.start()
     for n in range(3):
@@ -98,7 +100,7 @@ async def test_keep_alive_connection_is_reused(pool: ConnectionPool) -> None:
     assert server.connections == 1
 
 
-async def test_request_carries_only_our_headers(pool: ConnectionPool) -> None:
+async def test_request_carries_only_our_headers(pool: UpstreamClient) -> None:
     server = ScriptedServer(lambda c, n: ok(b"{}"))
     await server.start()
     await exchange(pool, server)
@@ -109,7 +111,7 @@ async def test_request_carries_only_our_headers(pool: ConnectionPool) -> None:
     assert server.requests[0].endswith(b'{"model":"m"}')
 
 
-async def test_chunked_body_is_decoded(pool: ConnectionPool) -> None:
+async def test_chunked_body_is_decoded(pool: UpstreamClient) -> None:
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     server = ScriptedServer(lambda c, n: chunked)
     await server.start()
@@ -118,7 +120,7 @@ async def test_chunked_body_is_decoded(pool: ConnectionPool) -> None:
     assert server.connections == 1  # chunked bodies keep the connection reusable
 
 
-async def test_connection_close_is_not_reused(pool: ConnectionPool) -> None:
+async def test_connection_close_is_not_reused(pool: UpstreamClient) -> None:
     server = ScriptedServer(lambda c, n: ok(b"{}", b"Connection: close\r\n"))
     await server.start()
     await exchange(pool, server)
@@ -126,13 +128,13 @@ async def test_connection_close_is_not_reused(pool: ConnectionPool) -> None:
     assert server.connections == 2
 
 
-async def test_body_delimited_by_eof(pool: ConnectionPool) -> None:
+async def test_body_delimited_by_eof(pool: UpstreamClient) -> None:
     server = ScriptedServer(lambda c, n: b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
     await server.start()
     assert await exchange(pool, server) == (200, b"until the end")
 
 
-async def test_stale_keep_alive_connection_is_retried_once(pool: ConnectionPool) -> None:
+async def test_stale_keep_alive_connection_is_retried_once(pool: UpstreamClient) -> None:
     # Connection 0 answers once, then closes when the second request arrives (the keep-alive race).
     server = ScriptedServer(lambda c, n: None if (c, n) == (0, 1) else ok(b'{"c":%d}' % c))
     await server.start()
@@ -141,7 +143,7 @@ async def test_stale_keep_alive_connection_is_retried_once(pool: ConnectionPool)
     assert server.connections == 2
 
 
-async def test_fresh_connection_closed_without_answer_is_an_error(pool: ConnectionPool) -> None:
+async def test_fresh_connection_closed_without_answer_is_an_error(pool: UpstreamClient) -> None:
     server = ScriptedServer(lambda c, n: None)
     await server.start()
     with pytest.raises(BackendResetError):
@@ -149,21 +151,21 @@ async def test_fresh_connection_closed_without_answer_is_an_error(pool: Connecti
     assert server.connections == 1  # a fresh connection is not retried: the runtime may have seen it
 
 
-async def test_invalid_http_is_a_protocol_error(pool: ConnectionPool) -> None:
+async def test_invalid_http_is_a_protocol_error(pool: UpstreamClient) -> None:
     server = ScriptedServer(lambda c, n: b"SMTP ready\r\n\r\n")
     await server.start()
     with pytest.raises(BackendProtocolError):
         await exchange(pool, server)
 
 
-async def test_silent_backend_times_out(pool: ConnectionPool) -> None:
+async def test_silent_backend_times_out(pool: UpstreamClient) -> None:
     server = ScriptedServer(lambda c, n: "hang")
     await server.start()
     with pytest.raises(BackendTimeoutError):
         await exchange(pool, server, Timeouts(total=0.2))
 
 
-async def test_body_cut_short_is_a_reset(pool: ConnectionPool) -> None:
+async def test_body_cut_short_is_a_reset(pool: UpstreamClient) -> None:
     server = ScriptedServer(lambda c, n: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly this")
     await server.start()
     with pytest.raises(BackendResetError):

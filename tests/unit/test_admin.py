@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.admin import AdminAccess, check_admin, is_loopback
+from proxy.auth import AdminAccess, check_admin, is_loopback
 from proxy.errors import AdminAuthError, AdminForbiddenError
 
 TOKEN = AdminAccess.from_token("s3cret")

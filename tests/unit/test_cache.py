@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from proxy.pipeline.cache import (
+from proxy.pipeline.cache_policy import (
     Entry,
     bypass_reason,
     cache_key,

@@ -8,7 +8,7 @@ import struct
 import orjson
 import pytest
 
-from proxy.pipeline.compare import Side, compare, extract_output, similarity
+from proxy.observe.compare import Side, compare, extract_output, similarity
 
 
 def chat_body(text: str, completion: int = 3) -> bytes:

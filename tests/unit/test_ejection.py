@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proxy.config.model import Backend, HealthSettings
-from proxy.pipeline.ejection import ejection_time, record_failure, record_probe, record_success, record_throttle
+from proxy.upstream.ejection import ejection_time, record_failure, record_probe, record_success, record_throttle
 from proxy.upstream.state import BackendState
 
 SETTINGS = HealthSettings(interval=5, unhealthy_interval=1, failures=3, ejection=10, max_ejection=35)

@@ -44,8 +44,8 @@ class Parts:
         self.backends.sync(snapshot.backends)
         self.metrics = Metrics()
         self.clock = [NOW]
-        self.reloader = Reloader(directory, self.holder, self.backends, self.metrics, env={},
-                                 clock=lambda: self.clock[0])
+        self.reloader = Reloader(directory, self.holder, on_swap=lambda new: self.backends.sync(new.backends),
+                                 on_outcome=self.metrics.record_reload, env={}, clock=lambda: self.clock[0])
 
     def count(self, result: str) -> float:
         value = self.metrics.registry.get_sample_value("splitstream_rules_reloads_total", {"result": result})
@@ -142,7 +142,7 @@ async def test_removed_backend_drains_then_is_forgotten(parts: Parts) -> None:
 
 async def test_reload_without_a_directory_is_a_programming_error() -> None:
     snapshot = load_rules(Path(__file__).resolve().parents[2] / "rules", env={})
-    reloader = Reloader(None, RulesHolder(snapshot), BackendStates(), Metrics())
+    reloader = Reloader(None, RulesHolder(snapshot))
     with pytest.raises(RuntimeError):
         await reloader.reload("test")
 

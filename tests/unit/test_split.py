@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 
 from proxy.config.loader import load_rules
 from proxy.config.model import DEFAULT_STICKY_TTL, Pool, Route, Sticky, Variant
-from proxy.context import hash_api_key
+from proxy.auth import hash_api_key
 from proxy.errors import StoreUnavailableError
 from proxy.pipeline import split
 from proxy.pipeline.assignment import assign_variant, find_subject

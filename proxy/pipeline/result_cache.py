@@ -1,9 +1,10 @@
 """The result cache at run time: store lookups, single-flight of identical misses, writes off the path.
 
-For one cacheable request the handler calls `begin()`: it answers a hit from the store, lets the request
-follow an identical one already going upstream (receiving its stream as it arrives), or makes it the
-leader whose upstream bytes are teed into a `Flight` and stored once complete. A store that fails means
-bypass, never an error. Policy (what is cacheable, keys, entry shapes) is `pipeline/cache.py`.
+For one request on a route with a cache the handler calls `lookup()`: it bypasses what must not be cached,
+answers a hit from the store, lets the request follow an identical one already going upstream (receiving
+its stream as it arrives), or makes it the leader whose upstream bytes are teed into a `Flight` (`begin`,
+`append`) and stored once complete (`end`). A store that fails means bypass, never an error. Policy (what
+is cacheable, keys, entry shapes) is `pipeline/cache_policy.py`.
 """
 
 from __future__ import annotations
@@ -11,24 +12,34 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
-from proxy.config.model import CacheRule
+from proxy.config.model import CacheRule, Route
 from proxy.errors import StoreUnavailableError, UpstreamError, sse_error_event
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import RequestRecord
-from proxy.pipeline.cache import Entry, is_complete_stream, render
+from proxy.pipeline.cache_policy import (
+    FORCE_HEADER,
+    Entry,
+    bypass_reason,
+    cache_key,
+    is_complete_stream,
+    render,
+    tenant_of,
+)
+from proxy.pipeline.headers import content_type_of, routing_headers
 from proxy.pipeline.request import RequestView
 from proxy.pipeline.sse import SseRelay, find_usage_object
 from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
+from proxy.upstream.connection import Headers
 
 log = logging.getLogger("splitstream.cache")
 
 KEY_PREFIX = "splitstream:cache:"
-CACHE_HEADER = "x-splitstream-cache"
 
 
 class Flight:
@@ -45,6 +56,12 @@ class Flight:
         self.done = False
         self.ok = False
         self._changed = asyncio.Event()
+
+    def begin(self, status: int, headers: Headers, body: bytes | None) -> None:
+        """The leader's answer has begun: its status and shape, and the whole body when it is not a stream."""
+        self.status, self.is_stream, self.content_type = status, body is None, content_type_of(headers)
+        if body is not None:
+            self.append(body)
 
     def append(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
@@ -80,15 +97,29 @@ class Lookup:
         self.lead: Flight | None = None
 
 
-class ResponseCache:
+class ResultCache:
     """Flights in progress, the store, owned write tasks, and per-route counts for the status page."""
 
-    def __init__(self, store: Callable[[], Store], metrics: Metrics) -> None:
-        self._store = store
+    def __init__(self, store: Store, metrics: Metrics) -> None:
+        self.store = store
         self._metrics = metrics
         self._flights: dict[str, Flight] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self.counts: dict[str, dict[str, int]] = {}
+
+    async def lookup(
+        self, route: Route, upstream_model: str, view: RequestView, headers: Mapping[str, str], record: RequestRecord
+    ) -> Lookup | None:
+        """Hit, follow or lead for a cacheable request; None (counted as bypass) for one that must not be cached."""
+        assert route.cache is not None
+        if bypass_reason(view, headers.get("Cache-Control"), headers.get(FORCE_HEADER)) is not None:
+            self.bypass(route.name)
+            record.cache = "bypass"
+            return None
+        tenant = tenant_of(headers.get("Authorization"), route.cache.shared)
+        lookup = await self.begin(cache_key(view, upstream_model, route.name, tenant), route.name)
+        record.cache = lookup.result
+        return lookup
 
     async def begin(self, key: str, route: str) -> Lookup:
         flight = self._flights.get(key)
@@ -100,7 +131,7 @@ class ResponseCache:
         lookup = Lookup(key, "miss")
         done = False
         try:
-            raw = await self._store().get(KEY_PREFIX + key)
+            raw = await self.store.get(KEY_PREFIX + key)
             done = True
         except StoreUnavailableError:
             lookup.result = "bypass"
@@ -138,7 +169,7 @@ class ResponseCache:
 
     async def _write(self, key: str, value: bytes, ttl: float) -> None:
         try:
-            await self._store().set(KEY_PREFIX + key, value, ttl)
+            await self.store.set(KEY_PREFIX + key, value, ttl)
         except StoreUnavailableError:
             pass  # counted by the store's breaker; the next identical request is simply a miss
 
@@ -153,7 +184,7 @@ class ResponseCache:
             await asyncio.gather(*self._writes, return_exceptions=True)
 
     def summary(self) -> dict[str, Any]:
-        store = self._store()
+        store = self.store
         entries = len(store) if isinstance(store, MemoryStore) else None
         size = store.size_bytes if isinstance(store, MemoryStore) else None
         return {"routes": {r: dict(c) for r, c in self.counts.items()}, "entries": entries, "bytes": size}
@@ -165,7 +196,7 @@ class ResponseCache:
         return lookup
 
 
-def answer_from_entry(entry: Entry, view: RequestView, record: RequestRecord, result: str) -> web.Response:
+def answer_from_entry(entry: Entry, view: RequestView, record: RequestRecord) -> web.Response:
     """A hit, rendered in the shape the client asked for, with the usual headers."""
     body, content_type = render(entry, view)
     usage = find_usage_object(body[-4096:] if view.is_stream else body)
@@ -174,17 +205,7 @@ def answer_from_entry(entry: Entry, view: RequestView, record: RequestRecord, re
     if usage is not None:
         record.prompt_tokens, record.completion_tokens = usage
     record.bytes_out = len(body)
-    return web.Response(body=body, headers=cache_headers(record, content_type, result))
-
-
-def cache_headers(record: RequestRecord, content_type: str, result: str) -> dict[str, str]:
-    return {
-        "Content-Type": content_type,
-        "x-request-id": record.request_id,
-        "x-splitstream-route": record.route,
-        "x-splitstream-variant": record.variant,
-        CACHE_HEADER: "hit" if result in ("hit", "coalesced") else result,
-    }
+    return web.Response(body=body, headers=routing_headers(record, {"Content-Type": content_type}))
 
 
 async def follow(
@@ -201,14 +222,14 @@ async def follow(
         if not flight.ok or flight.status != 200:
             return None
         record.ttft = clock() - record.started
-        return answer_from_entry(flight.entry(), view, record, "coalesced")
+        return answer_from_entry(flight.entry(), view, record)
     return await _follow_stream(request, flight, view, record, clock)
 
 
 async def _follow_stream(
     request: web.Request, flight: Flight, view: RequestView, record: RequestRecord, clock: Callable[[], float]
 ) -> web.StreamResponse:
-    response = web.StreamResponse(headers=cache_headers(record, "text/event-stream", "coalesced"))
+    response = web.StreamResponse(headers=routing_headers(record, {"Content-Type": "text/event-stream"}))
     await response.prepare(request)
     record.ttft = clock() - record.started
     sse = SseRelay(strip_usage=not view.wants_usage)
@@ -233,3 +254,6 @@ async def _follow_stream(
         record.prompt_tokens, record.completion_tokens = sse.usage
     await response.write_eof()
     return response
+
+
+CACHE = web.AppKey("CACHE", ResultCache)

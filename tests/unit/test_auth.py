@@ -1,12 +1,11 @@
-"""The status pages' session cookie (`proxy.ui.session`) and the admin guard that accepts it for /ui/ only."""
+"""The status pages' session cookie (`proxy.auth`) and the admin guard that accepts it for /ui/ only."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.admin import AdminAccess, check_admin
 from proxy.errors import AdminAuthError, AdminForbiddenError
-from proxy.ui.session import SESSION_SECONDS, issue_session, is_valid_session
+from proxy.auth import SESSION_SECONDS, AdminAccess, check_admin, is_valid_session, issue_session
 
 ACCESS = AdminAccess.from_token("s3cret")
 KEY = ACCESS.token_sha256 or ""

@@ -3,7 +3,7 @@
 Pure: bytes of two answers (JSON bodies or SSE streams, assembled here) and their timings in, one
 `Comparison` out — status match, latency and TTFT ratios, token deltas, an exact-match flag and a
 normalised similarity (word-sequence ratio for text, cosine for embeddings). Runs off the request path
-(`pipeline/shadow.py` schedules it after both sides finished); inputs are capped so it stays cheap.
+(`pipeline/shadow.py` schedules it after both sides finished; metrics and the rollout analysis read the result); inputs are capped so it stays cheap.
 """
 
 from __future__ import annotations

@@ -1,14 +1,17 @@
-"""Keep-alive connections to backends, shared by every request of the process (aiohttp `connector.py`).
+"""The upstream client: keep-alive connections to backends, shared by every request of the process.
 
-Owns opening (with the connect timeout), reusing and closing `UpstreamConnection`s. It does not know
-about requests, routes or retries: `pipeline/forward.py` borrows a connection, runs one exchange and
-gives it back with `release()` — which closes it unless the exchange ended cleanly.
+(aiohttp `connector.py`.) Owns opening (with the connect timeout), reusing and closing
+`UpstreamConnection`s. It does not know about requests, routes or retries: `pipeline/forward.py` borrows
+a connection, runs one exchange and gives it back with `release()` — which closes it unless the exchange
+ended cleanly. One per app, built by `app.py`; it binds to the event loop when the app starts (`open`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+
+from aiohttp import web
 
 from proxy.errors import BackendConnectError, BackendTimeoutError
 from proxy.upstream.connection import UpstreamConnection
@@ -19,14 +22,19 @@ MAX_IDLE_SECONDS = 4.0
 MAX_IDLE_PER_BACKEND = 256
 
 
-class ConnectionPool:
+class UpstreamClient:
     """Idle connections per (host, port), most recently used first (warm sockets, fewer stale ones)."""
 
     __slots__ = ("_loop", "_idle", "_closed")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound by open()
         self._idle: dict[tuple[str, int], deque[UpstreamConnection]] = {}
+        self._closed = True
+
+    def open(self) -> None:
+        """Start serving on the running loop (the app's startup)."""
+        self._loop = asyncio.get_running_loop()
         self._closed = False
 
     async def acquire(self, host: str, port: int, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
@@ -73,3 +81,6 @@ class ConnectionPool:
         except OSError as exc:
             raise BackendConnectError(f"cannot connect to backend {host}:{port}: {exc.strerror or exc}") from exc
         return conn  # asyncio and uvloop set TCP_NODELAY on TCP transports already
+
+
+UPSTREAM = web.AppKey("UPSTREAM", UpstreamClient)
