@@ -62,6 +62,20 @@ class Gate:
         await self._event(self._events, index).wait()
 
 
+class FakeClock:
+    """A backend-state clock that moves only when the test says so (`build_app(backend_clock=...)`), so an
+    ejection lasts exactly as long as the test wants, however slow the machine."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 SimFactory = Callable[..., Awaitable[tuple[SimRuntime, TestServer]]]
 
 

@@ -6,7 +6,7 @@ seconds there + the wait before it starts [+ the runtime's foreign queue]) / wei
 in-flight work is spread over its slots. A slow backend or one full of long generations gets less. `least_conn` counts requests in flight
 per unit of weight (nginx, LiteLLM least-busy); `round_robin` walks weighted turns. Ties go to the earlier
 backend in the pool. Unavailable backends (unhealthy, ejected, throttled) and full ones (max_inflight) are
-never picked. Called by `pipeline/handler.py`; state from `upstream/state.py`, prices from `cost.py`.
+never picked. Called by `pipeline/dispatch.py`; state from `upstream/state.py`, prices from `cost.py`.
 """
 
 from __future__ import annotations

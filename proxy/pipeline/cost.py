@@ -3,7 +3,7 @@
 Pure policy over state objects (no I/O, no clock): `estimate` turns body size and max_tokens into
 (prompt, completion) tokens using what was learned per model; `predicted_seconds` prices them at one
 backend's learned prefill/decode speed; `learn` folds a finished request's reported usage and timings
-back into the model's and the backend's numbers (EWMA). Called by `pipeline/handler.py`.
+back into the model's and the backend's numbers (EWMA). Called by `pipeline/dispatch.py`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The `Store` protocol: the four operations the request path may ask of shared key/value state.
 
 Implementations: `store/memory.py` (embedded, one process) and `store/redis.py` (shared by replicas).
-Callers (split assignment, later the cache) see only `Store`; `OwnedStore` adds the lifecycle that
+Callers (split assignment, the result cache, rollout state) see only `Store`; `OwnedStore` adds the lifecycle that
 `app.py` drives from a `cleanup_ctx`. A store that cannot answer raises `StoreUnavailableError`.
 """
 

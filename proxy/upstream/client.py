@@ -13,8 +13,7 @@ from collections import deque
 
 from aiohttp import web
 
-from proxy.errors import BackendConnectError, BackendTimeoutError
-from proxy.upstream.connection import UpstreamConnection
+from proxy.upstream.connection import UpstreamConnection, open_connection
 
 # Runtimes behind uvicorn (vLLM) close idle keep-alive connections after 5 s; reusing one near that edge
 # races the close, so older idle connections are dropped instead of reused.
@@ -70,17 +69,7 @@ class UpstreamClient:
         self._idle.clear()
 
     async def _open(self, key: tuple[str, int], connect_timeout: float) -> UpstreamConnection:
-        host, port = key
-        try:
-            async with asyncio.timeout(connect_timeout):
-                _, conn = await self._loop.create_connection(
-                    lambda: UpstreamConnection(self._loop, key), host, port
-                )
-        except TimeoutError as exc:
-            raise BackendTimeoutError(f"connecting to {host}:{port} timed out") from exc
-        except OSError as exc:
-            raise BackendConnectError(f"cannot connect to backend {host}:{port}: {exc.strerror or exc}") from exc
-        return conn  # asyncio and uvloop set TCP_NODELAY on TCP transports already
+        return await open_connection(self._loop, key[0], key[1], connect_timeout)
 
 
 UPSTREAM = web.AppKey("UPSTREAM", UpstreamClient)

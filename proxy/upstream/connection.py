@@ -2,7 +2,7 @@
 
 An asyncio Protocol fed by the llhttp parser (httptools), so a response costs a few callbacks instead of
 aiohttp's client machinery. It only speaks HTTP: which backend, retries and error wording belong to
-`upstream/pool.py` and `pipeline/forward.py`. Every wait takes an absolute deadline (loop time) and
+`upstream/client.py` and `pipeline/forward.py`. Every wait takes an absolute deadline (loop time) and
 raises `BackendTimeoutError` when it passes, so timeouts cost one timer and no task cancellation.
 """
 
@@ -13,7 +13,7 @@ from collections import deque
 
 import httptools
 
-from proxy.errors import BackendProtocolError, BackendResetError, BackendTimeoutError
+from proxy.errors import BackendConnectError, BackendProtocolError, BackendResetError, BackendTimeoutError
 
 # Above this many unread body bytes we stop reading the socket until the client side catches up:
 # a slow client then slows the runtime's socket instead of growing our memory.
@@ -24,7 +24,7 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """A connection that carries one exchange at a time; `pool.py` decides when it is reused."""
+    """A connection that carries one exchange at a time; `client.py` decides when it is reused."""
 
     __slots__ = (
         "_loop", "_transport", "_parser", "_waiter", "_chunks", "_buffered", "_paused",
@@ -108,7 +108,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.message_done = True
         self._wake()
 
-    # -- exchange API (used by pipeline/forward.py) ------------------------------------------------
+    # -- exchange API (used by pipeline/forward.py and upstream/probe.py) ------------------------------
 
     def start(self, data: bytes) -> None:
         """Write a whole request (head and body in one buffer: one syscall)."""
@@ -205,3 +205,18 @@ class UpstreamConnection(asyncio.Protocol):
 def _expire(waiter: asyncio.Future[None], phase: str) -> None:
     if not waiter.done():
         waiter.set_exception(BackendTimeoutError(f"backend did not answer within the {phase} timeout"))
+
+
+async def open_connection(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, connect_timeout: float
+) -> UpstreamConnection:
+    """A new connection to host:port, with connect failures already in our error tree, so the pool and the
+    health probes open sockets (and word their errors) the same way."""
+    try:
+        async with asyncio.timeout(connect_timeout):
+            _, conn = await loop.create_connection(lambda: UpstreamConnection(loop, (host, port)), host, port)
+    except TimeoutError as exc:
+        raise BackendTimeoutError(f"connecting to {host}:{port} timed out") from exc
+    except OSError as exc:
+        raise BackendConnectError(f"cannot connect to backend {host}:{port}: {exc.strerror or exc}") from exc
+    return conn  # asyncio and uvloop set TCP_NODELAY on TCP transports already

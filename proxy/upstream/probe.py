@@ -1,17 +1,21 @@
 """Talking to a runtime outside of client traffic: health probes and its own load metrics, per backend kind.
 
 vLLM, llama.cpp and TGI answer `/health` (llama.cpp says 503 while the model loads); Ollama answers `/`;
-a generic OpenAI-compatible server is asked for `/v1/models`. A `/health` that is 404 falls back to
-`/v1/models`. Load comes from the runtime's Prometheus `/metrics` (vLLM, llama.cpp, TGI). Each call opens
-its own short-lived connection so it never competes with, or poisons, the request pool. Called by
-`upstream/health.py` and /readyz.
+an OpenAI-compatible server is asked for `/v1/models`, also the fallback when `/health` is 404. Load comes
+from the runtime's Prometheus `/metrics` (vLLM, llama.cpp, TGI), parsed by `prometheus_client`. Each GET
+is an `UpstreamConnection` of its own, never one from the shared pool, so a probe never competes with or
+poisons request connections. Called by `upstream/health.py`, the rollout controller and /readyz.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from proxy.config.model import Backend
+from proxy.errors import UpstreamError
+from proxy.upstream.connection import UpstreamConnection, open_connection
 
 PROBE_PATHS = {
     "vllm": "/health",
@@ -34,46 +38,36 @@ RUNTIME_METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ..
 
 
 async def http_get(backend: Backend, path: str, timeout: float, max_bytes: int = 65536) -> tuple[int, bytes]:
-    """(status, body) of one GET with Connection: close; (0, b'') when it could not be done in time."""
+    """(status, body) of one GET with Connection: close, the body cut at `max_bytes`; (0, b'') when it could
+    not be done within `timeout` seconds (connect included) or the backend broke the exchange."""
     auth = f"Authorization: Bearer {backend.api_key}\r\n" if backend.api_key else ""
     request = (
         f"GET {backend.base_path}{path} HTTP/1.1\r\nHost: {backend.host}:{backend.port}\r\n{auth}"
         "Connection: close\r\n\r\n"
     ).encode("latin-1")
-    writer = None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    conn: UpstreamConnection | None = None
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(backend.host, backend.port)
-            writer.write(request)
-            raw = await reader.read(max_bytes)
-            while len(raw) < max_bytes and (more := await reader.read(max_bytes - len(raw))):
-                raw += more
-    except (OSError, TimeoutError):
+        conn = await open_connection(loop, backend.host, backend.port, timeout)
+        conn.start(request)
+        await conn.read_head(deadline, "total")
+        return conn.status, await _read_body(conn, deadline, max_bytes)
+    except (UpstreamError, OSError):
         return 0, b""
     finally:
-        if writer is not None:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    parts = head.split(b" ", 2)
-    status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
-    if b"transfer-encoding: chunked" in head.lower():
-        body = _dechunk(body)
-    return status, body
+        if conn is not None:
+            conn.abort()  # Connection: close anyway; abort also stops a body we chose not to read to its end
 
 
-def _dechunk(body: bytes) -> bytes:
-    out = []
-    while body:
-        size_line, _, rest = body.partition(b"\r\n")
-        try:
-            size = int(size_line.split(b";")[0], 16)
-        except ValueError:
-            break
-        if size == 0:
-            break
-        out.append(rest[:size])
-        body = rest[size + 2 :]
-    return b"".join(out)
+async def _read_body(conn: UpstreamConnection, deadline: float, max_bytes: int) -> bytes:
+    """The body's first `max_bytes`: reading stops there, so an endless or huge body costs no more."""
+    parts: list[bytes] = []
+    size = 0
+    while size < max_bytes and (chunk := await conn.read_chunk(deadline, "total")) is not None:
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)[:max_bytes]
 
 
 async def is_reachable(backend: Backend, timeout: float = PROBE_TIMEOUT) -> bool:
@@ -95,29 +89,29 @@ class RuntimeLoad:
 
 
 def parse_runtime_load(kind: str, text: str) -> RuntimeLoad | None:
-    """Sum the kind's queue metrics over all label sets in a Prometheus text exposition."""
+    """The kind's load in a Prometheus text exposition: queue metrics summed over all label sets (one per
+    model or LoRA), KV-cache usage the largest. None when none of them appear or the text does not parse."""
     names = RUNTIME_METRICS.get(kind)
     if names is None:
         return None
     waiting_names, running_names, kv_names = names
-    totals = {"waiting": 0.0, "running": 0.0, "kv": 0.0}
+    waiting = running = kv_usage = 0.0
     found = False
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
-        if name_end < 0:
-            continue
-        name = line[:name_end]
-        for key, group in (("waiting", waiting_names), ("running", running_names), ("kv", kv_names)):
-            if name in group:
-                try:
-                    value = float(line.rsplit(" ", 1)[1])
-                except (IndexError, ValueError):
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:  # sample.name: the family's may lose a `_total` suffix
+                if sample.name in waiting_names:
+                    waiting += sample.value
+                elif sample.name in running_names:
+                    running += sample.value
+                elif sample.name in kv_names:
+                    kv_usage = max(kv_usage, sample.value)
+                else:
                     continue
-                totals[key] = max(totals[key], value) if key == "kv" else totals[key] + value
                 found = True
-    return RuntimeLoad(totals["waiting"], totals["running"], totals["kv"]) if found else None
+    except ValueError:  # the parser's one error for text that is not an exposition (an HTML page, a cut line)
+        return None
+    return RuntimeLoad(waiting, running, kv_usage) if found else None
 
 
 async def read_runtime_load(backend: Backend, timeout: float = PROBE_TIMEOUT) -> RuntimeLoad | None:
@@ -126,4 +120,6 @@ async def read_runtime_load(backend: Backend, timeout: float = PROBE_TIMEOUT) ->
     status, body = await http_get(backend, "/metrics", timeout, MAX_METRICS_BYTES)
     if status != 200:
         return None
+    if len(body) >= MAX_METRICS_BYTES:  # cut short: drop the partial last line, which would fail the parse
+        body = body[: body.rfind(b"\n") + 1]
     return parse_runtime_load(backend.kind, body.decode("utf-8", "replace"))

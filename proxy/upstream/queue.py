@@ -3,7 +3,7 @@
 State only, FIFO per pool and bounded: a request that finds the queue full, or waits past its queue
 timeout, is refused (429) by the caller — never an unbounded pile-up. `notify()` is called whenever a
 lease is released; it wakes the head waiter of each pool, which retries the pick and, if it still finds
-no room, waits again at the head. Used by `pipeline/handler.py`.
+no room, waits again at the head. Used by `pipeline/dispatch.py`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.upstream.state import PRIOR_DECODE_TPS
-from tests.conftest import Gate, backend_url
+from tests.conftest import FakeClock, Gate, backend_url
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 FAST_HEALTH = "health: {interval: 50ms, unhealthy_interval: 20ms, failures: 2, ejection: 100ms, max_ejection: 1s}"
@@ -67,7 +67,8 @@ async def test_dead_backend_costs_clients_nothing(sim: Any, proxy: Any) -> None:
 async def test_failing_backend_is_ejected_then_readmitted(sim: Any, proxy: Any) -> None:
     runtime_a, a = await sim(fail_rate=1.0)
     runtime_b, b = await sim()
-    handle = await proxy(two_backend_rules(a, b, top=FAST_HEALTH, balance="round_robin"))
+    clock = FakeClock()  # the 100 ms ejection lasts until the test moves the clock, on any machine
+    handle = await proxy(two_backend_rules(a, b, top=FAST_HEALTH, balance="round_robin"), backend_clock=clock)
     client = openai.AsyncOpenAI(base_url=handle.base_url, api_key="k", max_retries=0)
     for _ in range(6):
         response = await chat(client, max_tokens=2)
@@ -76,7 +77,8 @@ async def test_failing_backend_is_ejected_then_readmitted(sim: Any, proxy: Any) 
     state_a = next(s for s in handle.backends if s.backend.name == "a")
     assert state_a.ejections_total == 1
     runtime_a.config = dataclasses.replace(runtime_a.config, fail_rate=0.0)  # a recovers
-    await wait_until(handle, lambda: state_a.is_available(asyncio.get_running_loop().time()))
+    clock.advance(0.2)  # past its ejection: the next probe may re-admit it
+    await wait_until(handle, lambda: state_a.is_available(clock()))
     backends = {(await chat(client, max_tokens=2)).headers["x-splitstream-backend"] for _ in range(4)}
     assert backends == {"a", "b"}
     async with aiohttp.ClientSession() as session, session.get(handle.url("/metrics")) as r:

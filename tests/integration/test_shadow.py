@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import openai
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -149,3 +150,80 @@ async def test_sampling_ratio_within_binomial_bound(sim: Any, proxy: Any) -> Non
     sigma = math.sqrt(n * share * (1 - share))
     assert abs(shadow.stats.requests - n * share) <= 5 * sigma
     assert primary.stats.requests == n
+
+
+def two_shadow_backends_rules(primary: TestServer, first: TestServer, second: TestServer, balance: str) -> str:
+    return f"""
+backends:
+  main: {{url: "{backend_url(primary)}", kind: vllm}}
+  s1: {{url: "{backend_url(first)}", kind: vllm}}
+  s2: {{url: "{backend_url(second)}", kind: vllm}}
+pools:
+  stable: {{backends: [main], model: "sim-model"}}
+  next: {{backends: [s1, s2], model: "sim-model"}}
+routes:
+  - name: chat
+    match: {{model: "my-model"}}
+    pool: stable
+    balance: {balance}
+    shadow: [{{pool: next, sample: 1.0, max_concurrency: 1}}]
+"""
+
+
+async def test_round_robin_shadow_pool_spreads_copies_over_its_backends(sim: Any, proxy: Any) -> None:
+    primary, p = await sim()
+    first, s1 = await sim()
+    second, s2 = await sim()
+    handle = await proxy(two_shadow_backends_rules(p, s1, s2, "round_robin"))
+    client = openai.AsyncOpenAI(base_url=handle.base_url, api_key="k")
+    for _ in range(4):
+        await client.chat.completions.create(model="my-model", messages=MESSAGES, max_tokens=2)
+    await handle.shadows.idle()
+    assert primary.stats.completed == 4
+    assert (first.stats.completed, second.stats.completed) == (2, 2)  # turns advance, as for any pool
+
+
+async def test_shadow_backend_answering_429_is_throttled_like_a_primary(
+    sim: Any, proxy: Any, aiohttp_server: Any
+) -> None:
+    hits: list[str] = []
+
+    async def throttled(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"error": {"message": "slow down", "type": "rate_limit", "code": 429}},
+                                 status=429, headers={"Retry-After": "60"})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", throttled)
+    app.router.add_get("/health", health)
+    busy = await aiohttp_server(app)
+    primary, p = await sim()
+    other, s2 = await sim()
+    handle = await proxy(two_shadow_backends_rules(p, busy, s2, "round_robin"))
+    client = openai.AsyncOpenAI(base_url=handle.base_url, api_key="k")
+    for _ in range(4):
+        await client.chat.completions.create(model="my-model", messages=MESSAGES, max_tokens=2)
+        await handle.shadows.idle()
+    assert hits == ["/v1/chat/completions"]  # asked once, then left alone for its Retry-After
+    assert other.stats.completed == 3  # every later copy went to the backend that has room
+    busy_state = next(s for s in handle.backends if s.backend.name == "s1")
+    assert busy_state.throttled_until > asyncio.get_running_loop().time() + 30
+    samples = await scrape(handle)
+    assert samples[("splitstream_shadow_requests_total", (("outcome", "error"), ("pool", "next"), ("route", "chat")))] == 1
+    assert samples[("splitstream_shadow_requests_total", (("outcome", "ok"), ("pool", "next"), ("route", "chat")))] == 3
+
+
+async def test_shadow_copies_teach_the_balancer_their_backends_speed(sim: Any, proxy: Any) -> None:
+    primary, p = await sim()
+    shadow, s = await sim(tokens_per_second=2000.0)
+    handle = await proxy(shadow_rules(p, s))
+    client = openai.AsyncOpenAI(base_url=handle.base_url, api_key="k")
+    for _ in range(3):
+        stream = await client.chat.completions.create(model="my-model", messages=MESSAGES, stream=True, max_tokens=20)
+        [c async for c in stream]
+        await handle.shadows.idle()
+    state = next(s for s in handle.backends if s.backend.name == "cand")
+    assert state.completed == 3  # each copy's usage and timings were learned, like a primary's

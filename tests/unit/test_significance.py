@@ -121,3 +121,34 @@ def test_order_statistic_interval_for_the_median() -> None:
     # p95 of 100 values: n·q = 95, spread 1.96·sqrt(4.75) = 4.27 → ranks 91 and 100 (99.27 → 99+1 clamped).
     assert sig.order_statistic_ranks(100, 0.95, 0.95) == (91, 100)
     assert sig.quantile_estimate([], 0.5, 0.95) is None
+
+
+@pytest.mark.parametrize("x", [-40.0, -8.5, -3.0, -1e-9, 0.0, 0.5, 2.0, 6.0, 8.5, 40.0, math.inf, -math.inf])
+def test_normal_sf_is_one_minus_cdf_within_float_error(x: float) -> None:
+    # The erfc forms the module used before `statistics.NormalDist`: equal within absolute float error.
+    assert close(sig.normal_cdf(x), 0.5 * math.erfc(-x / math.sqrt(2.0)), 2e-16)
+    assert close(sig.normal_sf(x), 0.5 * math.erfc(x / math.sqrt(2.0)), 2e-16)
+    assert close(sig.normal_cdf(x) + sig.normal_sf(x), 1.0, 2e-16)
+
+
+@pytest.mark.parametrize("p", [1e-12, 0.001, 0.2, 0.5, 0.8, 0.999])
+def test_normal_quantile_round_trips(p: float) -> None:
+    assert close(sig.normal_cdf(sig.normal_quantile(p)), p, 1e-12)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, -0.5, 1.5, math.nan])
+def test_normal_quantile_rejects_p_outside_the_open_unit_interval(p: float) -> None:
+    with pytest.raises(ValueError):
+        sig.normal_quantile(p)
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 57, 1000])
+@pytest.mark.parametrize("confidence", [0.8, 0.95, 0.999])
+def test_wilson_bounds_are_exact_at_none_and_all(n: int, confidence: float) -> None:
+    # On paper centre == half at x = 0 and x = n, so the bounds must be exactly 0 and 1, not 1e-17 off.
+    none = sig.wilson_interval(0, n, confidence)
+    every = sig.wilson_interval(n, n, confidence)
+    assert none is not None and none[0] == 0.0 and 0.0 < none[1] < 1.0
+    assert every is not None and every[1] == 1.0 and 0.0 < every[0] < 1.0
+    # Symmetry: n - x successes give the mirrored interval.
+    assert close(none[1], 1.0 - every[0], 1e-12)
