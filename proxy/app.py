@@ -109,7 +109,7 @@ def build_app(
         lambda: shadows.recent, backends, metrics, rollout_settings or RolloutSettings(), backend_clock,
     )
     clock = backend_clock or loop_clock
-    health = HealthChecker(backends, lambda: rules.current, clock)
+    health = HealthChecker(backends, lambda: rules.current, clock, metrics.health_round)
     reloader = Reloader(rules_dir, rules, on_swap=lambda new: backends.sync(new.backends),
                         on_outcome=metrics.record_reload, env=rules_env)
     metrics.rules_generation.set(snapshot.generation)

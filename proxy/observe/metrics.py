@@ -29,6 +29,9 @@ DURATION_BUCKETS = (
 # Time to first token: sub-millisecond (cached) to tens of seconds (long prompts, queued runtimes).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
+# A health round: a few loopback milliseconds up to the probe timeout of a backend that hangs.
+PROBE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
 # Shadow / primary ratios: 1.0 means "as fast"; the interesting range is a few x either way.
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 SIMILARITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -115,6 +118,10 @@ class Metrics:
             ("route", "variant", "source"), registry=r,
         )
         self._assignment_children: dict[tuple[str, str, str], Counter] = {}
+        self.health_round = Histogram(
+            "splitstream_health_round_seconds", "Duration of one health-check round (due probes, runtime loads).",
+            buckets=PROBE_BUCKETS, registry=r,
+        )
         self.rollout_step = Gauge(
             "splitstream_rollout_step", "Candidate's share of its route's traffic (%) as this replica applies it.",
             ("route",), registry=r,

@@ -15,6 +15,8 @@ import logging
 from collections.abc import Callable
 
 from aiohttp import web
+from prometheus_async.aio import time as timed
+from prometheus_async.types import Observer
 
 from proxy.config.model import Pool, Route, Snapshot
 from proxy.upstream.ejection import record_probe
@@ -28,12 +30,18 @@ MAX_SLEEP = 0.5  # re-read the snapshot at least this often (a reload may add ba
 
 
 class HealthChecker:
-    __slots__ = ("_states", "_snapshot", "_clock", "_round", "_next_load_read")
+    """Probes and runtime-load reads for every configured backend; each round is timed into `round_seconds`."""
 
-    def __init__(self, states: BackendStates, snapshot: Callable[[], Snapshot], clock: Callable[[], float]) -> None:
+    __slots__ = ("_states", "_snapshot", "_clock", "_round_seconds", "_round", "_next_load_read")
+
+    def __init__(
+        self, states: BackendStates, snapshot: Callable[[], Snapshot], clock: Callable[[], float],
+        round_seconds: Observer,
+    ) -> None:
         self._states = states
         self._snapshot = snapshot
         self._clock = clock
+        self._round_seconds = round_seconds
         self._round: asyncio.Condition | None = None  # made on the running loop, by the first waiter or round
         self._next_load_read = 0.0
 
@@ -41,7 +49,7 @@ class HealthChecker:
         """Probe forever (`app.py` cancels it)."""
         while True:
             try:
-                await self.check_once()
+                await timed(self._round_seconds, self.check_once())
             except Exception:  # a bug in one round must not end probing, and with it re-admission
                 log.exception("health round failed; the next one runs as scheduled")
             async with self._condition():
