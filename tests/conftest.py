@@ -63,8 +63,8 @@ class Gate:
 
 
 class FakeClock:
-    """A backend-state clock that moves only when the test says so (`build_app(backend_clock=...)`), so an
-    ejection lasts exactly as long as the test wants, however slow the machine."""
+    """A monotonic clock the test moves by hand: breaker cooldowns, embedded-store expiry, and the backend
+    clock of `build_app(backend_clock=...)`, so an ejection lasts exactly as long as the test wants."""
 
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now

@@ -13,10 +13,13 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.processes import free_port
 
@@ -84,19 +87,6 @@ class RedisServer:
             return s.recv(65536)
 
 
-class FakeClock:
-    """A monotonic clock the test moves by hand (breaker cooldowns, embedded-store expiry)."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
@@ -105,3 +95,30 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+ThrottlerFactory = Callable[..., Awaitable[tuple[TestServer, list[str]]]]
+
+
+@pytest.fixture
+def throttler(aiohttp_server: Any) -> ThrottlerFactory:
+    """A runtime that answers every inference request 429 with `Retry-After` (and /health 200); the list
+    collects the paths it was asked for."""
+
+    async def make(retry_after: str = "60") -> tuple[TestServer, list[str]]:
+        hits: list[str] = []
+
+        async def throttled(request: web.Request) -> web.Response:
+            hits.append(request.path)
+            return web.json_response({"error": {"message": "slow down", "type": "rate_limit", "code": 429}},
+                                     status=429, headers={"Retry-After": retry_after})
+
+        async def health(request: web.Request) -> web.Response:
+            return web.Response()
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", throttled)
+        app.router.add_get("/health", health)
+        return await aiohttp_server(app), hits
+
+    return make

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.upstream.state import PRIOR_DECODE_TPS
 from tests.conftest import FakeClock, Gate, backend_url
+from tests.integration.conftest import ThrottlerFactory
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 FAST_HEALTH = "health: {interval: 50ms, unhealthy_interval: 20ms, failures: 2, ejection: 100ms, max_ejection: 1s}"
@@ -117,21 +118,8 @@ async def test_first_token_timeout_fails_over_before_any_byte(sim: Any, proxy: A
     await asyncio.wait_for(runtime_a.cancelled_event.wait(), 30)  # a's slot was given back
 
 
-async def test_runtime_429_is_honoured_and_failed_over(sim: Any, proxy: Any, aiohttp_server: Any) -> None:
-    hits = []
-
-    async def throttled(request: web.Request) -> web.Response:
-        hits.append(request.path)
-        return web.json_response({"error": {"message": "slow down", "type": "rate_limit", "code": 429}},
-                                 status=429, headers={"Retry-After": "60"})
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", throttled)
-    app.router.add_get("/health", health)
-    a = await aiohttp_server(app)
+async def test_runtime_429_is_honoured_and_failed_over(sim: Any, proxy: Any, throttler: ThrottlerFactory) -> None:
+    a, hits = await throttler(retry_after="60")
     runtime_b, b = await sim()
     handle = await proxy(two_backend_rules(a, b, balance="round_robin"))
     client = openai.AsyncOpenAI(base_url=handle.base_url, api_key="k", max_retries=0)
@@ -140,17 +128,8 @@ async def test_runtime_429_is_honoured_and_failed_over(sim: Any, proxy: Any, aio
     assert hits == ["/v1/chat/completions"]  # asked once, then left alone for its Retry-After
 
 
-async def test_all_backends_throttling_gives_429_with_retry_after(proxy: Any, aiohttp_server: Any) -> None:
-    async def throttled(request: web.Request) -> web.Response:
-        return web.json_response({"error": {"message": "busy"}}, status=429, headers={"Retry-After": "7"})
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", throttled)
-    app.router.add_get("/health", health)
-    a = await aiohttp_server(app)
+async def test_all_backends_throttling_gives_429_with_retry_after(proxy: Any, throttler: ThrottlerFactory) -> None:
+    a, _ = await throttler(retry_after="7")
     handle = await proxy(f"""
 backends:
   a: {{url: "{backend_url(a)}", kind: vllm}}

@@ -8,11 +8,11 @@ from typing import Any
 
 import aiohttp
 import openai
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Gate, backend_url
+from tests.integration.conftest import ThrottlerFactory
 
 MESSAGES = [{"role": "user", "content": "compare me"}]
 
@@ -184,22 +184,9 @@ async def test_round_robin_shadow_pool_spreads_copies_over_its_backends(sim: Any
 
 
 async def test_shadow_backend_answering_429_is_throttled_like_a_primary(
-    sim: Any, proxy: Any, aiohttp_server: Any
+    sim: Any, proxy: Any, throttler: ThrottlerFactory
 ) -> None:
-    hits: list[str] = []
-
-    async def throttled(request: web.Request) -> web.Response:
-        hits.append(request.path)
-        return web.json_response({"error": {"message": "slow down", "type": "rate_limit", "code": 429}},
-                                 status=429, headers={"Retry-After": "60"})
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", throttled)
-    app.router.add_get("/health", health)
-    busy = await aiohttp_server(app)
+    busy, hits = await throttler(retry_after="60")
     primary, p = await sim()
     other, s2 = await sim()
     handle = await proxy(two_shadow_backends_rules(p, busy, s2, "round_robin"))

@@ -24,8 +24,8 @@ from proxy.config.loader import load_rules
 from proxy.auth import hash_api_key
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
-from tests.conftest import ProxyHandle, backend_url
-from tests.integration.conftest import FakeClock, RedisServer
+from tests.conftest import FakeClock, ProxyHandle, backend_url
+from tests.integration.conftest import RedisServer
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 HEADER_STICKY = 'sticky: {by: "header:x-user-id", ttl: 1h}'

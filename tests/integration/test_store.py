@@ -15,7 +15,8 @@ from proxy.errors import StoreUnavailableError
 from proxy.store.base import Store
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
-from tests.integration.conftest import FakeClock, RedisServer
+from tests.conftest import FakeClock
+from tests.integration.conftest import RedisServer
 
 
 @dataclass

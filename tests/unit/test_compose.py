@@ -2,66 +2,22 @@
 
 Every bind-mounted file exists in the repository, every command parses with the real CLI, the mounted rules
 pass `splitstream check` and point at the simulated runtimes' services and ports, nginx, Prometheus and
-Grafana point at the services that exist, and `promtool` accepts the Prometheus configuration.
+Grafana point at the services that exist. That `promtool` accepts the Prometheus configuration is
+tests/integration/test_compose_promtool.py (it needs the binary).
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import shutil
-import subprocess
-from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from proxy.cli import _parser, check
+from proxy.cli import check
 from proxy.config.loader import load_rules
 from tests import grafana
-
-ROOT = Path(__file__).resolve().parents[2]
-COMPOSE_DIR = ROOT / "compose"
-COMPOSE = yaml.safe_load((COMPOSE_DIR / "docker-compose.yml").read_text())
-SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-
-
-def command(service: str) -> argparse.Namespace:
-    return _parser().parse_args(SERVICES[service]["command"])
-
-
-def of_kind(kind: str) -> list[str]:
-    """Services running our image with `splitstream <kind>`."""
-    return sorted(name for name, s in SERVICES.items() if "build" in s and s["command"][0] == kind)
-
-
-def mounts(service: str) -> dict[str, Path]:
-    """Container path -> repository path of the service's bind mounts."""
-    found = {}
-    for volume in SERVICES[service].get("volumes", []):
-        source, target = volume.split(":")[:2]
-        assert source.startswith("."), f"{service}: {volume} is not a file of the repository"
-        found[target] = (COMPOSE_DIR / source).resolve()
-    return found
-
-
-def mounted(service: str, container_path: str) -> Path:
-    """The repository file behind a path inside the container (through a mounted file or directory)."""
-    for target, source in mounts(service).items():
-        if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
-            return source / Path(container_path).relative_to(target)
-    raise AssertionError(f"{service}: nothing mounted at {container_path}")
-
-
-def published(service: str) -> set[int]:
-    """Host ports of `ports:` entries ([ip:]host:container)."""
-    ports = set()
-    for entry in SERVICES[service].get("ports", []):
-        parts = str(entry).split(":")
-        ports.add(int(parts[-2] if len(parts) > 1 else parts[0]))
-    return ports
+from tests.compose import COMPOSE_DIR, ROOT, SERVICES, command, mounted, mounts, of_kind, published
 
 
 def test_the_stack_has_every_part() -> None:
@@ -121,22 +77,6 @@ def test_loadgen_sends_to_the_balancer() -> None:
     args = command("loadgen")
     assert [urlsplit(url).hostname for url in args.url] == ["lb"]
     assert urlsplit(args.url[0]).port == 8080
-
-
-def test_prometheus_scrapes_both_replicas_with_the_alert_rules(tmp_path: Path) -> None:
-    config = yaml.safe_load(mounted("prometheus", "/etc/prometheus/prometheus.yml").read_text())
-    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    assert targets == {f"{name}:{command(name).port}" for name in of_kind("serve")}
-    rule_files = [mounted("prometheus", path) for path in config["rule_files"]]
-    assert rule_files == [grafana.ALERTS]
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is not installed: run .ci/run, or apt-get install prometheus")
-    config["rule_files"] = [str(path) for path in rule_files]  # the container paths, as seen from here
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    result = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_grafana_is_provisioned_with_prometheus_and_the_dashboards() -> None:
