@@ -1,7 +1,8 @@
 """The shipped dashboards, alert rules and metric contract, read for the tests (no assertions here).
 
-`tests/unit/test_dashboards.py` lints them; `tests/integration/test_dashboards.py` runs every query against
-a real Prometheus. The contract is the table in dashboards/README.md, so the documentation cannot drift.
+`tests/unit/test_dashboards.py` lints them; `tests/integration/test_dashboards_promtool.py` runs `promtool`
+on the rules; `tests/integration/test_dashboards.py` runs every query against a real Prometheus. The
+contract is the table in dashboards/README.md, so the documentation cannot drift.
 """
 
 from __future__ import annotations
