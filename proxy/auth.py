@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from proxy.errors import AdminAuthError, AdminForbiddenError, ClientAuthError
@@ -46,11 +46,11 @@ class ClientKeys:
     def of(cls, keys: Iterable[str]) -> ClientKeys:
         return cls(frozenset(hash_api_key(k) for k in keys if k))
 
-    def check(self, authorization: str) -> None:
-        """Raise `ClientAuthError` unless keys are off or the header carries one of them as a Bearer token."""
+    def check(self, headers: Mapping[str, str]) -> None:
+        """Raise `ClientAuthError` unless keys are off or `Authorization` carries one of them as a Bearer token."""
         if not self.hashes:
-            return
-        token = bearer_token(authorization)
+            return  # (before any header lookup: this runs on every request)
+        token = bearer_token(headers.get("Authorization", ""))
         if token is None or hash_api_key(token) not in self.hashes:
             raise ClientAuthError("Incorrect API key provided.")
 
@@ -90,9 +90,8 @@ def check_admin(
     if access.token_sha256 is not None:
         if session and is_valid_session(access.token_sha256, session, now):
             return
-        scheme, _, token = authorization.partition(" ")
-        given = hash_api_key(token.strip())
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, access.token_sha256):
+        token = bearer_token(authorization)
+        if token is None or not hmac.compare_digest(hash_api_key(token), access.token_sha256):
             raise AdminAuthError("The admin API needs `Authorization: Bearer <SPLITSTREAM_ADMIN_TOKEN>`.")
         return
     if not is_loopback(remote):

@@ -14,7 +14,7 @@ from random import Random
 
 from aiohttp import web
 
-from proxy.auth import hash_api_key
+from proxy.auth import bearer_token, hash_api_key
 from proxy.config.model import Route, Sticky, Variant
 from proxy.delivery.weights import RolloutWeights
 from proxy.errors import StoreUnavailableError
@@ -63,11 +63,10 @@ def find_subject(sticky: Sticky | None, headers: Mapping[str, str], view: Reques
     if sticky.by == "user":
         user = view.data.get("user")
         return user if isinstance(user, str) and user else None
-    scheme, _, key = headers.get("Authorization", "").partition(" ")
-    key = key.strip()
+    key = bearer_token(headers.get("Authorization", ""))
     # The subject is the key's SHA-256 and the store key hashes that again: neither the key nor the hash
     # client keys are checked against is ever stored.
-    return hash_api_key(key) if scheme.lower() == "bearer" and key else None
+    return hash_api_key(key) if key else None
 
 
 async def assign_variant(

@@ -31,7 +31,7 @@ class FeedbackEndpoint:
     async def post(self, request: web.Request) -> web.Response:
         """{"request_id": <x-request-id of an answer>, "score": <number>}; a second score for the same request
         replaces the first."""
-        self.client_keys.check(request.headers.get("Authorization", ""))
+        self.client_keys.check(request.headers)
         body = await read_body(request, MAX_FEEDBACK_BYTES)
         try:
             data = orjson.loads(body)

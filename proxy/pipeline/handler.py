@@ -32,6 +32,8 @@ from proxy.pipeline.result_cache import Flight, ResultCache, answer_from_entry, 
 from proxy.pipeline.shadow import Mirror, ShadowMirror
 from proxy.upstream.probe import is_reachable
 
+Sink = Callable[[bytes], None]
+
 
 class Endpoints:
     """The client-facing handlers and the parts they share. `inflight`: client requests being served."""
@@ -56,7 +58,7 @@ class Endpoints:
         snapshot = self.rules.current  # read once: this request finishes on these rules
         if self.inflight >= snapshot.server.max_inflight:
             raise OverloadedError("splitstream is at its limit of requests in flight; retry shortly.")
-        self.client_keys.check(request.headers.get("Authorization", ""))
+        self.client_keys.check(request.headers)
         self.inflight += 1
         try:
             return await self._serve(request, snapshot, record)
@@ -129,7 +131,7 @@ class Endpoints:
 
     async def list_models(self, request: web.Request) -> web.Response:
         """The models clients may ask for: plain (non-glob) names from the routes' match patterns."""
-        self.client_keys.check(request.headers.get("Authorization", ""))
+        self.client_keys.check(request.headers)
         created = int(time.time())
         data = [
             {"id": name, "object": "model", "created": created, "owned_by": "splitstream"}
@@ -159,12 +161,10 @@ class Endpoints:
         return response
 
 
-def _tee(*sinks: Callable[[bytes], None] | None) -> Callable[[bytes], None] | None:
+def _tee(first: Sink | None, second: Sink | None) -> Sink | None:
     """Where a stream's upstream bytes are copied (the shadow comparison, the cache flight): one call each."""
-    present = [sink for sink in sinks if sink is not None]
-    if len(present) < 2:
-        return present[0] if present else None
-    first, second = present
+    if first is None or second is None:
+        return second if first is None else first
 
     def both(chunk: bytes) -> None:
         first(chunk)
