@@ -172,6 +172,10 @@ class ServerSettings:
     max_inflight: int = 4096  # requests in flight in this process before 429
     drain_timeout: float = 30.0
     max_queue: int = 1024  # requests waiting per pool for a backend slot before 429
+    read_timeout: float = 30.0  # a client's request head, and its body, must arrive within this (else 408)
+    max_event_bytes: int = 1024 * 1024  # one SSE event from a runtime; longer ends the stream with an error
+    max_upstream_body_bytes: int = 64 * 1024 * 1024  # a non-streamed runtime answer; longer is a 502
+    secure_cookies: bool = False  # the UI's cookie is Secure: set it behind a TLS-terminating proxy
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,7 +226,7 @@ def build_route(entry: Entry, ctx: RouteContext) -> Route | None:
     balance = reader.choice("balance", ctx.balance, BALANCE_POLICIES)
     timeouts = timeouts_from(reader.mapping("timeouts"), ctx.timeouts)
     attempts = _retry_attempts(reader.mapping("retry"))
-    runtime_load = flag(reader, "runtime_load")
+    runtime_load = reader.boolean("runtime_load")
     shadows = _shadows(reader, ctx)
     cache_rule = _cache_rule(reader.mapping("cache"))
     rollout = _rollout(reader, variants)
@@ -320,7 +320,7 @@ def _cache_rule(reader: Reader | None) -> CacheRule | None:
             max_bytes = parse_size(reader.get("max_entry_bytes"))
         except ValueError as exc:
             reader.fail("max_entry_bytes", f"cache.max_entry_bytes: {exc}")
-    shared = flag(reader, "shared")
+    shared = reader.boolean("shared")
     return CacheRule(ttl=ttl, max_entry_bytes=max_bytes, shared=shared)
 
 
@@ -356,11 +356,3 @@ def _retry_attempts(reader: Reader | None) -> int:
         return DEFAULT_RETRY_ATTEMPTS
     reader.check_keys(RETRY_KEYS)
     return reader.integer("attempts", DEFAULT_RETRY_ATTEMPTS, minimum=1)
-
-
-def flag(reader: Reader, key: str) -> bool:
-    value = reader.get(key, False)
-    if not isinstance(value, bool):
-        reader.fail(key, f"{reader.name(key)} must be true or false, got {show(value)}")
-        return False
-    return value

@@ -46,10 +46,14 @@ def build_server(entry: Entry | None, errors: Errors) -> ServerSettings:
         return base
     reader.check_keys(SERVER_KEYS)
     return ServerSettings(
-        max_body_bytes=_body_limit(reader, base.max_body_bytes),
+        max_body_bytes=_size(reader, "max_body_bytes", base.max_body_bytes),
         max_inflight=reader.integer("max_inflight", base.max_inflight, minimum=1),
         drain_timeout=reader.duration("drain_timeout", base.drain_timeout, positive=False),
         max_queue=reader.integer("max_queue", base.max_queue, minimum=0),
+        read_timeout=reader.duration("read_timeout", base.read_timeout, positive=True),
+        max_event_bytes=_size(reader, "max_event_bytes", base.max_event_bytes),
+        max_upstream_body_bytes=_size(reader, "max_upstream_body_bytes", base.max_upstream_body_bytes),
+        secure_cookies=reader.boolean("secure_cookies"),
     )
 
 
@@ -71,17 +75,18 @@ def build_health(entry: Entry | None, errors: Errors) -> HealthSettings:
     )
 
 
-def _body_limit(reader: Reader, default: int) -> int:
-    if not reader.has("max_body_bytes"):
+def _size(reader: Reader, key: str, default: int) -> int:
+    """A positive size (`16MiB`, `1024`) under `key`, or the default when absent or invalid (recorded)."""
+    if not reader.has(key):
         return default
-    raw = reader.get("max_body_bytes")
+    raw = reader.get(key)
     try:
         size = parse_size(raw)
     except ValueError as exc:
-        reader.fail("max_body_bytes", f"max_body_bytes: {exc}")
+        reader.fail(key, f"{key}: {exc}")
         return default
     if size <= 0:
-        reader.fail("max_body_bytes", f"max_body_bytes must be > 0, got {show(raw)}")
+        reader.fail(key, f"{key} must be > 0, got {show(raw)}")
         return default
     return size
 

@@ -271,6 +271,13 @@ class Reader:
             return default
         return seconds
 
+    def boolean(self, key: str, default: bool = False) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(key, f"{self.name(key)} must be true or false, got {show(value)}")
+            return default
+        return value
+
     def choice(self, key: str, default: str, options: Sequence[str]) -> str:
         value = self.data.get(key, default)
         if value not in options:
