@@ -19,12 +19,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def start(*args: str) -> asyncio.subprocess.Process:
-    """`python -m proxy ARGS...` from the repository root, stdout and stderr piped."""
+async def start(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """`python -m proxy ARGS...` from the repository root, stdout and stderr piped; `env` adds variables."""
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", *args, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 

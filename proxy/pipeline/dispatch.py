@@ -42,15 +42,15 @@ from proxy.upstream.state import BackendState, BackendStates, Lease, ModelStats
 class Attempt:
     """The committed exchange: its lease, connection, and the first chunk (stream) or whole body."""
 
-    __slots__ = ("lease", "conn", "first_chunk", "body", "started", "model", "health")
+    __slots__ = ("lease", "conn", "first_chunk", "body", "started", "stats", "health")
 
     def __init__(
-        self, lease: Lease, conn: UpstreamConnection, started: float, model: str, health: HealthSettings
+        self, lease: Lease, conn: UpstreamConnection, started: float, stats: ModelStats, health: HealthSettings
     ) -> None:
         self.lease = lease
         self.conn = conn
         self.started = started
-        self.model = model
+        self.stats = stats  # what this request's pool learns from it
         self.health = health  # the request's snapshot's, like everything else it decides
         self.first_chunk: bytes | None = None
         self.body: bytes | None = None  # set for whole (non-stream) answers
@@ -76,7 +76,8 @@ class Dispatcher:
         self.client = client
         self.queue = queue
         self.metrics = metrics
-        self.model_stats: dict[str, ModelStats] = {}  # learned per upstream model (see pipeline/cost.py)
+        # Learned per pool (see pipeline/cost.py): keyed by names from the rules, never by what a client sent.
+        self.model_stats: dict[str, ModelStats] = {}
         self._clock = clock
         self._turns: dict[str, int] = {}  # per-pool request counter for round_robin
 
@@ -99,10 +100,9 @@ class Dispatcher:
         wait — shadow copies must not stand in line with client requests)."""
         loop_time = asyncio.get_running_loop().time
         clock = self._clock or loop_time
-        model = pool.model or view.model
-        stats = self.model_stats.get(model)
+        stats = self.model_stats.get(pool.name)
         if stats is None:
-            stats = self.model_stats[model] = new_model_stats()
+            stats = self.model_stats[pool.name] = new_model_stats()
         est = estimate(stats, len(view.body), view.max_tokens, view.endpoint == "embeddings")
         payload = view.upstream_body(pool.model)
         tried: list[BackendState] = []
@@ -126,7 +126,7 @@ class Dispatcher:
                 conn = await open_exchange(
                     self.client, state.backend, request_bytes, deadlines, started, view.is_stream, self.metrics
                 )
-                attempt = Attempt(lease, conn, started, model, snapshot.health)
+                attempt = Attempt(lease, conn, started, stats, snapshot.health)
                 if view.is_stream and conn.status == 200 and is_event_stream(conn.headers):
                     attempt.first_chunk = await conn.read_chunk(deadlines.first_token(started), "first_token")
                 else:
@@ -167,11 +167,9 @@ class Dispatcher:
             return
         record_success(state)
         if status == 200 and (record.prompt_tokens or record.completion_tokens):
-            stats = self.model_stats.get(attempt.model)
-            if stats is not None:
-                ttft = None if record.ttft is None else record.ttft - (attempt.started - record.started)
-                learn(stats, state, body_bytes, record.prompt_tokens or 0, record.completion_tokens or 0, ttft,
-                      loop_now - attempt.started)
+            ttft = None if record.ttft is None else record.ttft - (attempt.started - record.started)
+            learn(attempt.stats, state, body_bytes, record.prompt_tokens or 0, record.completion_tokens or 0, ttft,
+                  loop_now - attempt.started)
 
     def next_turn(self, pool_name: str) -> int:
         turn = self._turns.get(pool_name, 0)

@@ -13,6 +13,11 @@ import orjson
 
 from proxy.errors import InvalidRequestError, MalformedBodyError
 
+MAX_MODEL_LENGTH = 256  # longer names match no sane rule; refused before they reach a glob, a log or a map
+# orjson parses nesting up to 1024 levels but serialises only 254: a deeper body could be read but never
+# forwarded (a rewrite would fail as our 500). Refused at parse time, as the client's error.
+MAX_NESTING = 254
+
 # Client path → endpoint name used in rules (`match.endpoints`) and logs.
 ENDPOINT_BY_PATH = {
     "/v1/chat/completions": "chat",
@@ -67,4 +72,26 @@ def parse(endpoint: str, body: bytes) -> RequestView:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("You must provide a model parameter (a non-empty string).")
+    if len(model) > MAX_MODEL_LENGTH:
+        raise InvalidRequestError(f"The model parameter is longer than {MAX_MODEL_LENGTH} characters.")
+    # Nesting past the limit needs that many opening brackets: counting bytes (C speed) spares the walk.
+    if body.count(b"[") + body.count(b"{") > MAX_NESTING and _is_deeper_than(data, MAX_NESTING):
+        raise InvalidRequestError(f"The request body nests deeper than {MAX_NESTING} levels.")
     return RequestView(endpoint, body, data, model)
+
+
+def _is_deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON containers nest more than `limit` levels (iterative: no recursion a client controls).
+
+    Only called with what orjson parsed (at most 1024 levels), and it stops at the first container past
+    the limit, so its cost is bounded by the body's size."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return False

@@ -7,13 +7,14 @@ is to exercise the real protocol, real SET NX GET semantics and real outages.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.processes import free_port
+from tests.processes import free_port, start, wait_for_line
 
 READY_TIMEOUT = 10.0  # seconds for redis-server to start listening; it needs a few milliseconds
 
@@ -122,3 +123,76 @@ def throttler(aiohttp_server: Any) -> ThrottlerFactory:
         return await aiohttp_server(app), hits
 
     return make
+
+
+class Served:
+    """A real splitstream process (`python -m proxy serve`) on loopback, for attacks that need one: its
+    output is collected as it comes (so no pipe fills up), and `log` is everything it printed so far."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, rules_dir: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.rules_dir = rules_dir
+        self.lines: list[str] = []
+        self._readers = [asyncio.create_task(self._collect(stream)) for stream in (proc.stdout, proc.stderr)
+                         if stream is not None]
+
+    async def _collect(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self.lines.append(line.decode("utf-8", "replace"))
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def stop(self) -> int:
+        """SIGTERM, then the exit status (killed if it does not stop within a minute)."""
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 60)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+
+ServedFactory = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[ServedFactory]:
+    """Start splitstream processes on rule YAML: `await served(rules_yaml, *serve_args, env={...})`. Each is
+    stopped after the test, and must not have logged a traceback."""
+    started: list[Served] = []
+
+    async def make(rules_yaml: str, *args: str, env: dict[str, str] | None = None) -> Served:
+        rules_dir = tmp_path / f"served{len(started)}"
+        rules_dir.mkdir()
+        (rules_dir / "rules.yaml").write_text(rules_yaml)
+        port = free_port()
+        proc = await start("serve", "--rules", str(rules_dir), "--port", str(port), "--no-watch", *args, env=env)
+        assert proc.stderr is not None
+        try:
+            await wait_for_line(proc.stderr, "listening")
+        except BaseException:
+            proc.kill()
+            await proc.wait()
+            raise
+        handle = Served(proc, port, rules_dir)
+        started.append(handle)
+        return handle
+
+    yield make
+    for handle in started:
+        await handle.stop()
+        assert "Traceback" not in handle.log, handle.log[-4000:]

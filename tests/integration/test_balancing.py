@@ -155,7 +155,7 @@ async def test_speeds_are_learned_from_real_traffic(sim: Any, proxy: Any) -> Non
     state = next(s for s in handle.backends if s.backend.name == "a")
     assert state.completed == 5
     assert state.decode_tps > PRIOR_DECODE_TPS  # a 2,000 tok/s runtime is faster than the prior guess
-    stats = handle.dispatcher.model_stats["sim-model"]
+    stats = handle.dispatcher.model_stats["both"]  # learned per pool
     assert stats.completion_tokens < 256 and stats.samples == 5
 
 
