@@ -28,6 +28,7 @@ event after). Nothing else builds an error body.
         ├── BackendStatusError            502 ... / backend_error           reason=status_5xx
         ├── BackendResetError             502 ... / backend_reset           reason=reset
         ├── BackendProtocolError          502 ... / backend_protocol_error  reason=protocol
+        │   └── BackendBodyTooLargeError  502 ... / backend_body_too_large  (over server.max_upstream_body_bytes)
         ├── BackendTimeoutError           504 timeout_error / backend_timeout  reason=timeout
         ├── BackendThrottledError         429 rate_limit_error / backend_rate_limited  reason=status_429
         └── NoHealthyBackendError         503 api_error / no_healthy_backend
@@ -178,6 +179,10 @@ class BackendResetError(UpstreamError):
 class BackendProtocolError(UpstreamError):
     code = "backend_protocol_error"
     reason = "protocol"
+
+
+class BackendBodyTooLargeError(BackendProtocolError):
+    code = "backend_body_too_large"
 
 
 class BackendTimeoutError(UpstreamError):

@@ -130,7 +130,8 @@ class Dispatcher:
                 if view.is_stream and conn.status == 200 and is_event_stream(conn.headers):
                     attempt.first_chunk = await conn.read_chunk(deadlines.first_token(started), "first_token")
                 else:
-                    attempt.body = await conn.read_body(deadlines.total, "total")
+                    attempt.body = await conn.read_body(deadlines.total, "total",
+                                                        snapshot.server.max_upstream_body_bytes)
                     if conn.status == 429:
                         raise BackendThrottledError(
                             f"The backend '{state.backend.name}' is rate limiting.", _retry_after(conn)

@@ -120,7 +120,8 @@ class Endpoints:
             return await relay_stream(request, attempt.conn, attempt.first_chunk, view, deadlines, record,
                                       self.metrics, asyncio.get_running_loop().time,
                                       _tee(mirror.tee if mirror is not None else None,
-                                           flight.append if flight is not None else None))
+                                           flight.append if flight is not None else None),
+                                      snapshot.server.max_event_bytes)
         except asyncio.CancelledError:
             record.status = CLIENT_CLOSED
             raise

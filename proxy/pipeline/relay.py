@@ -41,6 +41,7 @@ async def relay_stream(
     metrics: Metrics,
     clock: Callable[[], float],
     tee: Callable[[bytes], None] | None = None,
+    max_event_bytes: int = 1024 * 1024,
 ) -> web.StreamResponse:
     """An SSE answer, relayed as it arrives; the usage chunk is kept or stripped as the client asked.
 

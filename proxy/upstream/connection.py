@@ -13,7 +13,13 @@ from collections import deque
 
 import httptools
 
-from proxy.errors import BackendConnectError, BackendProtocolError, BackendResetError, BackendTimeoutError
+from proxy.errors import (
+    BackendBodyTooLargeError,
+    BackendConnectError,
+    BackendProtocolError,
+    BackendResetError,
+    BackendTimeoutError,
+)
 
 # Above this many unread body bytes we stop reading the socket until the client side catches up:
 # a slow client then slows the runtime's socket instead of growing our memory.
@@ -133,9 +139,17 @@ class UpstreamConnection(asyncio.Protocol):
                 return None
             await self._wait(deadline, phase)
 
-    async def read_body(self, deadline: float | None, phase: str) -> bytes:
+    async def read_body(self, deadline: float | None, phase: str, limit: int | None = None) -> bytes:
+        """The whole body; more than `limit` bytes raises `BackendBodyTooLargeError` (nothing is kept)."""
         parts = []
+        size = 0
         while (chunk := await self.read_chunk(deadline, phase)) is not None:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                error = BackendBodyTooLargeError(f"backend answer larger than {limit} bytes")
+                self._fail(error)
+                self.abort()  # the rest is never read: the connection cannot be reused
+                raise error
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
