@@ -21,10 +21,12 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.config.loader import RulesError, load_rules
+from proxy.config.model import RULES
 from proxy.config.reloader import RELOADER
 from proxy.delivery import client as rollout_client
 from proxy.delivery.state import OPERATOR_ACTIONS
 from proxy.observe.logs import configure_logging
+from proxy.pipeline.connections import HeadDeadlineRunner
 from proxy.sim import load
 from proxy.sim.runtime import SimConfig
 from proxy.sim.runtime import serve as serve_sim
@@ -149,8 +151,10 @@ async def serve(rules_dir: str, host: str, port: int, ready: asyncio.Event | Non
         log.error("invalid --redis URL: %s", exc)
         return 2
     app = build_app(snapshot, rules_dir=rules_dir, watch_rules=watch, store=store)
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=snapshot.server.drain_timeout
+    rules = app[RULES]
+    runner = HeadDeadlineRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=snapshot.server.drain_timeout,
+        head_timeout=lambda: rules.current.server.read_timeout,
     )
     await runner.setup()
     loop = asyncio.get_running_loop()

@@ -9,6 +9,7 @@ event after). Nothing else builds an error body.
     │   ├── MalformedBodyError            400 ... / invalid_json
     │   ├── ContentTypeError              400 ... / invalid_content_type
     │   ├── BodyTooLargeError             413 ... / body_too_large
+    │   ├── RequestTimeoutError           408 ... / request_timeout  (head or body slower than read_timeout)
     │   ├── UnknownModelError             404 ... / model_not_found
     │   ├── UnknownPathError              404 ... / unknown_url
     │   ├── ReloadUnavailableError        409 ... / reload_unavailable  (app built without a rules dir)
@@ -47,6 +48,7 @@ class SplitstreamError(Exception):
     code: str = "internal_error"
     reason: str | None = None
     retry_after: float | None = None
+    closes_connection = False  # answer, then close the client's connection instead of keeping it alive
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -70,6 +72,12 @@ class ContentTypeError(InvalidRequestError):
 class BodyTooLargeError(InvalidRequestError):
     status = 413
     code = "body_too_large"
+
+
+class RequestTimeoutError(InvalidRequestError):
+    status = 408
+    code = "request_timeout"
+    closes_connection = True  # the rest of a slow body is not worth waiting for
 
 
 class UnknownModelError(InvalidRequestError):
@@ -225,3 +233,21 @@ def error_body(exc: SplitstreamError) -> bytes:
 def sse_error_event(exc: SplitstreamError) -> bytes:
     """The SSE event that ends a stream broken after bytes were sent (the openai SDK raises APIError)."""
     return b"event: error\ndata: " + error_body(exc) + b"\n\n"
+
+
+def _with_subclasses(root: type[SplitstreamError]) -> list[type[SplitstreamError]]:
+    found, todo = [], [root]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+# What counts against a variant (its statistics, a rollout's evidence): failures its upstream is answerable
+# for — unreachable, 5xx, reset, protocol, timeout, no healthy backend, a stream cut after its first byte.
+# Never what the proxy refused on its own (400/401/403/404/413/429), a runtime's 429, or a client that left:
+# a client must not be able to push errors into the variant it chose.
+UPSTREAM_FAILURE_CODES = frozenset(
+    cls.code for cls in _with_subclasses(UpstreamError) if not issubclass(cls, BackendThrottledError)
+)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from proxy.errors import SplitstreamError
@@ -131,6 +131,8 @@ class Metrics:
             "Rollout transitions: start, advance, hold, rollback, promote (analysis); pause, resume, abort (operator).",
             ("route", "action"), registry=r,
         )
+        self._panics = PoolPanics()  # splitstream_upstream_panic_total{pool}
+        r.register(self._panics)
 
     def for_request(self, route: str, variant: str, backend: str) -> RequestMetrics:
         """The labelled children for one (route, variant, backend): looked up once, reused per request."""
@@ -149,6 +151,7 @@ class Metrics:
         """Serve variant_weight and queue_waiting from the running rules and wait queue at scrape time;
         `variants` gives a route's variants with the weights in force (a rollout's), default the rules'."""
         self.registry.register(RuleGauges(current, depths, variants or _configured_variants))
+        self._panics.pools = lambda: [pool.name for pool in current().pools]
 
     def count_assignment(self, route: str, variant: str, source: str) -> None:
         """One split decision; children cached per label set (this runs on every split request)."""
@@ -188,6 +191,10 @@ class Metrics:
         if child is None:
             child = self._cache_children[(route, result)] = self.cache_requests_total.labels(route, result)
         child.inc()
+
+    def count_panic(self, pool: str) -> None:
+        """A request of `pool` went to a backend held out on health alone: none of the pool's was available."""
+        self._panics.counts[pool] = self._panics.counts.get(pool, 0) + 1
 
     def count_upstream_error(self, backend: str, exc: SplitstreamError) -> None:
         if exc.reason is not None:
@@ -294,6 +301,37 @@ class RuleGauges:
             GaugeMetricFamily(
                 "splitstream_queue_waiting", "Requests waiting for a backend slot per pool.", labels=["pool"]
             ),
+        )
+
+
+class PoolPanics:
+    """A custom collector: upstream_panic_total, requests a pool sent to backends out on health alone because
+    none of its backends was available (Envoy's panic routing), counted by `Metrics.count_panic`. Every pool
+    of the running rules (once `watch_rules` named them) has a series from the start, 0 until it panics, so
+    `increase()` sees the first panic; a pool a reload removed keeps what it counted."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}  # pool name (from the rules) -> panics
+        self.pools: Callable[[], Iterable[str]] = lambda: ()
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        counts = dict(self.counts)
+        for name in self.pools():
+            family.add_metric([name], counts.pop(name, 0))
+        for name, n in counts.items():
+            family.add_metric([name], n)
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "splitstream_upstream_panic",
+            "Requests routed to backends out on health alone, because none of their pool's was available.",
+            labels=["pool"],
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from proxy.observe.feedback import FeedbackLedger
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics, status_class
-from proxy.observe.stats import RequestStats, is_error_status
+from proxy.observe.stats import RequestStats, is_variant_error
 
 NONE = "none"  # label value when a request ended before a route/variant/backend was chosen
 
@@ -66,7 +66,7 @@ class Recorder:
         duration = now - record.started
         if record.route is not NONE:
             self.stats.record(record.route, record.variant, now, duration, record.ttft,
-                              is_error_status(record.status), record.prompt_tokens, record.completion_tokens)
+                              is_variant_error(record.error), record.prompt_tokens, record.completion_tokens)
             self.feedback.remember(record.request_id, record.route, record.variant)
             children = self.metrics.for_request(record.route, record.variant, record.backend)
             children.count(record.status)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from proxy.errors import UPSTREAM_FAILURE_CODES
+
 WINDOW_SECONDS = 60  # the "recent" window: rates and percentiles cover at most this much time
 RECENT_SAMPLES = 2048  # per variant; at high rates the ring covers less than the window (see `covered`)
 
@@ -24,10 +26,11 @@ RECENT_SAMPLES = 2048  # per variant; at high rates the ring covers less than th
 Sample = tuple[float, float, float | None, bool]
 
 
-def is_error_status(status: int) -> bool:
-    """What the statistics call an error: any 5xx, which includes streams broken after their first byte
-    (`relay.py` sets the upstream error's status). A client that left (499) or a runtime's 4xx is not."""
-    return status >= 500
+def is_variant_error(error: str | None) -> bool:
+    """What the statistics call an error: a failure the variant's upstream is answerable for (`error` is the
+    request's error code; see `proxy/errors.py` UPSTREAM_FAILURE_CODES). A client's own mistake, a refusal
+    by the proxy, a runtime's 429 or a client that left is not."""
+    return error is not None and error in UPSTREAM_FAILURE_CODES
 
 
 def percentile(ordered: Sequence[float], q: float) -> float | None:

@@ -1,18 +1,30 @@
-"""Reading a client's request body: the one reader, with the content-type check and the size limit.
+"""Reading a client's request body: the one reader, with the content-type check, the size limit and a deadline.
 
-Every endpoint that takes a JSON body (inference, feedback) reads it here, so the limit is checked the
-same way everywhere: before reading when the length is announced, while reading when it is not.
+Every endpoint that takes a JSON body (inference, feedback) reads it here, so the limits are checked the
+same way everywhere: the size before reading when the length is announced, while reading when it is not;
+the whole body must arrive within `read_timeout` seconds (a slow client gets 408 and its connection closed).
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
-from proxy.errors import BodyTooLargeError, ContentTypeError
+from proxy.errors import BodyTooLargeError, ContentTypeError, RequestTimeoutError
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing anything over `limit` before reading it when the length is announced."""
+async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
+    """The whole body within `timeout` seconds, refusing anything over `limit` (before reading it when the
+    length is announced)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read(request, limit)
+    except TimeoutError:
+        raise RequestTimeoutError(f"The request body did not arrive within {timeout:g}s.") from None
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
     content_type = request.headers.get("Content-Type")
     if content_type is not None and "json" not in content_type.lower():
         raise ContentTypeError(f"Unsupported Content-Type '{content_type[:64]}': send application/json.")

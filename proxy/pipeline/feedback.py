@@ -19,6 +19,7 @@ from proxy.pipeline.body import read_body
 from proxy.pipeline.middleware import MAX_REQUEST_ID_LENGTH
 
 MAX_FEEDBACK_BYTES = 4096  # {"request_id": ..., "score": ...} is a few dozen bytes
+FEEDBACK_READ_TIMEOUT = 10.0  # a few dozen bytes take no longer than this from any client that means well
 
 
 class FeedbackEndpoint:
@@ -32,7 +33,7 @@ class FeedbackEndpoint:
         """{"request_id": <x-request-id of an answer>, "score": <number>}; a second score for the same request
         replaces the first."""
         self.client_keys.check(request.headers)
-        body = await read_body(request, MAX_FEEDBACK_BYTES)
+        body = await read_body(request, MAX_FEEDBACK_BYTES, FEEDBACK_READ_TIMEOUT)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:

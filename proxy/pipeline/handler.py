@@ -56,17 +56,21 @@ class Endpoints:
     async def inference(self, request: web.Request) -> web.StreamResponse:
         record = request[RECORD]
         snapshot = self.rules.current  # read once: this request finishes on these rules
-        if self.inflight >= snapshot.server.max_inflight:
-            raise OverloadedError("splitstream is at its limit of requests in flight; retry shortly.")
         self.client_keys.check(request.headers)
+        server = snapshot.server
+        # In flight only once its body is here: a slow client holds its own socket, never a slot for work.
+        body = await read_body(request, server.max_body_bytes, server.read_timeout)
+        if self.inflight >= server.max_inflight:
+            raise OverloadedError("splitstream is at its limit of requests in flight; retry shortly.")
         self.inflight += 1
         try:
-            return await self._serve(request, snapshot, record)
+            return await self._serve(request, snapshot, record, body)
         finally:
             self.inflight -= 1
 
-    async def _serve(self, request: web.Request, snapshot: Snapshot, record: RequestRecord) -> web.StreamResponse:
-        body = await read_body(request, snapshot.server.max_body_bytes)
+    async def _serve(
+        self, request: web.Request, snapshot: Snapshot, record: RequestRecord, body: bytes
+    ) -> web.StreamResponse:
         record.bytes_in = len(body)
         view = request_view.parse(request_view.ENDPOINT_BY_PATH[request.path], body)
         route = snapshot.match(view.model, view.endpoint)

@@ -45,9 +45,12 @@ def error_response(exc: SplitstreamError, record: RequestRecord) -> web.Response
     headers = routing_headers(record, {})
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    return web.Response(
+    response = web.Response(
         body=error_body(exc), status=exc.status, content_type="application/json", headers=headers
     )
+    if exc.closes_connection:
+        response.force_close()
+    return response
 
 
 def _from_http_exception(exc: web.HTTPException) -> SplitstreamError:

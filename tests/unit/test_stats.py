@@ -9,7 +9,7 @@ from proxy.observe.stats import (
     WINDOW_SECONDS,
     RequestStats,
     VariantStats,
-    is_error_status,
+    is_variant_error,
     percentile,
 )
 
@@ -23,10 +23,16 @@ def test_percentile_is_nearest_rank(values: list[float], q: float, expected: flo
     assert percentile(values, q) == expected
 
 
-@pytest.mark.parametrize(("status", "error"), [(200, False), (404, False), (429, False), (499, False),
-                                               (500, True), (502, True), (503, True), (504, True)])
-def test_errors_are_5xx_only(status: int, error: bool) -> None:
-    assert is_error_status(status) is error
+@pytest.mark.parametrize(("code", "error"), [
+    (None, False), ("invalid_request", False), ("invalid_json", False), ("model_not_found", False),
+    ("body_too_large", False), ("invalid_api_key", False), ("overloaded", False), ("backend_rate_limited", False),
+    ("internal_error", False),
+    ("backend_unreachable", True), ("backend_error", True), ("backend_reset", True), ("backend_timeout", True),
+    ("backend_protocol_error", True), ("backend_body_too_large", True), ("no_healthy_backend", True),
+    ("upstream_error", True),
+])
+def test_only_upstream_failures_count_against_a_variant(code: str | None, error: bool) -> None:
+    assert is_variant_error(code) is error
 
 
 def test_counters_since_start_and_tokens() -> None:

@@ -1,0 +1,137 @@
+"""Hostile clients against a real splitstream process: nothing they send may cost memory, slots or a
+variant's record. Each test reproduces an attack found in review (see the hostile-inputs issue)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+
+from tests.conftest import Gate, backend_url, simple_rules
+from tests.integration.conftest import ServedFactory
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+async def post(url: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """Status and JSON answer (a stream's text as it came)."""
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    async with aiohttp.ClientSession() as session, session.post(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    ) as response:
+        if response.content_type == "text/event-stream":
+            return response.status, await response.text()
+        return response.status, await response.json(content_type=None)
+
+
+async def test_a_model_name_past_256_characters_is_a_400(sim: Any, served: ServedFactory) -> None:
+    runtime, server = await sim()
+    s = await served(simple_rules(server))
+    status, body = await post(s.url("/v1/chat/completions"), {"model": "m" * 257, "messages": MESSAGES})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert runtime.stats.requests == 0
+
+
+async def test_learning_is_keyed_by_pool_not_by_the_clients_model_name(sim: Any, proxy: Any) -> None:
+    runtime, server = await sim(models=[f"any-{i}" for i in range(20)])
+    rules = simple_rules(server).replace('model: "sim-model"', "").replace('"my-model"', '"any-*"')
+    handle = await proxy(rules)
+    for i in range(20):
+        status, _ = await post(handle.url("/v1/chat/completions"), {"model": f"any-{i}", "messages": MESSAGES})
+        assert status == 200
+    assert set(handle.dispatcher.model_stats) == {"main-pool"}  # one entry, whatever the clients sent
+
+
+async def slow_body(port: int, declared: int = 100) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A request whose head is complete and whose body stops after one byte (slowloris on the body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n{" % declared)
+    await writer.drain()
+    return reader, writer
+
+
+async def test_slow_bodies_hold_no_slot_and_get_408(sim: Any, served: ServedFactory) -> None:
+    runtime, server = await sim()
+    s = await served(simple_rules(server, server_block="server: {max_inflight: 2, read_timeout: 1s}"))
+    slow = [await slow_body(s.port) for _ in range(5)]
+    # With bodies still missing, nothing is in flight: a real request is served, not refused with 429.
+    status, body = await post(s.url("/v1/chat/completions"), {"model": "my-model", "messages": MESSAGES})
+    assert status == 200, body
+    for reader, writer in slow:  # each slow client is told, then cut off
+        answer = await asyncio.wait_for(reader.read(), 30)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        assert b'"request_timeout"' in answer
+        writer.close()
+
+
+async def test_a_head_that_never_ends_gets_408_and_the_connection_closes(sim: Any, served: ServedFactory) -> None:
+    runtime, server = await sim()
+    s = await served(simple_rules(server, server_block="server: {read_timeout: 1s}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # ...and nothing more
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 30)  # EOF after the answer: the connection was closed
+    assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
+    writer.close()
+    status, _ = await post(s.url("/v1/chat/completions"), {"model": "my-model", "messages": MESSAGES})
+    assert status == 200  # and the process serves on
+
+
+def two_variant_rules(server: Any) -> str:
+    return f"""
+backends:
+  b0: {{url: "{backend_url(server)}", kind: vllm, max_inflight: 1}}
+pools:
+  p: {{backends: [b0], model: "sim-model"}}
+server: {{max_queue: 0}}
+routes:
+  - name: chat
+    match: {{model: "my-model"}}
+    split:
+      sticky: {{by: "header:x-user"}}
+      variants:
+        - {{name: stable, pool: p, weight: 50}}
+        - {{name: canary, pool: p, weight: 50}}
+"""
+
+
+async def variant_errors(s: Any) -> dict[str, tuple[int, int]]:
+    async with aiohttp.ClientSession() as session, session.get(s.url("/admin/experiments/chat")) as response:
+        report = await response.json()
+    return {row["name"]: (row["requests"], row["errors"]) for row in report["variants"]}
+
+
+async def test_a_client_cannot_push_errors_into_a_variant(sim: Any, served: ServedFactory) -> None:
+    gate = Gate()
+    runtime, server = await sim(pacer=gate)
+    s = await served(two_variant_rules(server))
+    url = s.url("/v1/chat/completions")
+    # 300 levels of nesting: orjson reads them but cannot write them back; refused as the client's error.
+    deep = b'{"model": "my-model", "messages": ' + b"[" * 300 + b"]" * 300 + b"}"
+    status, body = await post(url, deep, {"x-user": "attacker"})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    # The proxy's own refusal after the variant was chosen (its only backend is busy, no queue): a 429.
+    held = asyncio.create_task(post(url, {"model": "my-model", "messages": MESSAGES, "stream": True},
+                                    {"x-user": "attacker"}))
+    await gate.wait_reached(0)
+    status, body = await post(url, {"model": "my-model", "messages": MESSAGES}, {"x-user": "attacker"})
+    assert status == 429 and body["error"]["code"] == "overloaded"
+    # A client that leaves mid-answer.
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    request = orjson.dumps({"model": "my-model", "messages": MESSAGES, "stream": True})
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"x-user: attacker\r\nContent-Length: %d\r\n\r\n%s" % (len(request), request))
+    await writer.drain()
+    gate.open_all()
+    await held
+    await reader.readuntil(b"data:")
+    writer.close()
+    await writer.wait_closed()
+    status, _ = await post(url, {"model": "my-model", "messages": MESSAGES}, {"x-user": "attacker"})
+    assert status == 200
+    counts = await variant_errors(s)
+    assert sum(requests for requests, _ in counts.values()) >= 3
+    assert all(errors == 0 for _, errors in counts.values()), counts
