@@ -24,8 +24,12 @@ DELIVERY_FIELDS = frozenset({"model", "stream", "stream_options", "user"})
 ENTRY_VERSION = 1
 
 
-def bypass_reason(view: RequestView, cache_control: str | None, force: str | None) -> str | None:
-    """Why this request must not use the cache, or None when it may."""
+def bypass_reason(view: RequestView, cache_control: str | None, force: str | None, identified: bool) -> str | None:
+    """Why this request must not use the cache, or None when it may. `identified`: the client sent a key, or
+    the route shares its cache between clients (`cache.shared`) — anonymous clients would otherwise all be one
+    tenant, and one could read what another asked."""
+    if not identified:
+        return "anonymous"
     if cache_control is not None:
         directives = cache_control.lower()
         if "no-store" in directives or "no-cache" in directives:

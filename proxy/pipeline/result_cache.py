@@ -112,11 +112,13 @@ class ResultCache:
     ) -> Lookup | None:
         """Hit, follow or lead for a cacheable request; None (counted as bypass) for one that must not be cached."""
         assert route.cache is not None
-        if bypass_reason(view, headers.get("Cache-Control"), headers.get(FORCE_HEADER)) is not None:
+        authorization = headers.get("Authorization")
+        identified = route.cache.shared or bool(authorization)
+        if bypass_reason(view, headers.get("Cache-Control"), headers.get(FORCE_HEADER), identified) is not None:
             self.bypass(route.name)
             record.cache = "bypass"
             return None
-        tenant = tenant_of(headers.get("Authorization"), route.cache.shared)
+        tenant = tenant_of(authorization, route.cache.shared)
         lookup = await self.begin(cache_key(view, upstream_model, route.name, tenant), route.name)
         record.cache = lookup.result
         return lookup

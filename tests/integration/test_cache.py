@@ -32,7 +32,12 @@ routes:
 """
 
 
+TENANT = {"Authorization": "Bearer tenant-a"}  # an identified client: anonymous ones bypass an unshared cache
+
+
 async def post(handle: Any, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    """As one identified client (tenant-a) unless `headers` say otherwise: anonymous clients bypass the cache."""
+    headers = {**TENANT, **(headers or {})}
     async with aiohttp.ClientSession() as session:
         async with session.post(handle.url("/v1/chat/completions"), json=body, headers=headers) as r:
             return r.status, r.headers.get("x-splitstream-cache", ""), await r.read()
@@ -86,7 +91,7 @@ async def test_twenty_identical_misses_reach_the_runtime_once(sim: Any, proxy: A
     runtime, server = await sim(pacer=gate)
     handle = await proxy(cache_rules(server))
     body = {**BODY, "stream": True}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=TENANT) as session:
         responses = [asyncio.ensure_future(session.post(handle.url("/v1/chat/completions"), json=body)) for _ in range(20)]
         await gate.wait_reached(0)
         gate.open(0)
@@ -208,7 +213,8 @@ async def test_leader_leaving_mid_lookup_does_not_strand_its_twins(sim: Any, pro
     runtime, server = await sim()
     store = HeldStore()
     handle = await proxy(cache_rules(server), store=store)
-    async with aiohttp.ClientSession() as leader_session, aiohttp.ClientSession() as twin_session:
+    async with aiohttp.ClientSession(headers=TENANT) as leader_session, \
+            aiohttp.ClientSession(headers=TENANT) as twin_session:
         leader = asyncio.ensure_future(leader_session.post(handle.url("/v1/chat/completions"), json=BODY))
         await store.entered.wait()  # the leader is looking the key up
         twin = asyncio.ensure_future(twin_session.post(handle.url("/v1/chat/completions"), json=BODY))

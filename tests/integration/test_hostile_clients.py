@@ -11,6 +11,7 @@ import orjson
 
 from tests.conftest import Gate, backend_url, simple_rules
 from tests.integration.conftest import ServedFactory
+from tests.integration.test_cache import cache_rules
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -135,3 +136,21 @@ async def test_a_client_cannot_push_errors_into_a_variant(sim: Any, served: Serv
     counts = await variant_errors(s)
     assert sum(requests for requests, _ in counts.values()) >= 3
     assert all(errors == 0 for _, errors in counts.values()), counts
+
+
+async def test_anonymous_clients_never_share_cached_answers(sim: Any, served: ServedFactory) -> None:
+    runtime, server = await sim()
+    s = await served(cache_rules(server))
+    body = {"model": "my-model", "messages": [{"role": "user", "content": "my secret question"}], "temperature": 0}
+    results = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # two clients without keys: one must not read what the other asked
+            async with session.post(s.url("/v1/chat/completions"), json=body) as response:
+                assert response.status == 200
+                results.append(response.headers["x-splitstream-cache"])
+    assert results == ["bypass", "bypass"] and runtime.stats.requests == 2
+    shared = await served(cache_rules(server, cache="{ttl: 1m, shared: true}"))  # unless the route says so
+    async with aiohttp.ClientSession() as session:
+        for expected in ("miss", "hit"):
+            async with session.post(shared.url("/v1/chat/completions"), json=body) as response:
+                assert response.headers["x-splitstream-cache"] == expected

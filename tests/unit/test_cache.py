@@ -44,11 +44,11 @@ def test_bypass_rules(fields: dict[str, object], cache_control: str | None, forc
     data = {**BASE, **fields}
     if data.get("temperature") is None:
         data.pop("temperature")
-    assert bypass_reason(parse("chat", orjson.dumps(data)), cache_control, force) == reason
+    assert bypass_reason(parse("chat", orjson.dumps(data)), cache_control, force, True) == reason
 
 
 def test_embeddings_are_always_deterministic() -> None:
-    assert bypass_reason(parse("embeddings", b'{"model":"e","input":"x"}'), None, None) is None
+    assert bypass_reason(parse("embeddings", b'{"model":"e","input":"x"}'), None, None, True) is None
 
 
 @pytest.mark.parametrize(
@@ -117,3 +117,9 @@ def test_entry_codec_and_incomplete_streams() -> None:
     assert Entry.decode(b"garbage") is None
     assert not is_complete_stream(SSE[:50])
     assert not is_complete_stream(SSE.replace(b"data: [DONE]", b'event: error\ndata: {"error":{}}\n\ndata: [DONE]'))
+
+
+def test_an_anonymous_client_bypasses_an_unshared_cache() -> None:
+    view = parse("chat", b'{"model":"m","temperature":0,"messages":[]}')
+    assert bypass_reason(view, None, None, False) == "anonymous"  # no key, cache not shared
+    assert bypass_reason(view, None, None, True) is None
