@@ -117,7 +117,7 @@ def build_app(
     metrics.watch_backends(lambda: backends.samples(clock()))
     metrics.watch_rules(lambda: rules.current, queue.depths, weights.variants_for)
     keys = ClientKeys.of(client_keys if client_keys is not None else client_keys_from_env())
-    endpoints = Endpoints(rules, keys, splitter, cache, dispatcher, shadows, metrics)
+    endpoints = Endpoints(rules, keys, splitter, cache, dispatcher, shadows, metrics, clock)
 
     recorder = Recorder(metrics, access_log, stats, feedback)
     app = web.Application(middlewares=[error_middleware(recorder, RequestIds())], client_max_size=CLIENT_MAX_SIZE)

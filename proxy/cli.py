@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -23,6 +24,7 @@ from proxy.app import build_app
 from proxy.config.loader import RulesError, load_rules
 from proxy.config.model import RULES
 from proxy.config.reloader import RELOADER
+from proxy.config.yamlread import redact
 from proxy.delivery import client as rollout_client
 from proxy.delivery.state import OPERATOR_ACTIONS
 from proxy.observe.logs import configure_logging
@@ -42,6 +44,8 @@ DEMO_BACKENDS = (
 )
 
 
+REDIS_URL_ENV = "SPLITSTREAM_REDIS_URL"  # the Redis URL without putting its password on the command line
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitstream", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -51,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--rules", default="rules", help="directory of *.yaml rule files")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--redis", default=None, help="redis://host:port/db (default: embedded store)")
+    serve.add_argument("--redis", default=None,
+                       help=f"redis://host:port/db (default: ${REDIS_URL_ENV}, else the embedded store); a URL "
+                            f"with a password belongs in ${REDIS_URL_ENV}, which `ps` does not show")
     serve.add_argument("--no-watch", action="store_true",
                        help="do not watch the rules directory; reload only on SIGHUP or POST /admin/reload")
 
@@ -100,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return check(args.rules)
     if args.command == "serve":
-        return uvloop.run(serve(args.rules, args.host, args.port, watch=not args.no_watch, redis_url=args.redis))
+        return uvloop.run(serve(args.rules, args.host, args.port, watch=not args.no_watch, redis_url=args.redis or os.environ.get(REDIS_URL_ENV) or None))
     if args.command == "sim-backend":
         config = SimConfig(
             models=tuple(m.strip() for m in args.model.split(",") if m.strip()),
@@ -148,7 +154,7 @@ async def serve(rules_dir: str, host: str, port: int, ready: asyncio.Event | Non
     try:
         store = RedisStore(redis_url) if redis_url else None  # connects lazily; None = embedded store
     except ValueError as exc:
-        log.error("invalid --redis URL: %s", exc)
+        log.error("invalid Redis URL: %s", redact(str(exc)))
         return 2
     app = build_app(snapshot, rules_dir=rules_dir, watch_rules=watch, store=store)
     rules = app[RULES]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,14 +35,29 @@ class Loc:
         return f"{self.file}:{self.line}" if self.line else self.file
 
 
+# Rule-file errors go to logs, /admin/rules and the status pages: whatever looks like a secret in a quoted
+# value is masked on the way in. Credentials in a URL (`scheme://user:password@`), and tokens shaped like
+# API keys (`sk-...`, `hf_...`, long base64/hex runs) — the usual way a key lands where a name belongs.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
+_KEY_LIKE = re.compile(
+    r"\b(?:sk|pk|rk|hf|gsk|xai|key|api|token)[-_][A-Za-z0-9_-]{8,}"  # prefixed keys
+    r"|\b(?=(?:[A-Za-z_+-]*\d){4})[A-Za-z0-9+_-]{32,}={0,2}"  # long random-looking runs (4+ digits)
+)
+
+
+def redact(message: str) -> str:
+    """`message` with URL credentials and key-shaped tokens replaced by `***`."""
+    return _KEY_LIKE.sub("***", _URL_CREDENTIALS.sub(r"\1***@", message))
+
+
 class Errors:
-    """Every problem found so far; sorted by file, then line, when the load ends."""
+    """Every problem found so far; sorted by file, then line, when the load ends. Messages are redacted."""
 
     def __init__(self) -> None:
         self._items: list[tuple[Loc, str]] = []
 
     def add(self, loc: Loc, message: str) -> None:
-        self._items.append((loc, message))
+        self._items.append((loc, redact(message)))
 
     def count(self) -> int:
         return len(self._items)

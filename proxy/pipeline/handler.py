@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -30,19 +31,22 @@ from proxy.pipeline.relay import relay_body, relay_stream
 from proxy.pipeline.request import RequestView
 from proxy.pipeline.result_cache import Flight, ResultCache, answer_from_entry, follow
 from proxy.pipeline.shadow import Mirror, ShadowMirror
+from proxy.types import Clock
 from proxy.upstream.probe import is_reachable
 
 Sink = Callable[[bytes], None]
+READINESS_MAX_AGE = 1.0  # seconds a /readyz answer is reused
 
 
 class Endpoints:
     """The client-facing handlers and the parts they share. `inflight`: client requests being served."""
 
-    __slots__ = ("rules", "client_keys", "splitter", "cache", "dispatcher", "shadows", "metrics", "inflight")
+    __slots__ = ("rules", "client_keys", "splitter", "cache", "dispatcher", "shadows", "metrics", "clock",
+                 "inflight", "_readiness", "_readiness_probe")
 
     def __init__(
         self, rules: RulesHolder, client_keys: ClientKeys, splitter: Splitter, cache: ResultCache,
-        dispatcher: Dispatcher, shadows: ShadowMirror, metrics: Metrics,
+        dispatcher: Dispatcher, shadows: ShadowMirror, metrics: Metrics, clock: Clock,
     ) -> None:
         self.rules = rules
         self.client_keys = client_keys
@@ -51,7 +55,10 @@ class Endpoints:
         self.dispatcher = dispatcher
         self.shadows = shadows
         self.metrics = metrics
+        self.clock = clock  # the age of a /readyz answer (tests pass a fake one)
         self.inflight = 0
+        self._readiness: tuple[int, float, dict[str, Any]] | None = None  # (generation, clock time, body)
+        self._readiness_probe: asyncio.Task[tuple[int, float, dict[str, Any]]] | None = None
 
     async def inference(self, request: web.Request) -> web.StreamResponse:
         record = request[RECORD]
@@ -145,8 +152,22 @@ class Endpoints:
         return web.json_response({"object": "list", "data": data})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Readiness: rules are loaded and every route has at least one backend that answers its probe."""
+        """Readiness: rules are loaded and every route has at least one backend that answers its probe.
+
+        Unauthenticated, so anyone may call it as often as they like: the answer is at most
+        READINESS_MAX_AGE old and concurrent callers share one round of probes."""
         snapshot = self.rules.current
+        loop = asyncio.get_running_loop()
+        cached = self._readiness
+        if cached is None or cached[0] != snapshot.generation or self.clock() - cached[1] >= READINESS_MAX_AGE:
+            probing = self._readiness_probe
+            if probing is None or probing.done():
+                probing = self._readiness_probe = loop.create_task(self._probe_readiness(snapshot))
+            cached = await asyncio.shield(probing)  # a caller that leaves does not cancel the others' probe
+        body = cached[2]
+        return web.json_response(body, status=200 if body["status"] == "ready" else 503)
+
+    async def _probe_readiness(self, snapshot: Snapshot) -> tuple[int, float, dict[str, Any]]:
         backends = {b.identity: b for route in snapshot.routes for v in route.variants for b in v.pool.backends}
         answers = await asyncio.gather(*(is_reachable(b) for b in backends.values()))
         results = dict(zip(backends, answers, strict=True))
@@ -157,7 +178,8 @@ class Endpoints:
         ]
         body = {"status": "ready" if not unready else "unready", "generation": snapshot.generation,
                 "routes_without_backend": unready}
-        return web.json_response(body, status=200 if not unready else 503)
+        self._readiness = (snapshot.generation, self.clock(), body)
+        return self._readiness
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         body, content_type = self.metrics.exposition(request.headers.get("Accept"))

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 import orjson
 
 from tests.conftest import Gate, backend_url, simple_rules
@@ -154,3 +155,55 @@ async def test_anonymous_clients_never_share_cached_answers(sim: Any, served: Se
         for expected in ("miss", "hit"):
             async with session.post(shared.url("/v1/chat/completions"), json=body) as response:
                 assert response.headers["x-splitstream-cache"] == expected
+
+
+async def test_the_redis_url_can_stay_off_the_command_line(sim: Any, served: ServedFactory, redis_server: Any) -> None:
+    runtime, server = await sim()
+    s = await served(two_variant_rules(server), env={"SPLITSTREAM_REDIS_URL": redis_server.url})
+    status, _ = await post(s.url("/v1/chat/completions"), {"model": "my-model", "messages": MESSAGES},
+                           {"x-user": "someone"})
+    assert status == 200
+    assert redis_server.command(b"DBSIZE") != b":0\r\n"  # the sticky assignment went to Redis
+    with open(f"/proc/{s.proc.pid}/cmdline", "rb") as cmdline:
+        assert b"redis://" not in cmdline.read()  # nothing for `ps` to show
+
+
+async def test_a_rule_file_with_secrets_never_shows_them(sim: Any, served: ServedFactory) -> None:
+    runtime, server = await sim()
+    s = await served(simple_rules(server))
+    (s.rules_dir / "zz-bad.yaml").write_text(
+        "backends:\n  leaky: {url: 'http://admin:hunter2@127.0.0.1:9', api_key_env: 'sk-live-4f9a8b7c6d5e4f3a2b1c'}\n")
+    admin = {"X-Splitstream-Admin": "1", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(s.url("/admin/reload"), headers=admin) as response:
+            outcome = await response.text()
+        async with session.get(s.url("/admin/rules")) as response:
+            rules = await response.text()
+        async with session.get(s.url("/ui/")) as response:
+            page = await response.text()
+    assert '"error"' in outcome and "credentials" in rules  # refused, and said why
+    for surface in (outcome, rules, page, s.log):
+        assert "hunter2" not in surface and "4f9a8b7c6d5e4f3a2b1c" not in surface
+
+
+async def test_readyz_floods_share_one_round_of_probes(proxy: Any, aiohttp_server: Any) -> None:
+    probes: list[str] = []
+
+    async def health(request: web.Request) -> web.Response:
+        probes.append(request.path)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    backend = await aiohttp_server(app)
+    handle = await proxy(simple_rules(backend).replace("backends:", "health: {interval: 10m}\nbackends:", 1))
+    await handle.health.wait_round()  # the health checker's own first probe is done
+    before = len(probes)
+    async with aiohttp.ClientSession() as session:
+        async def ready() -> int:
+            async with session.get(handle.url("/readyz")) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(ready() for _ in range(20)))
+    assert statuses == [200] * 20
+    assert len(probes) - before == 1  # unauthenticated callers cannot make us probe every backend per call

@@ -10,7 +10,8 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import Gate, backend_url, simple_rules
+from proxy.pipeline.handler import READINESS_MAX_AGE
+from tests.conftest import FakeClock, Gate, backend_url, simple_rules
 
 MESSAGES = [{"role": "user", "content": "Tell me about canaries."}]
 
@@ -166,13 +167,15 @@ async def test_completions_and_embeddings_and_models(sim: Any, proxy: Any) -> No
 
 async def test_health_and_readiness(sim: Any, proxy: Any) -> None:
     runtime, server = await sim()
-    handle = await proxy(simple_rules(server))
+    clock = FakeClock()
+    handle = await proxy(simple_rules(server), backend_clock=clock)
     async with aiohttp.ClientSession() as session:
         async with session.get(handle.url("/healthz")) as r:
             assert r.status == 200
         async with session.get(handle.url("/readyz")) as r:
             assert r.status == 200 and (await r.json())["status"] == "ready"
         await server.close()
+        clock.advance(READINESS_MAX_AGE)  # the previous answer is too old to reuse
         async with session.get(handle.url("/readyz")) as r:
             assert r.status == 503 and (await r.json())["routes_without_backend"] == ["main"]
 

@@ -275,7 +275,7 @@ BROKEN: list[tuple[str, dict[str, str], str]] = [
     (
         "url with credentials",
         {"c.yaml": "backends:\n  x: {url: 'http://u:p@h:1'}\n"},
-        "c.yaml:2: backend 'x': url 'http://u:p@h:1' must not contain credentials (use api_key_env)",
+        "c.yaml:2: backend 'x': url 'http://***@h:1' must not contain credentials (use api_key_env)",
     ),
     (
         "url missing",
@@ -853,3 +853,18 @@ def test_advertised_models_deduplicated_in_order(tmp_path: Path) -> None:
 
 def test_snapshot_type(valid_dir: Path) -> None:
     assert isinstance(load_rules(valid_dir, env={"OLLAMA_KEY": "k"}), Snapshot)
+
+
+def test_secrets_in_rule_files_never_reach_an_error_message(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text(
+        "backends:\n"
+        "  a: {url: 'http://admin:hunter2@127.0.0.1:8000'}\n"
+        "  b: {url: 'http://127.0.0.1:8001', api_key_env: 'sk-live-4f9a8b7c6d5e4f3a2b1c'}\n"
+        "pools:\n  p: {backends: [a, b]}\n"
+        "routes:\n  - {name: main, match: {model: m}, pool: p}\n"
+    )
+    with pytest.raises(RulesError) as raised:
+        load_rules(tmp_path, env={})
+    text = "\n".join(raised.value.errors)
+    assert "hunter2" not in text and "4f9a8b7c6d5e4f3a2b1c" not in text
+    assert "http://***@127.0.0.1:8000" in text  # still says which URL, and what is wrong with it
