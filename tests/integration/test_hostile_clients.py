@@ -106,38 +106,6 @@ async def variant_errors(s: Any) -> dict[str, tuple[int, int]]:
     return {row["name"]: (row["requests"], row["errors"]) for row in report["variants"]}
 
 
-async def test_a_client_cannot_push_errors_into_a_variant(sim: Any, served: ServedFactory) -> None:
-    gate = Gate()
-    runtime, server = await sim(pacer=gate)
-    s = await served(two_variant_rules(server))
-    url = s.url("/v1/chat/completions")
-    # 300 levels of nesting: orjson reads them but cannot write them back; refused as the client's error.
-    deep = b'{"model": "my-model", "messages": ' + b"[" * 300 + b"]" * 300 + b"}"
-    status, body = await post(url, deep, {"x-user": "attacker"})
-    assert status == 400 and body["error"]["type"] == "invalid_request_error"
-    # The proxy's own refusal after the variant was chosen (its only backend is busy, no queue): a 429.
-    held = asyncio.create_task(post(url, {"model": "my-model", "messages": MESSAGES, "stream": True},
-                                    {"x-user": "attacker"}))
-    await gate.wait_reached(0)
-    status, body = await post(url, {"model": "my-model", "messages": MESSAGES}, {"x-user": "attacker"})
-    assert status == 429 and body["error"]["code"] == "overloaded"
-    # A client that leaves mid-answer.
-    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
-    request = orjson.dumps({"model": "my-model", "messages": MESSAGES, "stream": True})
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"x-user: attacker\r\nContent-Length: %d\r\n\r\n%s" % (len(request), request))
-    await writer.drain()
-    gate.open_all()
-    await held
-    await reader.readuntil(b"data:")
-    writer.close()
-    await writer.wait_closed()
-    status, _ = await post(url, {"model": "my-model", "messages": MESSAGES}, {"x-user": "attacker"})
-    assert status == 200
-    counts = await variant_errors(s)
-    assert sum(requests for requests, _ in counts.values()) >= 3
-    assert all(errors == 0 for _, errors in counts.values()), counts
-
 
 async def test_anonymous_clients_never_share_cached_answers(sim: Any, served: ServedFactory) -> None:
     runtime, server = await sim()
