@@ -77,7 +77,7 @@ async def _send(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
                 summary: LoadSummary) -> None:
     try:
         async with session.post(f"{url.rstrip('/')}/chat/completions", data=orjson.dumps(body),
-                                headers={"Content-Type": "application/json", **headers}) as response:
+                                headers={"Content-Type": "application/json", "Authorization": "Bearer splitstream-load", **headers}) as response:
             async for _ in response.content.iter_any():
                 pass  # read the whole answer (a stream to its end) and keep none of it
             summary.by_status[f"{response.status // 100}xx"] += 1
