@@ -21,7 +21,8 @@ from proxy.delivery.controller import LEASE_KEY, RolloutSettings
 from proxy.delivery.state import RolloutState
 from proxy.store.redis import RedisStore
 from tests.conftest import ProxyHandle, backend_url
-from tests.integration.conftest import FakeClock, RedisServer
+from tests.conftest import FakeClock
+from tests.integration.conftest import RedisServer
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 TOKEN = "rollout-admin-token"
