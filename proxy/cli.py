@@ -154,7 +154,7 @@ async def serve(rules_dir: str, host: str, port: int, ready: asyncio.Event | Non
     try:
         store = RedisStore(redis_url) if redis_url else None  # connects lazily; None = embedded store
     except ValueError as exc:
-        log.error("invalid Redis URL: %s", redact(str(exc)))
+        log.error("invalid --redis URL: %s", redact(str(exc)))
         return 2
     app = build_app(snapshot, rules_dir=rules_dir, watch_rules=watch, store=store)
     rules = app[RULES]
