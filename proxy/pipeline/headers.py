@@ -7,6 +7,14 @@ Also reads the two upstream headers the path needs (content type, event stream).
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import MutableMapping
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+
+from multidict import CIMultiDict
+
 from proxy.observe.record import NONE, RequestRecord
 from proxy.upstream.connection import Headers
 
@@ -17,8 +25,10 @@ HOP_HEADERS = frozenset({
 })
 CACHE_HEADER = "x-splitstream-cache"
 
+H = TypeVar("H", bound=MutableMapping[str, str])
 
-def routing_headers(record: RequestRecord, headers: dict[str, str]) -> dict[str, str]:
+
+def routing_headers(record: RequestRecord, headers: H) -> H:
     """Add the request id and, once a route was chosen, where the request went; returns `headers`."""
     headers["x-request-id"] = record.request_id
     if record.route is not NONE:
@@ -30,13 +40,20 @@ def routing_headers(record: RequestRecord, headers: dict[str, str]) -> dict[str,
     return headers
 
 
-def response_headers(upstream: Headers, record: RequestRecord) -> dict[str, str]:
-    """A backend's answer headers as relayed: its own minus hop-by-hop ones and any that claim to be ours."""
-    headers: dict[str, str] = {}
+def response_headers(upstream: Headers, record: RequestRecord) -> CIMultiDict[str]:
+    """A backend's answer headers as relayed: its own, repeats kept (two `Set-Cookie`s stay two), minus
+    hop-by-hop ones — the fixed list and any the runtime named in its `Connection` header — and any that
+    claim to be ours."""
+    hop = HOP_HEADERS
+    for name, value in upstream:
+        if name.lower() == b"connection":
+            named = {token.strip().lower() for token in value.decode("latin-1").split(",")}
+            hop = hop | named
+    headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream:
         key = name.decode("latin-1").lower()
-        if key not in HOP_HEADERS and not key.startswith("x-splitstream-") and key != "x-request-id":
-            headers[key] = value.decode("latin-1")
+        if key not in hop and not key.startswith("x-splitstream-") and key != "x-request-id":
+            headers.add(key, value.decode("latin-1"))
     return routing_headers(record, headers)
 
 
@@ -52,3 +69,24 @@ def is_event_stream(upstream: Headers) -> bool:
         if name.lower() == b"content-type":
             return value.startswith(b"text/event-stream")
     return False
+
+
+def retry_after_of(upstream: Headers, cap: float, default: float = 1.0) -> float:
+    """A runtime's `Retry-After` in seconds: finite delay-seconds or an HTTP date, at most `cap` (the
+    pool's `health.max_ejection`). `inf`, `nan`, `1e12` or a date in 2999 must not bench a backend until
+    restart; anything unreadable is `default`."""
+    for name, value in upstream:
+        if name.lower() == b"retry-after":
+            return min(cap, max(0.0, _seconds_of(value.decode("latin-1").strip(), default)))
+    return default
+
+
+def _seconds_of(text: str, default: float) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(text).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return default
+    return seconds if math.isfinite(seconds) else default if math.isnan(seconds) else math.inf

@@ -7,18 +7,22 @@ with an SSE `error` event — never a silent truncation. Records TTFT, bytes and
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.errors import UpstreamError, sse_error_event
+from proxy.errors import BackendResetError, BackendTimeoutError, UpstreamError, sse_error_event
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
 from proxy.pipeline.deadlines import Deadlines
 from proxy.pipeline.headers import response_headers
 from proxy.pipeline.request import RequestView
-from proxy.pipeline.sse import SseRelay, find_usage_object
+from proxy.pipeline.sse import DEFAULT_MAX_EVENT_BYTES, SseRelay, find_usage_object
 from proxy.upstream.connection import UpstreamConnection
+
+# Endpoints whose streams end with `data: [DONE]`: one that ends without it was cut, not finished.
+DONE_ENDPOINTS = frozenset({"chat", "completions"})
 
 
 def relay_body(conn: UpstreamConnection, body: bytes, record: RequestRecord) -> web.Response:
@@ -41,54 +45,90 @@ async def relay_stream(
     metrics: Metrics,
     clock: Callable[[], float],
     tee: Callable[[bytes], None] | None = None,
-    max_event_bytes: int = 1024 * 1024,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
 ) -> web.StreamResponse:
     """An SSE answer, relayed as it arrives; the usage chunk is kept or stripped as the client asked.
 
-    `first_chunk` was read by dispatch (a stream commits with it). The caller gives the connection back to
-    the pool afterwards (which aborts it unless it ended cleanly). `tee`, when given (mirrored or cached
-    requests only), is called with every upstream chunk as it arrives.
+    `first_chunk` was read by dispatch (a stream commits with it). `clock` is the loop's time (the
+    deadlines' clock). The caller gives the connection back to the pool afterwards (which aborts it unless
+    it ended cleanly). `tee`, when given (mirrored or cached requests only), is called with every upstream
+    chunk as it arrives. The route's total deadline holds for the whole relay, even while data flows, and
+    a write the client does not take within the idle timeout ends the request: a client that never reads
+    must not pin a backend.
     """
-    sse = SseRelay(strip_usage=not view.wants_usage)
+    sse = SseRelay(not view.wants_usage, max_event_bytes)
     chunk = first_chunk
     record.ttft = clock() - record.started
     response = web.StreamResponse(status=conn.status, headers=response_headers(conn.headers, record))
     await response.prepare(request)
+    writing = False
+    failure: UpstreamError | None = None
     try:
-        while chunk is not None:
-            if tee is not None:
-                tee(chunk)
-            out = sse.feed(chunk)
-            if out:
-                await response.write(out)
-                record.bytes_out += len(out)
-            chunk = await conn.read_chunk(deadlines.idle(clock()), "idle")
-        tail = sse.finish()
-        if tail:
-            await response.write(tail)
-            record.bytes_out += len(tail)
+        async with asyncio.timeout_at(deadlines.total) as deadline:
+            while chunk is not None:
+                if tee is not None:
+                    tee(chunk)
+                out = sse.feed(chunk)
+                if out:
+                    writing = True
+                    deadline.reschedule(deadlines.idle(clock()))
+                    await response.write(out)
+                    deadline.reschedule(deadlines.total)
+                    writing = False
+                    record.bytes_out += len(out)
+                now = clock()
+                if now >= deadlines.total:
+                    raise BackendTimeoutError("backend did not finish within the total timeout")
+                chunk = await conn.read_chunk(deadlines.idle(now), "idle")
+            tail = sse.finish()
+            if tail:
+                writing = True
+                deadline.reschedule(deadlines.idle(clock()))
+                await response.write(tail)
+                writing = False
+                record.bytes_out += len(tail)
+        if conn.ended_by_eof and not sse.saw_done and view.endpoint in DONE_ENDPOINTS:
+            raise BackendResetError("backend closed the stream before `data: [DONE]`")
     except UpstreamError as exc:
-        metrics.count_upstream_error(record.backend, exc)
-        record.status, record.error = exc.status, exc.code
-        await _write_quietly(response, sse_error_event(exc))
+        failure = exc
+    except TimeoutError:
+        if writing:  # the client stopped reading: its fault, not the backend's
+            return _client_gone(request, response, record)
+        failure = BackendTimeoutError("backend did not finish within the total timeout")
     except ConnectionResetError:
         record.status = CLIENT_CLOSED  # the client is gone; the caller aborts the upstream connection
         return response
+    grace = deadlines.timeouts.idle  # what is left to say may not wait on a client longer than a gap may
+    if failure is not None:
+        metrics.count_upstream_error(record.backend, failure)
+        record.status, record.error = failure.status, failure.code
+        if not await _write_quietly(response, sse_error_event(failure), grace):
+            return _client_gone(request, response, record)
     if sse.usage is not None:
         record.prompt_tokens, record.completion_tokens = sse.usage
-    await _write_eof_quietly(response)
+    if not await _write_quietly(response, None, grace):
+        return _client_gone(request, response, record)
     return response
 
 
-async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
-    try:
-        await response.write(data)
-    except ConnectionResetError:
-        pass  # client left while we were reporting the upstream failure; nothing more to tell it
+def _client_gone(request: web.Request, response: web.StreamResponse, record: RequestRecord) -> web.StreamResponse:
+    """A client that stopped reading: drop its connection (what is buffered for it is discarded). A backend
+    failure already recorded stays the outcome: the client leaving does not excuse it."""
+    if record.error is None:
+        record.status = CLIENT_CLOSED
+    if request.transport is not None:
+        request.transport.abort()
+    return response
 
 
-async def _write_eof_quietly(response: web.StreamResponse) -> None:
+async def _write_quietly(response: web.StreamResponse, data: bytes | None, timeout: float) -> bool:
+    """Write `data` (None: end the response); False when the client left or did not take it in time."""
     try:
-        await response.write_eof()
-    except ConnectionResetError:
-        pass
+        async with asyncio.timeout(timeout):
+            if data is None:
+                await response.write_eof()
+            else:
+                await response.write(data)
+    except (ConnectionResetError, TimeoutError):
+        return False
+    return True

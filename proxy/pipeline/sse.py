@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import orjson
 
+from proxy.errors import BackendProtocolError
+
 USAGE_KEY = b'"usage"'
+DONE = b"[DONE]"
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024  # server.max_event_bytes
 
 
 def find_usage_object(data: bytes) -> tuple[int, int] | None:
@@ -58,10 +62,10 @@ def _int(value: object) -> int:
     return value if type(value) is int else 0
 
 
-def _last_event_end(data: bytes) -> int:
-    """Index just after the last complete event (blank line: LF LF or CRLF CRLF), or -1."""
-    lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
+def _last_event_end(data: bytes | bytearray, start: int = 0) -> int:
+    """Index just after the last complete event (blank line: LF LF or CRLF CRLF) at or after `start`, or -1."""
+    lf = data.rfind(b"\n\n", start)
+    crlf = data.rfind(b"\r\n\r\n", start)
     if lf < 0 and crlf < 0:
         return -1
     return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
@@ -78,32 +82,61 @@ def is_usage_event(event: bytes) -> bool:
     return False
 
 
+def _ends_with_done(data: bytes | bytearray) -> bool:
+    return DONE in data[-16:]
+
+
 class SseRelay:
-    """Feeds upstream body chunks through; records usage; strips the usage event when asked to."""
+    """Feeds upstream body chunks through; records usage; strips the usage event when asked to.
 
-    __slots__ = ("strip_usage", "usage", "_tail")
+    Only an incomplete trailing event is held (in a bytearray, appended to in place), and only the bytes
+    that are new are searched for an event's end: a runtime that sends one enormous event costs linear
+    time, and more than `max_event_bytes` of it raises `BackendProtocolError` (the relay ends the stream
+    with an error event). `saw_done` tells whether the stream's last event was `data: [DONE]`.
+    """
 
-    def __init__(self, strip_usage: bool) -> None:
+    __slots__ = ("strip_usage", "max_event_bytes", "usage", "saw_done", "_tail")
+
+    def __init__(self, strip_usage: bool, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.strip_usage = strip_usage
+        self.max_event_bytes = max_event_bytes
         self.usage: tuple[int, int] | None = None
-        self._tail = b""
+        self.saw_done = False
+        self._tail = bytearray()
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send to the client now (possibly empty)."""
-        data = self._tail + chunk if self._tail else chunk
-        end = _last_event_end(data)
+        tail = self._tail
+        if tail:
+            start = max(0, len(tail) - 3)  # a blank line may straddle what was held and the new chunk
+            tail += chunk
+            end = _last_event_end(tail, start)
+            if end >= 0:
+                view = memoryview(tail)
+                complete = bytes(view[:end])
+                self._tail = bytearray(view[end:])
+                view.release()
+        else:
+            end = _last_event_end(chunk)
+            if end >= 0:
+                complete = chunk[:end]  # the whole chunk (no copy) when the runtime flushed whole events
+                tail += chunk[end:]
         if end < 0:
-            self._tail = data
+            if not tail:
+                tail += chunk
+            if len(tail) > self.max_event_bytes:
+                raise BackendProtocolError(f"backend sent an event longer than {self.max_event_bytes} bytes")
             return b"" if self.strip_usage else chunk
-        complete = data[:end]
-        self._tail = data[end:]
+        self.saw_done = _ends_with_done(complete)
         if USAGE_KEY in complete:
             complete = self._take_usage(complete)
         return complete if self.strip_usage else chunk
 
     def finish(self) -> bytes:
         """What is left at the end of the upstream body (an unterminated last event)."""
-        tail, self._tail = self._tail, b""
+        tail, self._tail = bytes(self._tail), bytearray()
+        if tail.strip():
+            self.saw_done = _ends_with_done(tail.rstrip())
         if tail and USAGE_KEY in tail:
             kept = self._take_usage(tail)
             return kept if self.strip_usage else b""

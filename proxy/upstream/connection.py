@@ -25,6 +25,10 @@ from proxy.errors import (
 # a slow client then slows the runtime's socket instead of growing our memory.
 HIGH_WATER_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
+# A response head (status line and headers) longer than this, or with more headers, is a protocol error:
+# nothing a runtime sends may grow our memory before we know what it is (nginx: 8-32 KiB, Envoy: 60 KiB).
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -34,8 +38,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "_loop", "_transport", "_parser", "_waiter", "_chunks", "_buffered", "_paused",
-        "_exc", "_has_length", "_keep_alive", "status", "headers", "head_done", "message_done", "closed",
-        "received_any", "idle_since", "key",
+        "_exc", "_has_length", "_keep_alive", "_busy", "_head_bytes", "status", "headers", "head_done",
+        "message_done", "ended_by_eof", "closed", "received_any", "idle_since", "key",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> None:
@@ -50,10 +54,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._exc: Exception | None = None
         self._has_length = False
         self._keep_alive = False
+        self._busy = False  # an exchange is under way: bytes are expected
+        self._head_bytes = 0
         self.status = 0
         self.headers: Headers = []
         self.head_done = False
         self.message_done = False
+        self.ended_by_eof = False  # the body had no length and ended when the runtime closed the connection
         self.closed = False
         self.received_any = False
         self.idle_since = 0.0
@@ -64,12 +71,27 @@ class UpstreamConnection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if not self._busy or self.message_done:
+            # Bytes nobody asked for (on an idle connection, or after the answer ended) could be taken for
+            # the next request's answer: the connection can never be trusted again.
+            self.abort()
+            return
         self.received_any = True
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(BackendProtocolError("backend switched protocols"))
+            self.abort()
+            return
         except httptools.HttpParserError as exc:
             self._fail(BackendProtocolError(f"backend sent invalid HTTP: {exc}"))
             self.abort()
+            return
+        if not self.head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(BackendProtocolError(f"backend response head larger than {MAX_HEAD_BYTES} bytes"))
+                self.abort()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -77,8 +99,10 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.head_done and not self.message_done and not self._has_length:
-            # Body delimited by connection close (no Content-Length, not chunked): EOF is its end.
+            # Body delimited by connection close (no Content-Length, not chunked): EOF is its end, or a cut
+            # we cannot tell from one; the relay checks what it can (a stream's `[DONE]`).
             self.message_done = True
+            self.ended_by_eof = True
             self._wake()
         elif not self.message_done and (self.head_done or self._waiter is not None):
             self._fail(BackendResetError("backend closed the connection before the response was complete"))
@@ -86,14 +110,24 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.message_done:  # a second answer in the same read: never let it pass for the next request's
+            self._refuse(BackendProtocolError("backend sent more than one response"))
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= MAX_HEADERS:
+            self._refuse(BackendProtocolError(f"backend sent more than {MAX_HEADERS} response headers"))
         self.headers.append((name, value))
         lname = name.lower()
         if lname == b"content-length" or (lname == b"transfer-encoding" and b"chunked" in value.lower()):
             self._has_length = True
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.headers = []  # interim (100 Continue, 103 Early Hints): the real answer follows
+            return
+        self.status = status
         self._keep_alive = self._parser.should_keep_alive()  # only meaningful before the message ends
         self.head_done = True
         self._wake()
@@ -107,9 +141,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self.status == 100:  # interim response: the real one follows on the same parser
-            self.head_done = False
-            self.headers = []
+        if not self.head_done:  # the end of an interim response
             return
         self.message_done = True
         self._wake()
@@ -119,6 +151,7 @@ class UpstreamConnection(asyncio.Protocol):
     def start(self, data: bytes) -> None:
         """Write a whole request (head and body in one buffer: one syscall)."""
         assert self._transport is not None
+        self._busy = True
         self._transport.write(data)
 
     async def read_head(self, deadline: float | None, phase: str) -> None:
@@ -169,8 +202,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.head_done = False
         self.message_done = False
+        self.ended_by_eof = False
         self.received_any = False
         self._has_length = False
+        self._busy = False
+        self._head_bytes = 0
         self.idle_since = now
 
     def abort(self) -> None:
@@ -190,6 +226,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self._exc is None:
             self._exc = exc
         self._wake()
+
+    def _refuse(self, exc: BackendProtocolError) -> None:
+        """Stop the parser from a callback: httptools wraps what we raise, so the error is kept first."""
+        self._fail(exc)
+        raise exc
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.errors import BackendProtocolError
 from proxy.pipeline.sse import SseRelay, find_usage_object, is_usage_event
 
 TOKEN = b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
@@ -71,3 +72,28 @@ def test_usage_null_is_not_a_usage_event() -> None:
 )
 def test_find_usage_object(body: bytes, expected: tuple[int, int] | None) -> None:
     assert find_usage_object(body) == expected
+
+
+def test_a_giant_event_is_held_once_and_refused_past_the_cap() -> None:
+    relay = SseRelay(strip_usage=True, max_event_bytes=1000)
+    assert relay.feed(b"data: " + b"x" * 400) == b""
+    assert relay.feed(b"x" * 400) == b""
+    with pytest.raises(BackendProtocolError):
+        relay.feed(b"x" * 400)
+
+
+def test_a_blank_line_split_across_chunks_still_ends_the_event() -> None:
+    relay = SseRelay(strip_usage=True)
+    assert relay.feed(b"data: one\n") == b""
+    assert relay.feed(b"\ndata: tw") == b"data: one\n\n"
+    assert relay.feed(b"o\r\n") == b""
+    assert relay.feed(b"\r\n") == b"data: two\r\n\r\n"
+
+
+def test_saw_done_tells_a_finished_stream_from_a_cut_one() -> None:
+    finished, cut, unterminated = SseRelay(False), SseRelay(False), SseRelay(False)
+    finished.feed(b"data: {}\n\ndata: [DONE]\n\n")
+    cut.feed(b"data: {}\n\n")
+    unterminated.feed(b"data: {}\n\ndata: [DONE]")
+    unterminated.finish()
+    assert finished.saw_done and not cut.saw_done and unterminated.saw_done
