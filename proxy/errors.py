@@ -21,6 +21,8 @@ event after). Nothing else builds an error body.
     ├── ClientAuthError                   401 authentication_error / invalid_api_key
     ├── AdminAuthError                    401 authentication_error / invalid_admin_token
     │   └── AdminForbiddenError           403 permission_error / admin_loopback_only
+    │       ├── AdminHostError             403 ... / admin_host_not_loopback  (loopback mode, Host not loopback)
+    │       └── AdminCrossSiteError        403 ... / admin_cross_site  (admin POST a cross-site page could send)
     ├── OverloadedError                   429 rate_limit_error / overloaded  (+ Retry-After)
     ├── RolloutUnavailableError           503 api_error / rollout_store_unavailable  (admin rollout actions)
     ├── StoreUnavailableError             internal: the caller falls back; never reaches a client
@@ -149,6 +151,18 @@ class AdminForbiddenError(AdminAuthError):
     status = 403
     type = "permission_error"
     code = "admin_loopback_only"
+
+
+class AdminHostError(AdminForbiddenError):
+    """Loopback mode, but the Host header names something else: a rebound DNS name must read nothing."""
+
+    code = "admin_host_not_loopback"
+
+
+class AdminCrossSiteError(AdminForbiddenError):
+    """An admin POST another site's page could have sent (cross-site, or a plain form's content type)."""
+
+    code = "admin_cross_site"
 
 
 class OverloadedError(SplitstreamError):

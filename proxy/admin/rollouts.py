@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from proxy.admin.guard import require_admin
+from proxy.admin.guard import admin_json, require_admin
 from proxy.admin.rules import timestamp
 from proxy.config.model import RULES, Route
 from proxy.delivery.controller import ROLLOUTS
@@ -55,7 +54,7 @@ async def rollouts(request: web.Request) -> web.Response:
     controller = request.app[ROLLOUTS]
     documents = [rollout_document(route, await controller.read(route))
                  for route in request.app[RULES].current.routes if route.rollout is not None]
-    return web.json_response({"replica": controller.replica_id, "leader": controller.is_leader,
+    return admin_json({"replica": controller.replica_id, "leader": controller.is_leader,
                               "rollouts": documents})
 
 
@@ -64,7 +63,7 @@ async def rollout(request: web.Request) -> web.Response:
     controller = request.app[ROLLOUTS]
     route = controller.route(request.match_info["route"])
     document = rollout_document(route, await controller.read(route))
-    return web.json_response(dict(document, replica=controller.replica_id, leader=controller.is_leader))
+    return admin_json(dict(document, replica=controller.replica_id, leader=controller.is_leader))
 
 
 async def rollout_action(request: web.Request) -> web.Response:
@@ -73,7 +72,7 @@ async def rollout_action(request: web.Request) -> web.Response:
     controller = request.app[ROLLOUTS]
     route, state = await controller.act(request.match_info["route"], request.match_info["action"])
     document = rollout_document(route, state)
-    return web.json_response(dict(document, replica=controller.replica_id, leader=controller.is_leader))
+    return admin_json(dict(document, replica=controller.replica_id, leader=controller.is_leader))
 
 
 async def experiment(request: web.Request) -> web.Response:
@@ -91,11 +90,7 @@ async def experiment(request: web.Request) -> web.Response:
     else:  # a route a reload removed: what it served since start
         variants, baseline, confidence = (), next(iter(stats)), DEFAULT_CONFIDENCE
     report = experiment_report(name, variants, stats, request.app[FEEDBACK].totals(name), baseline, confidence)
-    return web.json_response(report, dumps=_dumps)
-
-
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return admin_json(report)
 
 
 def add_rollout_routes(app: web.Application) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admin.guard import require_admin
+from proxy.admin.guard import admin_json, require_admin
 from proxy.config.model import RULES, Backend, Pool, Route, Snapshot
 from proxy.config.reloader import RELOADER, ReloadOutcome, Reloader
 from proxy.errors import ReloadUnavailableError
@@ -25,7 +25,7 @@ def timestamp(at: float) -> str:
 
 async def rules_status(request: web.Request) -> web.Response:
     require_admin(request)
-    return web.json_response(rules_document(request.app[RULES].current, request.app[RELOADER]))
+    return admin_json(rules_document(request.app[RULES].current, request.app[RELOADER]))
 
 
 async def reload_rules(request: web.Request) -> web.Response:
@@ -34,7 +34,7 @@ async def reload_rules(request: web.Request) -> web.Response:
     reloader = request.app[RELOADER]
     if reloader.rules_dir is None:
         raise ReloadUnavailableError("This proxy was started from a snapshot, without a rules directory.")
-    return web.json_response(outcome_document(await reloader.reload("admin")))
+    return admin_json(outcome_document(await reloader.reload("admin")))
 
 
 def outcome_document(outcome: ReloadOutcome) -> dict[str, Any]:

@@ -183,8 +183,11 @@ class HealthSettings:
     """Active probes and passive ejection (Envoy: health checks + outlier detection), the `health:` block.
 
     interval: probe period for healthy backends; unhealthy_interval: for ejected/unhealthy ones (faster, to
-    re-admit quickly). failures: consecutive failed requests that eject a backend. ejection: first ejection
-    time; it doubles with each ejection in a row, capped by max_ejection.
+    re-admit quickly). failures: consecutive failed requests, or missed probes, that eject a backend.
+    ejection: first ejection time; it doubles with each ejection in a row, capped by max_ejection.
+    panic_threshold: percent; when fewer of a pool's backends than this are healthy, the pool routes to all
+    of them but those throttled by Retry-After (Envoy's panic routing), since health checks that find most
+    of a pool dead are more likely wrong than right, and an outage is certain otherwise. 0 turns it off.
     """
 
     interval: float = 5.0
@@ -193,6 +196,7 @@ class HealthSettings:
     failures: int = 5
     ejection: float = 5.0
     max_ejection: float = 300.0
+    panic_threshold: float = 50.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,7 +72,17 @@ def build_health(entry: Entry | None, errors: Errors) -> HealthSettings:
         failures=reader.integer("failures", base.failures, minimum=1),
         ejection=reader.duration("ejection", base.ejection, positive=True),
         max_ejection=reader.duration("max_ejection", base.max_ejection, positive=True),
+        panic_threshold=_percent(reader, "panic_threshold", base.panic_threshold),
     )
+
+
+def _percent(reader: Reader, key: str, default: float) -> float:
+    """A number from 0 to 100 under `key`, or the default when absent or invalid (recorded)."""
+    value = reader.number(key, default, minimum=0, inclusive=True)
+    if value > 100:
+        reader.fail(key, f"{reader.name(key)} must be a percentage from 0 to 100, got {show(reader.get(key))}")
+        return default
+    return value
 
 
 def _size(reader: Reader, key: str, default: int) -> int:

@@ -3,6 +3,7 @@
 Blocking HTTP (urllib) against a running proxy's admin API, so it needs no event loop; prints one summary
 line per rollout and its recent decisions (names and numbers), or the raw JSON with `--json`. Exit codes:
 0 done, 1 refused by the proxy (its OpenAI-shaped error is printed), 2 proxy unreachable. Called by `cli.py`.
+Every request carries `X-Splitstream-Admin: 1`, which the admin guard wants on POSTs (no plain form sends it).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import urllib.parse
 import urllib.request
 from typing import Any, TextIO
 
+from proxy.auth import ADMIN_MARKER
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT = 10.0
 DECISIONS_SHOWN = 5
+HEADERS = {"Accept": "application/json", ADMIN_MARKER: "1"}
 
 
 def run(action: str, route: str | None, url: str = DEFAULT_URL, token: str | None = None, as_json: bool = False,
@@ -33,7 +37,7 @@ def run(action: str, route: str | None, url: str = DEFAULT_URL, token: str | Non
         return 2
     else:
         path, method = f"{base}/{urllib.parse.quote(route, safe='')}/{action}", "POST"
-    request = urllib.request.Request(path, method=method, headers={"Accept": "application/json"})
+    request = urllib.request.Request(path, method=method, headers=HEADERS)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:

@@ -193,7 +193,8 @@ class Metrics:
         child.inc()
 
     def count_panic(self, pool: str) -> None:
-        """A request of `pool` went to a backend held out on health alone: none of the pool's was available."""
+        """A backend of `pool` was picked in panic (too few of the pool healthy, so health was disregarded);
+        called by the dispatcher once per pick, so a retried request counts once per attempt."""
         self._panics.counts[pool] = self._panics.counts.get(pool, 0) + 1
 
     def count_upstream_error(self, backend: str, exc: SplitstreamError) -> None:
@@ -305,10 +306,11 @@ class RuleGauges:
 
 
 class PoolPanics:
-    """A custom collector: upstream_panic_total, requests a pool sent to backends out on health alone because
-    none of its backends was available (Envoy's panic routing), counted by `Metrics.count_panic`. Every pool
-    of the running rules (once `watch_rules` named them) has a series from the start, 0 until it panics, so
-    `increase()` sees the first panic; a pool a reload removed keeps what it counted."""
+    """A custom collector: upstream_panic_total, requests a pool routed disregarding health because fewer than
+    `health.panic_threshold` % of its backends were healthy (Envoy's panic routing, `pipeline/balancer.py`),
+    counted by `Metrics.count_panic`. Every pool of the running rules (once `watch_rules` named them) has a
+    series from the start, 0 until it panics, so `increase()` sees the first panic; a pool a reload removed
+    keeps what it counted."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}  # pool name (from the rules) -> panics
@@ -330,7 +332,7 @@ class PoolPanics:
     def _family() -> CounterMetricFamily:
         return CounterMetricFamily(
             "splitstream_upstream_panic",
-            "Requests routed to backends out on health alone, because none of their pool's was available.",
+            "Requests routed disregarding health, because too few of their pool's backends were healthy.",
             labels=["pool"],
         )
 

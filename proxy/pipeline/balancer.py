@@ -6,7 +6,11 @@ seconds there + the wait before it starts [+ the runtime's foreign queue]) / wei
 in-flight work is spread over its slots. A slow backend or one full of long generations gets less. `least_conn` counts requests in flight
 per unit of weight (nginx, LiteLLM least-busy); `round_robin` walks weighted turns. Ties go to the earlier
 backend in the pool. Unavailable backends (unhealthy, ejected, throttled) and full ones (max_inflight) are
-never picked. Called by `pipeline/dispatch.py`; state from `upstream/state.py`, prices from `cost.py`.
+not picked, except in panic: when fewer than `health.panic_threshold` % of a pool's backends are healthy,
+health is disregarded and every backend not throttled by its runtime's Retry-After is a candidate (Envoy's
+panic routing), because a pool left with no backend is a certain outage, and probes that find most of a
+pool dead (a loaded box answering /health late) are more likely wrong than the traffic that still works.
+Called by `pipeline/dispatch.py`; state from `upstream/state.py`, prices from `cost.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,21 @@ RUNTIME_METRICS_MAX_AGE = 3.0
 def has_room(state: BackendState) -> bool:
     limit = state.backend.max_inflight
     return limit == 0 or state.inflight < limit
+
+
+def in_panic(pool: Sequence[BackendState], now: float, threshold: float) -> bool:
+    """Fewer than `threshold` percent of the pool's backends are healthy (0 never panics). Throttled backends
+    count as healthy: a Retry-After is the runtime pacing us, not failing."""
+    if threshold <= 0 or not pool:
+        return False
+    healthy = sum(1 for state in pool if state.is_healthy(now))
+    return healthy * 100 < threshold * len(pool)
+
+
+def takes_requests(state: BackendState, now: float, panic: bool = False) -> bool:
+    """May be given a request now (room aside): available, or in panic merely not throttled, since even a
+    pool in panic must not override a runtime's own Retry-After."""
+    return now >= state.throttled_until if panic else state.is_available(now)
 
 
 # Among backends that would start the request at once, prefer the emptier one (ties only: negligible otherwise).
@@ -50,17 +69,19 @@ def pick_backend(
     turn: int,
     now: float,
     runtime_load: bool = False,
+    panic: bool = False,
 ) -> int | None:
     """Index into `states` of the backend to use, or None when none is available with room.
 
-    `costs[i]` is the request's predicted seconds on `states[i]`; `turn` is a per-pool request counter.
+    `costs[i]` is the request's predicted seconds on `states[i]`; `turn` is a per-pool request counter;
+    `panic` (see `in_panic`, decided over the whole pool) disregards health.
     """
     if policy == "round_robin":
-        return _round_robin(states, turn, now)
+        return _round_robin(states, turn, now, panic)
     best: int | None = None
     best_score = 0.0
     for i, state in enumerate(states):
-        if not state.is_available(now) or not has_room(state):
+        if not takes_requests(state, now, panic) or not has_room(state):
             continue
         if policy == "least_cost":
             load = costs[i] + queued_seconds(state) + state.inflight * TIE_BREAK_SECONDS
@@ -74,7 +95,7 @@ def pick_backend(
     return best
 
 
-def _round_robin(states: Sequence[BackendState], turn: int, now: float) -> int | None:
+def _round_robin(states: Sequence[BackendState], turn: int, now: float, panic: bool) -> int | None:
     """Weighted turns: backend i owns weight_i consecutive slots of each cycle (weights rounded, min 1)."""
     if not states:
         return None
@@ -87,6 +108,6 @@ def _round_robin(states: Sequence[BackendState], turn: int, now: float) -> int |
         position -= width
     for offset in range(len(states)):
         i = (index + offset) % len(states)
-        if states[i].is_available(now) and has_room(states[i]):
+        if takes_requests(states[i], now, panic) and has_room(states[i]):
             return i
     return None

@@ -25,11 +25,11 @@ from proxy.errors import (
 )
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
-from proxy.pipeline.balancer import pick_backend
+from proxy.pipeline.balancer import in_panic, pick_backend, takes_requests
 from proxy.pipeline.cost import Estimate, estimate, learn, new_model_stats, predicted_seconds
 from proxy.pipeline.deadlines import Deadlines
 from proxy.pipeline.forward import build_request, open_exchange
-from proxy.pipeline.headers import is_event_stream
+from proxy.pipeline.headers import is_event_stream, retry_after_of
 from proxy.pipeline.request import RequestView
 from proxy.types import Clock
 from proxy.upstream.client import UpstreamClient
@@ -134,7 +134,8 @@ class Dispatcher:
                                                         snapshot.server.max_upstream_body_bytes)
                     if conn.status == 429:
                         raise BackendThrottledError(
-                            f"The backend '{state.backend.name}' is rate limiting.", _retry_after(conn)
+                            f"The backend '{state.backend.name}' is rate limiting.",
+                            retry_after_of(conn.headers, snapshot.health.max_ejection),
                         )
                 committed = True
                 return attempt
@@ -188,11 +189,15 @@ class Dispatcher:
         queue_timeout: float,
         clock: Clock,
     ) -> Lease:
-        """A lease on the best backend not tried yet; waits in the pool's FIFO queue while all are full."""
+        """A lease on the best backend not tried yet; waits in the pool's FIFO queue while all are full.
+
+        Panic (too few of the pool healthy, `balancer.in_panic`) is judged over the whole pool, tried or not,
+        and every lease taken in panic is counted for the pool."""
         get = self.backends.get
-        candidates = [get(b) for b in pool.backends]
+        members = [get(b) for b in pool.backends]
+        candidates = members
         if tried:  # fail over to backends not tried yet, when there are any
-            candidates = [s for s in candidates if s not in tried] or candidates
+            candidates = [s for s in members if s not in tried] or members
         queue = self.queue
         loop_time = asyncio.get_running_loop().time
         queue_deadline = min(loop_time() + queue_timeout, deadlines.total)
@@ -201,14 +206,17 @@ class Dispatcher:
         while True:
             now = clock()
             if waited or not queue.waiting(pool.name):  # newcomers queue behind those already waiting (FIFO)
+                panic = in_panic(members, now, snapshot.health.panic_threshold)
                 costs = [predicted_seconds(s, est) for s in candidates]
                 index = pick_backend(candidates, costs, route.balance, self.next_turn(pool.name), now,
-                                     route.runtime_load)
+                                     route.runtime_load, panic)
                 if index is not None:
                     if waited:
                         queue.notify()  # others may fit too (several slots freed at once)
+                    if panic:
+                        self.metrics.count_panic(pool.name)
                     return candidates[index].lease(costs[index])
-                if not any(s.is_available(now) for s in candidates):
+                if not any(takes_requests(s, now, panic) for s in candidates):
                     raise NoHealthyBackendError(f"No healthy backend in pool '{pool.name}'.")
             if queue.waiting(pool.name) >= max_queue:
                 raise OverloadedError(f"Every backend of pool '{pool.name}' is busy and the queue is full.",
@@ -225,16 +233,6 @@ def _note_failure(health: HealthSettings, state: BackendState, exc: UpstreamErro
         record_throttle(state, exc.retry_after or 1.0, now)
     else:
         record_failure(state, health, now)
-
-
-def _retry_after(conn: UpstreamConnection) -> float:
-    for name, value in conn.headers:
-        if name.lower() == b"retry-after":
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return 1.0
-    return 1.0
 
 
 DISPATCHER = web.AppKey("DISPATCHER", Dispatcher)

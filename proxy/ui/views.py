@@ -3,7 +3,8 @@
 Every page is one builder from `pages.py` rendered two ways. Access goes through the admin guard
 (`admin/guard.py`): the pages also take the login session cookie (`proxy/auth.py`, issued by POST /ui/login
 when an admin token is set) and turn a refusal into a redirect to the login form; the JSON twins take the
-bearer header only.
+bearer header only. Both forms (log in, log out) carry a token bound to a cookie of the browser that loaded
+them, and failed logins are counted per client (`LoginThrottle`, 429 past its limit).
 `add_ui_routes` is called once by `app.py`.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -21,8 +23,11 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from proxy.admin.guard import ADMIN_ACCESS, require_admin
-from proxy.auth import SESSION_COOKIE, SESSION_SECONDS, hash_api_key, issue_session
+from proxy.admin.guard import ADMIN_ACCESS, admin_json, require_admin
+from proxy.auth import (
+    CSRF_COOKIE, CSRF_SECONDS, SESSION_COOKIE, SESSION_SECONDS, LoginThrottle, csrf_token, hash_api_key,
+    is_valid_csrf, is_valid_login_csrf, is_valid_session, issue_session, login_binding, throttle_key,
+)
 from proxy.config.model import RULES
 from proxy.config.reloader import RELOADER
 from proxy.delivery.weights import WEIGHTS
@@ -37,6 +42,7 @@ from proxy.upstream.state import BACKENDS
 
 MAX_LOGIN_BYTES = 4096  # a login form is one short field; the app's own body limit is far larger
 LOGIN_PATH = "/ui/login"
+LOGIN_THROTTLE = web.AppKey("LOGIN_THROTTLE", LoginThrottle)
 NAV = (("overview", "/ui/", "Overview"), ("backends", "/ui/backends", "Backends"),
        ("shadow", "/ui/shadow", "Shadow"), ("cache", "/ui/cache", "Cache"))
 PAGE_PATHS = {name: path for name, path, _ in NAV}
@@ -59,9 +65,19 @@ def _has_token(request: web.Request) -> bool:
     return request.app[ADMIN_ACCESS].token_sha256 is not None
 
 
+def _logout_token(request: web.Request) -> str:
+    """The logout button's form token, bound to this browser's session ('' without a valid one: nothing to
+    end, and a cookie that is not ours may hold anything, even text that cannot be encoded)."""
+    key, session = request.app[ADMIN_ACCESS].token_sha256, request.cookies.get(SESSION_COOKIE, "")
+    if key is None or not session or not is_valid_session(key, session, time.time()):
+        return ""
+    return csrf_token(key, session)
+
+
 def _render(request: web.Request, template: str, data: dict[str, Any], status: int = 200) -> web.Response:
     nonce = secrets.token_urlsafe(16)
-    context = {"page": data, "nonce": nonce, "nav": NAV, "has_token": _has_token(request)}
+    context = {"page": data, "nonce": nonce, "nav": NAV, "has_token": _has_token(request),
+               "logout_token": _logout_token(request)}
     response = aiohttp_jinja2.render_template(template, request, context, status=status)
     response.headers["Content-Security-Policy"] = CSP.format(nonce=nonce)
     response.headers["Cache-Control"] = "no-store"  # live numbers, and pages behind a login
@@ -102,41 +118,89 @@ def _json_twin(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 
     async def document(request: web.Request) -> web.Response:
         require_admin(request)
-        return web.json_response(build(_sources(request.app), _clocks()))
+        return admin_json(build(_sources(request.app), _clocks()))
 
     return document
 
 
+def _set_cookie(request: web.Request, response: web.Response, name: str, value: str, max_age: int,
+                path: str) -> None:
+    """Our cookies: script-proof, never sent cross-site, Secure over TLS: aiohttp's own, or a TLS-terminating
+    proxy's in front of it (`server.secure_cookies`), since `request.secure` cannot see that one."""
+    secure = request.secure or request.app[RULES].current.server.secure_cookies
+    response.set_cookie(name, value, max_age=max_age, path=path, httponly=True, samesite="Strict", secure=secure)
+
+
+def _login_page(request: web.Request, key_hex: str, target: str, error: str | None,
+                status: int = 200) -> web.Response:
+    """The login form with a fresh form token, and the cookie it is bound to (a new one each time it is
+    shown: a form shown again after a refusal never carries a spent or expired token)."""
+    binding = login_binding(secrets.token_urlsafe(18), time.time())
+    data = {"name": "login", "next": target, "error": error, "csrf": csrf_token(key_hex, binding)}
+    response = _render(request, "login.html", data, status=status)
+    _set_cookie(request, response, CSRF_COOKIE, binding, CSRF_SECONDS, LOGIN_PATH)
+    return response
+
+
 async def login_form(request: web.Request) -> web.Response:
-    if not _has_token(request):
+    key = request.app[ADMIN_ACCESS].token_sha256
+    if key is None:
         return _redirect(PAGE_PATHS["overview"])  # nothing to log in to: the loopback rule applies there
-    data = {"name": "login", "next": _safe_next(request.query.get("next")), "error": None}
-    return _render(request, "login.html", data)
+    return _login_page(request, key, _safe_next(request.query.get("next")), None)
 
 
 async def login(request: web.Request) -> web.Response:
-    """Check the token from the form; right: set the session cookie and go on, wrong: the form again (401)."""
-    access = request.app[ADMIN_ACCESS]
-    if access.token_sha256 is None:
+    """Check the form, then the token: right, set the session cookie and go on; wrong, the form again (401).
+
+    Refused before the token is looked at: a form without its token (403: another site's page, or a form
+    left open past CSRF_SECONDS) and a client past its failures (429 with Retry-After, right token or not)."""
+    key = request.app[ADMIN_ACCESS].token_sha256
+    if key is None:
         return _redirect(PAGE_PATHS["overview"])
     fields = parse_qs((await _read_form(request)).decode("utf-8", "replace"), max_num_fields=4)
-    token = (fields.get("token") or [""])[0].strip()
-    target = _safe_next(next(iter(fields.get("next", [])), None))
-    if not token or not hmac.compare_digest(hash_api_key(token), access.token_sha256):
-        data = {"name": "login", "next": target, "error": "That is not the admin token."}
-        return _render(request, "login.html", data, status=401)
+    token, target = _field(fields, "token").strip(), _safe_next(_field(fields, "next") or None)
+    if not is_valid_login_csrf(key, request.cookies.get(CSRF_COOKIE, ""), _field(fields, "csrf"), time.time()):
+        return _login_page(request, key, target, "This form expired or came from elsewhere: log in again.", 403)
+    throttle, client, now = request.app[LOGIN_THROTTLE], throttle_key(request.remote), _monotonic()
+    wait = throttle.retry_after(client, now)
+    if wait is not None:
+        return _too_many(request, key, target, wait)
+    if not token or not hmac.compare_digest(hash_api_key(token), key):
+        throttle.failed(client, now)
+        return _login_page(request, key, target, "That is not the admin token.", 401)
+    throttle.succeeded(client)
     response = _redirect(target)
-    response.set_cookie(
-        SESSION_COOKIE, issue_session(access.token_sha256, time.time()), max_age=SESSION_SECONDS, path="/ui",
-        httponly=True, samesite="Strict", secure=request.secure,
-    )
+    _set_cookie(request, response, SESSION_COOKIE, issue_session(key, time.time()), SESSION_SECONDS, "/ui")
+    response.del_cookie(CSRF_COOKIE, path=LOGIN_PATH)  # spent
+    return response
+
+
+def _too_many(request: web.Request, key_hex: str, target: str, wait: float) -> web.Response:
+    seconds = max(1, math.ceil(wait))
+    response = _login_page(request, key_hex, target, f"Too many failed logins: try again in {seconds} s.", 429)
+    response.headers["Retry-After"] = str(seconds)
     return response
 
 
 async def logout(request: web.Request) -> web.Response:
+    """End the session; a live one only from a page that holds it (the button's token, else 403)."""
+    key, session = request.app[ADMIN_ACCESS].token_sha256, request.cookies.get(SESSION_COOKIE, "")
+    if key is not None and session and is_valid_session(key, session, time.time()):
+        fields = parse_qs((await _read_form(request)).decode("utf-8", "replace"), max_num_fields=4)
+        if not is_valid_csrf(key, session, _field(fields, "csrf")):
+            message = "This logout did not come from a status page: use the Log out button."
+            return _render(request, "refused.html", {"name": "refused", "message": message}, status=403)
     response = _redirect(LOGIN_PATH)
     response.del_cookie(SESSION_COOKIE, path="/ui")
     return response
+
+
+def _field(fields: dict[str, list[str]], name: str) -> str:
+    return next(iter(fields.get(name, [])), "")
+
+
+def _monotonic() -> float:
+    return asyncio.get_running_loop().time()
 
 
 async def _read_form(request: web.Request) -> bytes:
@@ -156,11 +220,13 @@ async def to_overview(request: web.Request) -> web.Response:
 
 
 def add_ui_routes(app: web.Application) -> None:
-    """The Jinja environment (autoescape on, undefined names are errors) and every /ui/ and twin route."""
+    """The Jinja environment (autoescape on, undefined names are errors), the login throttle, and every /ui/
+    and twin route."""
     aiohttp_jinja2.setup(
         app, loader=jinja2.PackageLoader("proxy.ui", "templates"), autoescape=True,
         undefined=jinja2.StrictUndefined, filters=FILTERS, default_helpers=False,
     )
+    app[LOGIN_THROTTLE] = LoginThrottle()
     app.router.add_get("/ui", to_overview)
     for name, path, _ in NAV:
         app.router.add_get(path, _ui_page(name))

@@ -1,11 +1,13 @@
 """The background health checker: probes backends when due and reads runtime load for routes that use it.
 
 One task per app (started in `app.py`'s cleanup_ctx). Each round probes the backends whose probe is due
-(healthy ones every `health.interval`, unhealthy ones every `health.unhealthy_interval`), applies the
-results through `upstream/ejection.py`, refreshes runtime metrics for backends of `runtime_load` routes
-(their variants' pools and their shadows'), then sleeps until the next deadline. A round that fails
-unexpectedly is logged and the next one runs: probing is what re-admits ejected backends. `wait_round`
-lets tests await a round instead of sleeping; `clock` is the backend-state clock (tests pass a fake one).
+(healthy ones every `health.interval`, unhealthy ones and those on a miss streak every
+`health.unhealthy_interval`), applies the results through `upstream/ejection.py` (which ejects only after
+`health.failures` misses, and counts no timeout while the backend serves), refreshes runtime metrics for
+backends of `runtime_load` routes (their variants' pools and their shadows'), then sleeps until the next
+deadline. A round that fails unexpectedly is logged and the next one runs: probing is what re-admits
+ejected backends. `wait_round` lets tests await a round instead of sleeping; `clock` is the backend-state
+clock (tests pass a fake one).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from prometheus_async.types import Observer
 
 from proxy.config.model import Pool, Route, Snapshot
 from proxy.upstream.ejection import record_probe
-from proxy.upstream.probe import is_reachable, read_runtime_load
+from proxy.upstream.probe import Probe, probe, read_runtime_load
 from proxy.upstream.state import BackendState, BackendStates
 
 log = logging.getLogger("splitstream.health")
@@ -82,11 +84,12 @@ class HealthChecker:
 
     async def _probe(self, due: list[BackendState], snapshot: Snapshot) -> None:
         settings = snapshot.health
-        results = await asyncio.gather(*(is_reachable(s.backend, settings.timeout) for s in due))
+        results = await asyncio.gather(*(probe(s.backend, settings.timeout) for s in due))
         now = self._clock()
-        for state, ok in zip(due, results, strict=True):
+        for state, outcome in zip(due, results, strict=True):
             was_healthy = state.healthy
-            record_probe(state, ok, settings, now)
+            # A timeout is passed on as such: on a loaded box it is no miss while requests are served.
+            record_probe(state, outcome is Probe.OK, settings, now, timed_out=outcome is Probe.TIMED_OUT)
             if was_healthy != state.healthy:
                 log.warning("backend %s is %s (probe)", state.backend.name, "healthy" if state.healthy else "unhealthy")
 

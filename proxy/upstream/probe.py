@@ -10,11 +10,12 @@ poisons request connections. Called by `upstream/health.py`, the rollout control
 from __future__ import annotations
 
 import asyncio
+import enum
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config.model import Backend
-from proxy.errors import UpstreamError
+from proxy.errors import BackendTimeoutError, UpstreamError
 from proxy.upstream.connection import UpstreamConnection, open_connection
 
 PROBE_PATHS = {
@@ -37,9 +38,27 @@ RUNTIME_METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ..
 }
 
 
+class Probe(enum.Enum):
+    """A health probe's outcome. A timeout is told apart from a failure because a loaded runtime answers
+    `/health` late while it serves fine: the ejection policy weighs the two differently."""
+
+    OK = "ok"
+    FAILED = "failed"  # refused, broken, or a non-2xx answer: the runtime (or its absence) said so
+    TIMED_OUT = "timed_out"  # no answer within the timeout: busy or dead, the traffic decides
+
+
 async def http_get(backend: Backend, path: str, timeout: float, max_bytes: int = 65536) -> tuple[int, bytes]:
     """(status, body) of one GET with Connection: close, the body cut at `max_bytes`; (0, b'') when it could
     not be done within `timeout` seconds (connect included) or the backend broke the exchange."""
+    try:
+        return await _get(backend, path, timeout, max_bytes)
+    except (UpstreamError, OSError):
+        return 0, b""
+
+
+async def _get(backend: Backend, path: str, timeout: float, max_bytes: int) -> tuple[int, bytes]:
+    """`http_get` that raises instead: `BackendTimeoutError` past the deadline, other `UpstreamError`s or
+    `OSError` when the exchange broke."""
     auth = f"Authorization: Bearer {backend.api_key}\r\n" if backend.api_key else ""
     request = (
         f"GET {backend.base_path}{path} HTTP/1.1\r\nHost: {backend.host}:{backend.port}\r\n{auth}"
@@ -53,8 +72,6 @@ async def http_get(backend: Backend, path: str, timeout: float, max_bytes: int =
         conn.start(request)
         await conn.read_head(deadline, "total")
         return conn.status, await _read_body(conn, deadline, max_bytes)
-    except (UpstreamError, OSError):
-        return 0, b""
     finally:
         if conn is not None:
             conn.abort()  # Connection: close anyway; abort also stops a body we chose not to read to its end
@@ -72,11 +89,27 @@ async def _read_body(conn: UpstreamConnection, deadline: float, max_bytes: int) 
 
 async def is_reachable(backend: Backend, timeout: float = PROBE_TIMEOUT) -> bool:
     """True when the backend answers its kind's probe with a 2xx within `timeout` seconds."""
+    return await probe(backend, timeout) is Probe.OK
+
+
+async def probe(backend: Backend, timeout: float = PROBE_TIMEOUT) -> Probe:
+    """The backend's answer to its kind's probe (a 404 `/health` falls back to `/v1/models`)."""
     path = PROBE_PATHS.get(backend.kind, "/health")
-    status, _ = await http_get(backend, path, timeout, max_bytes=4096)
+    outcome, status = await _probe_path(backend, path, timeout)
     if status == 404 and path != FALLBACK_PATH:
-        status, _ = await http_get(backend, FALLBACK_PATH, timeout, max_bytes=4096)
-    return 200 <= status < 300
+        outcome, status = await _probe_path(backend, FALLBACK_PATH, timeout)
+    return outcome
+
+
+async def _probe_path(backend: Backend, path: str, timeout: float) -> tuple[Probe, int]:
+    """One probe GET: its outcome and HTTP status (0 when there was no answer)."""
+    try:
+        status, _ = await _get(backend, path, timeout, 4096)
+    except BackendTimeoutError:
+        return Probe.TIMED_OUT, 0
+    except (UpstreamError, OSError):
+        return Probe.FAILED, 0
+    return (Probe.OK if 200 <= status < 300 else Probe.FAILED), status
 
 
 class RuntimeLoad:

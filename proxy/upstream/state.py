@@ -29,7 +29,7 @@ class BackendState:
         "backend", "inflight", "predicted_load", "healthy", "prefill_tps", "decode_tps",
         "consecutive_failures", "ejections", "ejected_until", "throttled_until", "next_probe_at",
         "runtime_waiting", "runtime_running", "runtime_kv_usage", "runtime_sampled_at", "ejections_total",
-        "completed", "draining",
+        "completed", "draining", "probe_misses", "served", "served_at_probe",
     )
 
     def __init__(self, backend: Backend) -> None:
@@ -51,15 +51,23 @@ class BackendState:
         self.ejections_total = 0
         self.completed = 0  # requests that taught us something about speed
         self.draining: BackendStates | None = None  # set once a reload removed it: forgotten when idle
+        self.probe_misses = 0  # active probes failed in a row; `health.failures` of them eject
+        self.served = 0  # requests answered (any status below 500): a busy runtime is not a dead one
+        self.served_at_probe = 0  # `served` when the last probe ended: did it answer since?
 
     def lease(self, cost: float) -> Lease:
         self.inflight += 1
         self.predicted_load += cost
         return Lease(self, cost)
 
+    def is_healthy(self, now: float) -> bool:
+        """Not held out on health (a probe's verdict or an ejection). A runtime's Retry-After is not ill
+        health, so a throttled backend still counts as healthy for a pool's panic threshold."""
+        return self.healthy and now >= self.ejected_until
+
     def is_available(self, now: float) -> bool:
         """Takes new requests: healthy, not ejected, not asked by the runtime to back off."""
-        return self.healthy and now >= self.ejected_until and now >= self.throttled_until
+        return self.is_healthy(now) and now >= self.throttled_until
 
 
 class ModelStats:

@@ -185,7 +185,9 @@ async def test_loading_llamacpp_backend_is_not_ready(proxy: Any, aiohttp_server:
     app = web.Application()
     app.router.add_get("/health", loading)
     server = await aiohttp_server(app)
+    # One 503 probe ejects (failures: 1), and no panic routing sends requests to the loading backend anyway.
     handle = await proxy(f"""
+health: {{failures: 1, panic_threshold: 0}}
 backends:
   l: {{url: "{backend_url(server)}", kind: llamacpp}}
 pools:

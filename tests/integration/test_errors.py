@@ -190,7 +190,9 @@ async def test_backend_gone_between_probes_is_502_unreachable(sim: Any, proxy: A
 
 
 async def test_dead_backend_found_by_probe_is_503(sim: Any, proxy: Any) -> None:
-    rules = simple_rules().replace("backends:\n", f'backends:\n  dead: {{url: "http://127.0.0.1:{free_port()}"}}\n')
+    # One refused probe ejects (failures: 1), and no panic routing sends requests to the dead backend anyway.
+    rules = simple_rules(server_block="health: {failures: 1, panic_threshold: 0}")
+    rules = rules.replace("backends:\n", f'backends:\n  dead: {{url: "http://127.0.0.1:{free_port()}"}}\n')
     rules = rules.replace("backends: []", "backends: [dead]")
     handle = await proxy(rules)
     await handle.health.wait_round()

@@ -56,7 +56,7 @@ async def served_by(handle: ProxyHandle) -> str:
 
 
 async def admin(handle: ProxyHandle, method: str, path: str, token: str | None = None) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    headers = {"X-Splitstream-Admin": "1", **({"Authorization": f"Bearer {token}"} if token is not None else {})}
     async with aiohttp.ClientSession() as session:
         async with session.request(method, handle.url(path), headers=headers) as response:
             return response.status, await response.json()
@@ -294,7 +294,7 @@ async def test_admin_reload_without_a_rules_dir_is_409(sim: Any, aiohttp_client:
     rules = Path(tempfile.mkdtemp())
     (rules / "rules.yaml").write_text(two_pools(a, b, "pool-a"))
     app_client = await aiohttp_client(build_app(load_rules(rules, env={}), client_keys=[], admin_token=""))
-    response = await app_client.post("/admin/reload")
+    response = await app_client.post("/admin/reload", headers={"X-Splitstream-Admin": "1"})
     assert response.status == 409
     assert (await response.json())["error"]["code"] == "reload_unavailable"
     response = await app_client.get("/admin/rules")

@@ -26,6 +26,7 @@ from tests.integration.conftest import RedisServer
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 TOKEN = "rollout-admin-token"
+ADMIN = {"X-Splitstream-Admin": "1"}  # what the admin guard wants on POSTs (no plain form can send it)
 INTERVAL = 60.0
 MAX_BATCHES = 60  # a safety stop for `send_until`; the conditions are met after a few batches
 # Runtimes with a fixed 50 ms answer, so a busy test machine's scheduling noise stays small beside it; the
@@ -267,7 +268,7 @@ async def test_two_replicas_on_one_redis_agree_and_a_restart_resumes(
         assert b.metrics.rollout_step.labels("chat")._value.get() == 50.0
 
         # An operator pauses through the follower; the leader sees it and holds still, due or not.
-        async with session.post(b.url("/admin/rollouts/chat/pause")) as response:
+        async with session.post(b.url("/admin/rollouts/chat/pause"), headers=ADMIN) as response:
             assert response.status == 200 and (await response.json())["status"] == "paused"
         clock.advance(2 * INTERVAL)
         await a.rollouts.tick()
@@ -339,7 +340,7 @@ async def test_operators_steer_a_rollout_through_the_admin_api_and_the_cli(sim: 
     clock = FakeClock(1_000_000.0)
     handle = await start(proxy, rules(stable, canary, rollout_block()), clock, admin_token=TOKEN)
     url = handle.url("")
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+    auth = {"Authorization": f"Bearer {TOKEN}", **ADMIN}
 
     async def call(method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         async with session.request(method, handle.url(path), headers=auth if headers is None else headers) as r:
@@ -403,7 +404,7 @@ async def test_with_redis_down_weights_stay_and_operator_actions_are_refused(
     await handle.rollouts.tick()  # no store: nothing moves, nothing breaks
     assert percent_of(handle) == 10.0 and state_of(handle).status == "running"
     async with aiohttp.ClientSession() as session:
-        async with session.post(handle.url("/admin/rollouts/chat/pause")) as response:
+        async with session.post(handle.url("/admin/rollouts/chat/pause"), headers=ADMIN) as response:
             assert response.status == 503
             assert (await response.json())["error"]["code"] == "rollout_store_unavailable"
         async with session.get(handle.url("/admin/rollouts/chat")) as response:  # this replica's last view

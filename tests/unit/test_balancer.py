@@ -1,12 +1,18 @@
-"""Balancer policies over hand-built backend state (no I/O, fixed `now`, deterministic)."""
+"""Balancer policies over hand-built backend state (no I/O, fixed `now`, deterministic), and panic routing
+through the dispatcher's `_acquire` (the `Bench` of test_acquire.py: no sockets)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from proxy.config.model import Backend
-from proxy.pipeline.balancer import foreign_requests, pick_backend
+from proxy.config.model import Backend, HealthSettings
+from proxy.errors import NoHealthyBackendError
+from proxy.pipeline.balancer import foreign_requests, in_panic, pick_backend, takes_requests
 from proxy.upstream.state import BackendState, BackendStates
+from tests.unit.test_acquire import NEVER, Bench, at_once, backend, name, two
+from tests.unit.test_acquire import pool as make_pool
 
 NOW = 1000.0
 
@@ -98,3 +104,92 @@ def test_equal_idle_backends_spread_by_occupancy() -> None:
     b = BackendState(Backend("b", "http://b:1", "b", 1, "", concurrency=4))
     a.inflight, a.predicted_load = 2, 2.0
     assert pick_backend([a, b], [1.0, 1.0], "least_cost", 0, NOW) == 1
+
+
+# -- panic: too few of a pool healthy, so health is disregarded (Envoy's panic threshold) ---------------------
+
+
+def out(state: BackendState, how: str) -> BackendState:
+    if how == "unhealthy":  # a probe's verdict
+        state.healthy = False
+    elif how == "ejected":  # a passive ejection
+        state.healthy, state.ejected_until = False, NOW + 10
+    elif how == "throttled":  # the runtime's Retry-After: not ill health
+        state.throttled_until = NOW + 10
+    return state
+
+
+@pytest.mark.parametrize(
+    ("hows", "threshold", "expected"),
+    [
+        (["unhealthy"], 50, True),  # the pool's only backend is out: panic, not an outage
+        (["ok", "unhealthy"], 50, False),  # half is not fewer than half
+        (["ok", "unhealthy", "ejected"], 50, True),  # one in three
+        (["ok", "unhealthy", "ejected"], 30, False),
+        (["ok", "unhealthy"], 100, True),  # any backend out
+        (["unhealthy", "ejected"], 0, False),  # 0 turns panic off
+        (["throttled", "unhealthy"], 50, False),  # a throttled backend is healthy, just pacing us
+        ([], 50, False),
+    ],
+)
+def test_in_panic_when_fewer_than_the_threshold_are_healthy(
+    hows: list[str], threshold: float, expected: bool
+) -> None:
+    pool = [out(s, how) for s, how in zip(states(*[(1, 0, 0.0, 0)] * len(hows)), hows, strict=True)]
+    assert in_panic(pool, NOW, threshold) is expected
+
+
+@pytest.mark.parametrize("policy", ["least_cost", "least_conn", "round_robin"])
+def test_panic_disregards_health_but_not_retry_after_or_room(policy: str) -> None:
+    pool = states((1, 0, 0.0, 0), (1, 0, 0.0, 0), (1, 1, 0.0, 1), (1, 0, 0.0, 0))
+    for state, how in zip(pool, ["throttled", "ejected", "unhealthy", "unhealthy"], strict=True):
+        out(state, how)
+    assert pick_backend(pool, [1, 1, 1, 1], policy, 0, NOW) is None  # no panic: nobody takes requests
+    picked = {pick_backend(pool, [1, 1, 1, 1], policy, turn, NOW, panic=True) for turn in range(8)}
+    assert picked == ({1, 3} if policy == "round_robin" else {1})  # 0 is throttled, 2 is full; ties: first
+    assert takes_requests(pool[1], NOW, panic=True) and not takes_requests(pool[1], NOW)
+    assert not takes_requests(pool[0], NOW, panic=True)
+
+
+async def test_dispatcher_routes_a_pool_in_panic_and_counts_it() -> None:
+    bench = Bench(two(), balance="least_conn")
+    out(bench.state("a"), "unhealthy")
+    out(bench.state("b"), "ejected")
+    lease = await bench.acquire(queue_timeout=NEVER)  # both out on health alone: served, not 503
+    assert name(lease) in {"a", "b"}
+    lease.release()
+    registry = bench.dispatcher.metrics.registry
+    assert registry.get_sample_value("splitstream_upstream_panic_total", {"pool": "p"}) == 1
+
+
+async def test_dispatcher_without_panic_counts_none() -> None:
+    bench = Bench(two(), balance="least_conn")
+    out(bench.state("a"), "unhealthy")
+    lease = await bench.acquire()  # one of two healthy: no panic, the healthy one
+    assert name(lease) == "b"
+    lease.release()
+    registry = bench.dispatcher.metrics.registry
+    assert registry.get_sample_value("splitstream_upstream_panic_total", {"pool": "p"}) is None
+
+
+async def test_a_pool_in_panic_still_honours_retry_after() -> None:
+    bench = Bench(make_pool("p", backend("a"), backend("b"), backend("c")), balance="least_conn")
+    out(bench.state("a"), "unhealthy")
+    out(bench.state("b"), "ejected")
+    out(bench.state("c"), "throttled")  # healthy, but one of three: the pool panics
+    with pytest.raises(NoHealthyBackendError):  # a and b were tried; c asked us to wait, panic or not
+        at_once(bench.acquire(tried=("a", "b"), queue_timeout=NEVER))
+    lease = await bench.acquire()
+    assert name(lease) in {"a", "b"}
+    lease.release()
+    registry = bench.dispatcher.metrics.registry
+    assert registry.get_sample_value("splitstream_upstream_panic_total", {"pool": "p"}) == 1
+
+
+async def test_dispatcher_with_panic_threshold_zero_refuses_at_once() -> None:
+    bench = Bench(two(), balance="least_conn")
+    bench.snapshot = dataclasses.replace(bench.snapshot, health=HealthSettings(panic_threshold=0))
+    out(bench.state("a"), "unhealthy")
+    out(bench.state("b"), "ejected")
+    with pytest.raises(NoHealthyBackendError):
+        at_once(bench.acquire(queue_timeout=NEVER))
