@@ -30,6 +30,7 @@ from proxy.observe.metrics import METRICS, Metrics
 from proxy.observe.record import Recorder
 from proxy.observe.stats import STATS, RequestStats
 from proxy.pipeline.assignment import SPLITTER, Splitter
+from proxy.pipeline.body import expect_handler
 from proxy.pipeline.dispatch import DISPATCHER, Dispatcher
 from proxy.pipeline.feedback import FeedbackEndpoint
 from proxy.pipeline.handler import ENDPOINTS, Endpoints, healthz
@@ -134,9 +135,9 @@ def build_app(
     app.cleanup_ctx.append(_rollouts(rollouts))  # after the store: starts once it is open, stops before it closes
 
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        app.router.add_post(path, endpoints.inference)
+        app.router.add_post(path, endpoints.inference, expect_handler=expect_handler)
     app.router.add_get("/v1/models", endpoints.list_models)
-    app.router.add_post("/v1/feedback", FeedbackEndpoint(keys, feedback).post)
+    app.router.add_post("/v1/feedback", FeedbackEndpoint(keys, feedback).post, expect_handler=expect_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", endpoints.readyz)
     app.router.add_get("/metrics", endpoints.metrics_page)

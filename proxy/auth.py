@@ -40,7 +40,7 @@ _LOOPBACK_NAMES = frozenset({"localhost"})
 
 def hash_api_key(key: str) -> str:
     """A key as stored and compared: its SHA-256 hex digest."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()  # raw header bytes arrive as surrogates
 
 
 def bearer_token(authorization: str) -> str | None:

@@ -8,6 +8,9 @@ event after). Nothing else builds an error body.
     ├── InvalidRequestError               400 invalid_request_error
     │   ├── MalformedBodyError            400 ... / invalid_json
     │   ├── ContentTypeError              400 ... / invalid_content_type
+    │   ├── MalformedHttpError            400 ... / invalid_http  (what aiohttp's HTTP parser refuses)
+    │   ├── ContentEncodingError          415 ... / unsupported_content_encoding  (compressed bodies)
+    │   ├── ExpectationError              417 ... / expectation_failed  (an Expect other than 100-continue)
     │   ├── BodyTooLargeError             413 ... / body_too_large
     │   ├── RequestTimeoutError           408 ... / request_timeout  (head or body slower than read_timeout)
     │   ├── UnknownModelError             404 ... / model_not_found
@@ -69,6 +72,31 @@ class MalformedBodyError(InvalidRequestError):
 
 class ContentTypeError(InvalidRequestError):
     code = "invalid_content_type"
+
+
+class MalformedHttpError(InvalidRequestError):
+    """Bytes aiohttp's parser refused (a control character in a header, an over-long line, a bad method):
+    answered as JSON, never echoed back, and the connection closed."""
+
+    code = "invalid_http"
+    closes_connection = True
+
+
+class ContentEncodingError(InvalidRequestError):
+    """A compressed request body: its announced length says nothing of what it inflates to, so it is refused
+    unread (and the connection closed, so nothing lingers to decompress it)."""
+
+    status = 415
+    code = "unsupported_content_encoding"
+    closes_connection = True
+
+
+class ExpectationError(InvalidRequestError):
+    """An `Expect` other than `100-continue`."""
+
+    status = 417
+    code = "expectation_failed"
+    closes_connection = True
 
 
 class BodyTooLargeError(InvalidRequestError):
@@ -241,7 +269,11 @@ class StoreUnavailableError(SplitstreamError):
 
 def error_body(exc: SplitstreamError) -> bytes:
     """The OpenAI error object; the one rendering of every error a client sees (JSON body or SSE event)."""
-    return orjson.dumps({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
+    try:
+        return orjson.dumps({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
+    except orjson.JSONEncodeError:  # a message quoting a client's undecodable bytes (lone surrogates)
+        message = exc.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return orjson.dumps({"error": {"message": message, "type": exc.type, "code": exc.code}})
 
 
 def sse_error_event(exc: SplitstreamError) -> bytes:

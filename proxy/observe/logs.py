@@ -20,6 +20,10 @@ FLUSH_SECONDS = 0.2
 FLUSH_BYTES = 64 * 1024
 
 
+def _printable(value: object) -> object:
+    return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -30,7 +34,10 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
+        try:
+            return orjson.dumps(entry).decode()
+        except orjson.JSONEncodeError:  # text quoting a client's undecodable bytes: escape, never lose the line
+            return orjson.dumps({k: _printable(v) for k, v in entry.items()}).decode()
 
 
 def configure_logging(level: str = "info") -> None:
@@ -55,7 +62,11 @@ class AccessLog:
         self.enabled = logging.getLogger("splitstream.access").isEnabledFor(logging.INFO)
 
     def write(self, entry: dict[str, object]) -> None:
-        self._buffer += orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+        try:
+            line = orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:
+            line = orjson.dumps({k: _printable(v) for k, v in entry.items()}, option=orjson.OPT_APPEND_NEWLINE)
+        self._buffer += line
         if len(self._buffer) >= FLUSH_BYTES:
             self.flush()
         elif self._timer is None:

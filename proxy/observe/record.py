@@ -47,6 +47,14 @@ class RequestRecord:
         self.cache: str | None = None  # hit | miss | bypass | coalesced, on routes with a cache
 
 
+def is_evidence(record: RequestRecord) -> bool:
+    """Whether a request says something about its variant (the A/B statistics and rollouts count only
+    these): it was answered, or failed in a way its upstream is answerable for. A refusal by the proxy
+    (429, 413, ...) or a client that left would otherwise let any client dilute a variant's error rate
+    and feed it fast latency samples; the Prometheus series still count every request."""
+    return record.status != CLIENT_CLOSED and (record.error is None or is_variant_error(record.error))
+
+
 class Recorder:
     """Where finished requests go: metrics, per-variant statistics, the feedback ledger, the access log."""
 
@@ -65,8 +73,9 @@ class Recorder:
         variant for later feedback, and the access-log line."""
         duration = now - record.started
         if record.route is not NONE:
-            self.stats.record(record.route, record.variant, now, duration, record.ttft,
-                              is_variant_error(record.error), record.prompt_tokens, record.completion_tokens)
+            if is_evidence(record):
+                self.stats.record(record.route, record.variant, now, duration, record.ttft,
+                                  is_variant_error(record.error), record.prompt_tokens, record.completion_tokens)
             self.feedback.remember(record.request_id, record.route, record.variant)
             children = self.metrics.for_request(record.route, record.variant, record.backend)
             children.count(record.status)

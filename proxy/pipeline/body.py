@@ -11,7 +11,16 @@ import asyncio
 
 from aiohttp import web
 
-from proxy.errors import BodyTooLargeError, ContentTypeError, RequestTimeoutError
+from proxy.errors import (
+    BodyTooLargeError,
+    ContentEncodingError,
+    ContentTypeError,
+    ExpectationError,
+    RequestTimeoutError,
+    error_body,
+)
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
@@ -25,6 +34,9 @@ async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
 
 
 async def _read(request: web.Request, limit: int) -> bytes:
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        raise ContentEncodingError("Compressed request bodies are not accepted: send the JSON uncompressed.")
     content_type = request.headers.get("Content-Type")
     if content_type is not None and "json" not in content_type.lower():
         raise ContentTypeError(f"Unsupported Content-Type '{content_type[:64]}': send application/json.")
@@ -42,3 +54,18 @@ async def _read(request: web.Request, limit: int) -> bytes:
             raise too_large
         parts.append(part)
     return b"".join(parts)
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's `Expect:` hook for routes that read a body (it runs before middlewares, so it answers
+    instead of raising): `100-continue` is honoured, anything else is a JSON 417, never aiohttp's text."""
+    if request.version < (1, 1):
+        return None  # HTTP/1.0 has no Expect (aiohttp's own handler ignores it there too)
+    if request.headers.get("Expect", "").strip().lower() == "100-continue":
+        await request.writer.write(CONTINUE)
+        request.writer.output_size = 0  # (as aiohttp does: the answer's own head is still to come)
+        return None
+    error = ExpectationError("Only `Expect: 100-continue` is supported.")
+    response = web.Response(status=error.status, body=error_body(error), content_type="application/json")
+    response.force_close()
+    return response

@@ -52,7 +52,7 @@ def cache_key(view: RequestView, upstream_model: str, route: str, tenant: str) -
     body = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.sha256()
     for part in (view.endpoint, route, upstream_model, tenant):
-        digest.update(part.encode())
+        digest.update(part.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     digest.update(body)
     return digest.hexdigest()
@@ -64,7 +64,7 @@ def tenant_of(authorization: str | None, shared: bool) -> str:
         return "shared"
     if not authorization:
         return "anonymous"
-    return hashlib.sha256(authorization.encode()).hexdigest()[:32]
+    return hashlib.sha256(authorization.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 # -- entries -----------------------------------------------------------------------------------------

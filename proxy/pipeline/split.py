@@ -43,7 +43,7 @@ def draw(variants: tuple[Variant, ...], unit: float) -> Variant:
 
 def subject_digest(subject: str) -> str:
     """What identifies a subject in keys: 32 hex digits of its SHA-256 (never the subject itself)."""
-    return hashlib.sha256(subject.encode()).hexdigest()[:32]
+    return hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()[:32]  # (a header's odd bytes)
 
 
 def sticky_key(route_name: str, digest: str) -> str:
