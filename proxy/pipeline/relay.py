@@ -23,6 +23,7 @@ from proxy.upstream.connection import UpstreamConnection
 
 # Endpoints whose streams end with `data: [DONE]`: one that ends without it was cut, not finished.
 DONE_ENDPOINTS = frozenset({"chat", "completions"})
+SMALL_WRITE_BYTES = 16 * 1024  # well under any transport's high-water mark
 
 
 def relay_body(conn: UpstreamConnection, body: bytes, record: RequestRecord) -> web.Response:
@@ -70,11 +71,14 @@ async def relay_stream(
                     tee(chunk)
                 out = sse.feed(chunk)
                 if out:
-                    writing = True
-                    deadline.reschedule(deadlines.idle(clock()))
-                    await response.write(out)
-                    deadline.reschedule(deadlines.total)
-                    writing = False
+                    if _may_wait(request, out):  # only then arm the idle timer: two timer moves per chunk cost
+                        writing = True
+                        deadline.reschedule(deadlines.idle(clock()))
+                        await response.write(out)
+                        deadline.reschedule(deadlines.total)
+                        writing = False
+                    else:
+                        await response.write(out)
                     record.bytes_out += len(out)
                 now = clock()
                 if now >= deadlines.total:
@@ -109,6 +113,14 @@ async def relay_stream(
     if not await _write_quietly(response, None, grace):
         return _client_gone(request, response, record)
     return response
+
+
+def _may_wait(request: web.Request, data: bytes) -> bool:
+    """Whether writing `data` may wait for the client. aiohttp waits only while the transport paused
+    writing (its buffer above the high-water mark, 64 KiB); with the buffer empty and a small chunk that
+    cannot happen, which is every chunk while the client keeps up."""
+    transport = request.transport
+    return transport is None or transport.get_write_buffer_size() > 0 or len(data) > SMALL_WRITE_BYTES
 
 
 def _client_gone(request: web.Request, response: web.StreamResponse, record: RequestRecord) -> web.StreamResponse:

@@ -95,14 +95,15 @@ class SseRelay:
     with an error event). `saw_done` tells whether the stream's last event was `data: [DONE]`.
     """
 
-    __slots__ = ("strip_usage", "max_event_bytes", "usage", "saw_done", "_tail")
+    __slots__ = ("strip_usage", "max_event_bytes", "usage", "saw_done", "_tail", "_last")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.strip_usage = strip_usage
         self.max_event_bytes = max_event_bytes
         self.usage: tuple[int, int] | None = None
-        self.saw_done = False
+        self.saw_done = False  # set by finish()
         self._tail = bytearray()
+        self._last = b""  # the last complete events seen (a reference, not a copy)
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send to the client now (possibly empty)."""
@@ -120,14 +121,15 @@ class SseRelay:
             end = _last_event_end(chunk)
             if end >= 0:
                 complete = chunk[:end]  # the whole chunk (no copy) when the runtime flushed whole events
-                tail += chunk[end:]
+                if end < len(chunk):
+                    tail += chunk[end:]
         if end < 0:
             if not tail:
                 tail += chunk
             if len(tail) > self.max_event_bytes:
                 raise BackendProtocolError(f"backend sent an event longer than {self.max_event_bytes} bytes")
             return b"" if self.strip_usage else chunk
-        self.saw_done = _ends_with_done(complete)
+        self._last = complete
         if USAGE_KEY in complete:
             complete = self._take_usage(complete)
         return complete if self.strip_usage else chunk
@@ -135,8 +137,7 @@ class SseRelay:
     def finish(self) -> bytes:
         """What is left at the end of the upstream body (an unterminated last event)."""
         tail, self._tail = bytes(self._tail), bytearray()
-        if tail.strip():
-            self.saw_done = _ends_with_done(tail.rstrip())
+        self.saw_done = _ends_with_done(tail.rstrip() if tail.strip() else self._last)
         if tail and USAGE_KEY in tail:
             kept = self._take_usage(tail)
             return kept if self.strip_usage else b""

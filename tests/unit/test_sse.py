@@ -95,5 +95,6 @@ def test_saw_done_tells_a_finished_stream_from_a_cut_one() -> None:
     finished.feed(b"data: {}\n\ndata: [DONE]\n\n")
     cut.feed(b"data: {}\n\n")
     unterminated.feed(b"data: {}\n\ndata: [DONE]")
-    unterminated.finish()
+    for relay in (finished, cut, unterminated):
+        relay.finish()
     assert finished.saw_done and not cut.saw_done and unterminated.saw_done
