@@ -7,6 +7,7 @@ Callers (split assignment, the result cache, rollout state) see only `Store`; `O
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 
@@ -30,6 +31,25 @@ class Store(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove the key; absent keys are fine."""
+        ...
+
+    async def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl: float) -> bool:
+        """Store `value` only if the key holds exactly `expected` (None: only if absent); atomic against
+        every other writer. True when this call stored it. (Versioned state: read, decide, compare-and-set,
+        re-read and retry on False.)"""
+        ...
+
+    async def set_many(self, values: Mapping[str, bytes], ttl: float) -> None:
+        """`set` for many keys in one round trip (batched writes off the request path)."""
+        ...
+
+    async def add_counts(self, increments: Mapping[str, Mapping[str, float]], ttl: float) -> None:
+        """Add each number to its field of its key's hash (absent fields start at 0) and set each key's TTL,
+        in one round trip: counters every replica adds to and any replica reads (pooled statistics)."""
+        ...
+
+    async def read_counts(self, keys: Sequence[str]) -> list[dict[str, float]]:
+        """Each key's fields and numbers (`{}` when absent), in one round trip."""
         ...
 
 

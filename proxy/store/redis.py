@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 from redis.asyncio import ConnectionPool, Redis
@@ -75,6 +75,20 @@ class RedisStore:
         return self._breaker
 
     async def _call(self, *args: Any, **options: Any) -> Any:
+        return await self._guarded(lambda: self._execute(*args, **options))
+
+    async def _pipelined(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Several commands in one round trip (not a transaction: each is atomic, the batch is not)."""
+        def send() -> Awaitable[list[Any]]:
+            pipe = self._client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return cast(Awaitable[list[Any]], pipe.execute())
+        return cast(list[Any], await self._guarded(send))
+
+    async def _guarded(self, send: Callable[[], Awaitable[Any]]) -> Any:
+        """One exchange with Redis behind the breaker and the in-flight bound; redis-py errors become
+        `StoreUnavailableError` here and nowhere else."""
         if self._active >= self._max_active:
             raise StoreUnavailableError("redis busy (too many calls in flight)")
         admission = self._breaker.admit(self._clock())
@@ -83,7 +97,7 @@ class RedisStore:
         self.calls += 1
         self._active += 1
         try:
-            result = await self._execute(*args, **options)
+            result = await send()
         except MaxConnectionsError as exc:
             self._breaker.abandoned(admission)
             raise StoreUnavailableError("redis connection limit reached") from exc
@@ -116,6 +130,30 @@ class RedisStore:
     async def delete(self, key: str) -> None:
         await self._call("DEL", key)
 
+    async def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl: float) -> bool:
+        present = b"0" if expected is None else b"1"
+        stored = await self._call("EVAL", _CAS_SCRIPT, 1, key, present, expected or b"", value, _millis(ttl))
+        return bool(stored)
+
+    async def set_many(self, values: Mapping[str, bytes], ttl: float) -> None:
+        if values:
+            await self._pipelined([("SET", key, value, "PX", _millis(ttl)) for key, value in values.items()])
+
+    async def add_counts(self, increments: Mapping[str, Mapping[str, float]], ttl: float) -> None:
+        commands: list[tuple[Any, ...]] = []
+        for key, fields in increments.items():
+            commands.extend(("HINCRBYFLOAT", key, name, repr(float(amount))) for name, amount in fields.items()
+                            if math.isfinite(amount))  # Redis refuses inf/nan: they would trip the breaker
+            commands.append(("PEXPIRE", key, _millis(ttl)))
+        if commands:
+            await self._pipelined(commands)
+
+    async def read_counts(self, keys: Sequence[str]) -> list[dict[str, float]]:
+        if not keys:
+            return []
+        replies = await self._pipelined([("HGETALL", key) for key in keys])
+        return [{_text(name): float(number) for name, number in _pairs(reply)} for reply in replies]
+
     async def start(self) -> None:
         """Check Redis once at startup, so a wrong URL or a dead server is logged before traffic arrives."""
         try:
@@ -126,6 +164,30 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+# compare_and_set: ARGV = present-flag ("0": expect absent), expected, value, ttl in ms.
+_CAS_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == '0' then
+  if current then return 0 end
+elseif current ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+return 1
+"""
+
+
+def _pairs(reply: Any) -> list[tuple[Any, Any]]:
+    """HGETALL's answer as (field, value) pairs: redis-py gives a dict (RESP2 callbacks) or a flat list."""
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return list(zip(reply[::2], reply[1::2], strict=True))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _millis(ttl: float) -> int:

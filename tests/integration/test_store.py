@@ -117,6 +117,38 @@ async def test_set_if_absent_hit_does_not_refresh_the_ttl_but_set_does(harness: 
     assert harness.remaining_ttl("k") > 3000
 
 
+async def test_compare_and_set_stores_only_over_the_expected_value(harness: Harness) -> None:
+    store, other = harness.store, harness.other
+    assert await store.compare_and_set("v", None, b"1", 60)  # absent, as expected
+    assert not await other.compare_and_set("v", None, b"x", 60)  # no longer absent
+    assert not await other.compare_and_set("v", b"0", b"x", 60)  # stale expectation
+    assert await other.compare_and_set("v", b"1", b"2", 60)
+    assert await store.get("v") == b"2"
+    assert 0 < harness.remaining_ttl("v") <= 60
+
+
+async def test_racing_compare_and_set_has_one_winner(harness: Harness) -> None:
+    await harness.store.set("v", b"base", 60)
+    results = await asyncio.gather(*(s.compare_and_set("v", b"base", b"w%d" % i, 60)
+                                     for i, s in enumerate([harness.store, harness.other] * 5)))
+    assert sum(results) == 1
+    assert await harness.store.get("v") == b"w%d" % results.index(True)
+
+
+async def test_counts_add_up_across_handles_and_read_in_one_call(harness: Harness) -> None:
+    store, other = harness.store, harness.other
+    await store.add_counts({"c:a": {"requests": 2, "latency_sum": 0.5}, "c:b": {"requests": 1}}, 60)
+    await other.add_counts({"c:a": {"requests": 3, "errors": 1, "bad": float("inf")}}, 60)
+    assert await other.read_counts(["c:a", "c:b", "c:none"]) == [
+        {"requests": 5.0, "latency_sum": 0.5, "errors": 1.0}, {"requests": 1.0}, {}]
+    assert 0 < harness.remaining_ttl("c:b") <= 60 if isinstance(store, RedisStore) else True
+
+
+async def test_set_many_sets_every_key(harness: Harness) -> None:
+    await harness.store.set_many({"m:1": b"one", "m:2": b"two"}, 60)
+    assert [await harness.other.get(k) for k in ("m:1", "m:2")] == [b"one", b"two"]
+
+
 async def test_memory_store_expires_on_its_clock() -> None:
     clock = FakeClock()
     store = MemoryStore(clock=clock)
