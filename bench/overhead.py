@@ -21,6 +21,10 @@ this script is the load client and never runs inside the proxy's process:
                 plain proxy: hit p50/p99, rps, CPU; the runtime's request counter must not move meanwhile.
   shadow        (optional: only with --only shadow) c=32 through a proxy mirroring 100 % of requests to a
                 slow pool vs. the same proxy without the shadow: p99 and rps ratios, CPU, copies ok/dropped.
+  pooled        (optional: only with --only pooled) c=32 through a 90/10 split whose per-variant statistics
+                are pooled in Redis (`serve --redis`) vs the embedded store: rps, added p50, CPU per request,
+                the pooled counts checked against wrk's; then the pooled path alone (record + the 1-a-second
+                flush into that Redis, replayed at the measured rate): its CPU per request, target < 0.01 ms.
 
 Compared rounds are interleaved (who goes first rotates every round) and the table shows the median of
 the rounds, because a 2-core machine is noisy. The numbers are printed next to the project's targets and
@@ -35,6 +39,7 @@ not measure (a process died, the sanity request failed, or a measured round had 
     .venv/bin/python bench/overhead.py --only sticky
     .venv/bin/python bench/overhead.py --only cache
     .venv/bin/python bench/overhead.py --only shadow
+    .venv/bin/python bench/overhead.py --only pooled
 
 Layout: harness.py (processes, ports, CPU accounting, Redis, /metrics, wrk, statistics), runinfo.py
 (machine info, results file), stack.py (runtimes and proxies, rules, bodies), clients.py (Python load
@@ -56,6 +61,7 @@ from typing import Any
 
 import case_cache
 import case_default
+import case_pooled
 import case_reload
 import case_shadow
 import case_sticky
@@ -104,11 +110,15 @@ ALL_CASES = {
                    lambda a, c: f"[shadow] instant primary, {c} c=32, shadowing off vs 100 % to a slow pool "
                                 f"({case_shadow.SLOW_TPS:g} tok/s, TTFT {case_shadow.SLOW_TTFT_MS:g} ms), "
                                 f"{_rounds(a)}", case_shadow.rows),
+    "pooled": Case("pooled", case_pooled.run,
+                   lambda a, c: f"[pooled] instant runtime, {c} c=32, direct vs a 90/10 split with its statistics "
+                                f"pooled in Redis vs embedded, {_rounds(a)}; then the pooled path alone",
+                   case_pooled.rows),
 }
 CASES = ("nonstream", "stream", "open-streams")
-OPTIONAL_CASES = ("reload", "sticky", "cache", "shadow")  # run only when named with --only
+OPTIONAL_CASES = ("reload", "sticky", "cache", "shadow", "pooled")  # run only when named with --only
 TARGETS = {**case_default.TARGETS, **case_reload.TARGETS, **case_sticky.TARGETS, **case_cache.TARGETS,
-           **case_shadow.TARGETS}
+           **case_shadow.TARGETS, **case_pooled.TARGETS}
 
 
 def build_rows(results: dict[str, Any]) -> list[Row]:

@@ -2,8 +2,8 @@
 
 Every part is built here, once, and given exactly the parts it uses (no shared hub); each is also stored
 under its own typed `web.AppKey` (declared beside its class) for the admin pages, the CLI and tests.
-Background parts (rules watcher, upstream client, health checks, store, rollouts) start in `cleanup_ctx`
-generators and are closed after `yield`, so tests and `serve` share one lifecycle.
+Background parts (rules watcher, upstream client, health checks, store, pooled statistics, rollouts) start in
+`cleanup_ctx` generators and are closed after `yield`, so tests and `serve` share one lifecycle.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,19 @@ from proxy.admin.guard import ADMIN_ACCESS, admin_token_from_env
 from proxy.auth import AdminAccess, ClientKeys
 from proxy.config.model import RULES, RulesHolder, Snapshot
 from proxy.config.reloader import RELOADER, Reloader
-from proxy.delivery.controller import ROLLOUTS, RolloutController, RolloutSettings
+from proxy.delivery.controller import ROLLOUTS, RolloutController, RolloutSettings, default_replica_id
+from proxy.delivery.webhooks import WEBHOOKS, WebhookSender
 from proxy.delivery.weights import WEIGHTS, RolloutWeights
 from proxy.observe.feedback import FEEDBACK, FeedbackLedger
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import METRICS, Metrics
+from proxy.observe.pooled import POOLED, PooledStats
 from proxy.observe.record import Recorder
 from proxy.observe.stats import STATS, RequestStats
 from proxy.pipeline.assignment import SPLITTER, Splitter
 from proxy.pipeline.body import expect_handler
 from proxy.pipeline.dispatch import DISPATCHER, Dispatcher
-from proxy.pipeline.feedback import FeedbackEndpoint
+from proxy.pipeline.feedback import FeedbackEndpoint, JoinWriter
 from proxy.pipeline.handler import ENDPOINTS, Endpoints, healthz
 from proxy.pipeline.middleware import RequestIds, error_middleware
 from proxy.pipeline.result_cache import CACHE, ResultCache
@@ -55,6 +58,8 @@ CACHE_MAX_ENTRIES = 50_000
 CACHE_MAX_BYTES = 256 * 1024 * 1024
 # Embedded rollout state gets its own small store, which sticky subjects filling the shared LRU never evict.
 ROLLOUT_MAX_ENTRIES = 1024
+# Embedded pooled statistics too: ~700 hashes per route (`observe/stats.py` buckets and TTLs) plus the fleet's.
+STATS_MAX_ENTRIES = 100_000
 
 
 def client_keys_from_env() -> list[str]:
@@ -85,7 +90,8 @@ def build_app(
     `rules_dir` is where `snapshot` came from: given, the app reloads from it on POST /admin/reload and,
     with `watch_rules`, whenever a rule file in it changes; `rules_env` is where reloads read `api_key_env`
     values (default os.environ). `admin_token` defaults to SPLITSTREAM_ADMIN_TOKEN; '' = loopback-only.
-    `rollout_settings`: the rollout controller's clock, tick, lease and replica id (tests drive ticks).
+    `rollout_settings`: the rollout controller's clock (the fleet's wall clock, which also buckets the pooled
+    statistics), tick, lease and replica id (tests drive ticks and move the clock).
     `backend_clock`: the clock of ejection, throttling and probing (default the loop's; tests pass a fake)."""
     metrics = metrics or Metrics()
     access_log = access_log or AccessLog()
@@ -97,7 +103,6 @@ def build_app(
     backends.sync(snapshot.backends)
     queue = WaitQueue()
     weights = RolloutWeights()  # effective split weights of routes with a rollout (hot path)
-    stats = RequestStats()  # per-variant counters and recent samples (status pages, rollouts)
     feedback = FeedbackLedger()  # request id -> variant, and client feedback scores per variant
     client = UpstreamClient()
     dispatcher = Dispatcher(backends, client, queue, metrics, backend_clock)
@@ -105,9 +110,16 @@ def build_app(
     cache = ResultCache(owned if shared else MemoryStore(max_entries=CACHE_MAX_ENTRIES, max_bytes=CACHE_MAX_BYTES),
                         metrics)
     splitter = Splitter(owned, RecentAssignments() if shared else None, weights, metrics)
+    rollout_settings = rollout_settings or RolloutSettings()
+    replica = rollout_settings.replica_id or default_replica_id()  # the rollout lease's and the stats' heartbeat
+    rollout_settings = replace(rollout_settings, replica_id=replica)
+    stats = RequestStats(rollout_settings.clock)  # this replica's per-variant numbers until the next flush
+    pooled = PooledStats(owned if shared else MemoryStore(max_entries=STATS_MAX_ENTRIES), stats, replica, metrics,
+                         rollout_settings.clock, feedback.drain_deltas)
+    webhooks = WebhookSender(metrics, rollout_settings.webhooks)  # rollout transitions POSTed, off the tick
     rollouts = RolloutController(
-        owned if shared else MemoryStore(max_entries=ROLLOUT_MAX_ENTRIES), rules, weights, stats,
-        lambda: shadows.recent, backends, metrics, rollout_settings or RolloutSettings(), backend_clock,
+        owned if shared else MemoryStore(max_entries=ROLLOUT_MAX_ENTRIES), rules, weights, pooled,
+        lambda: shadows.recent, backends, metrics, rollout_settings, backend_clock, webhooks,
     )
     clock = backend_clock or loop_clock
     health = HealthChecker(backends, lambda: rules.current, clock, metrics.health_round)
@@ -126,18 +138,25 @@ def build_app(
     app[DISPATCHER], app[SHADOWS], app[CACHE], app[SPLITTER], app[ENDPOINTS] = (
         dispatcher, shadows, cache, splitter, endpoints)
     app[WEIGHTS], app[STATS], app[FEEDBACK], app[ROLLOUTS], app[HEALTH] = weights, stats, feedback, rollouts, health
-    app[ADMIN_ACCESS] = AdminAccess.from_token(admin_token if admin_token is not None else admin_token_from_env())
+    admin_access = AdminAccess.from_token(admin_token if admin_token is not None else admin_token_from_env())
+    app[ADMIN_ACCESS] = admin_access
+    app[WEBHOOKS] = webhooks
+    app[POOLED] = pooled
 
     app.cleanup_ctx.append(_rules_reloader(reloader, watch_rules))
     app.cleanup_ctx.append(_upstream(client, shadows, cache, access_log))
     app.cleanup_ctx.append(_background("splitstream-health", health.run))
     app.cleanup_ctx.append(_store_lifecycle(owned))
-    app.cleanup_ctx.append(_rollouts(rollouts))  # after the store: starts once it is open, stops before it closes
+    app.cleanup_ctx.append(_pooled_stats(pooled))  # flushes while the store is open, once more at the end
+    app.cleanup_ctx.append(_rollouts(rollouts, webhooks))  # after the store: runs while it is open
+    if shared:  # feedback joins for the other replicas; the last ones are written before the store closes
+        app.cleanup_ctx.append(_feedback_joins(JoinWriter(feedback, owned, rules)))
 
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, endpoints.inference, expect_handler=expect_handler)
     app.router.add_get("/v1/models", endpoints.list_models)
-    app.router.add_post("/v1/feedback", FeedbackEndpoint(keys, feedback).post, expect_handler=expect_handler)
+    scores = FeedbackEndpoint(keys, feedback, admin_access, rules, owned if shared else None)
+    app.router.add_post("/v1/feedback", scores.post, expect_handler=expect_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", endpoints.readyz)
     app.router.add_get("/metrics", endpoints.metrics_page)
@@ -193,8 +212,33 @@ def _store_lifecycle(store: OwnedStore) -> Lifecycle:
     return lifecycle
 
 
-def _rollouts(controller: RolloutController) -> Lifecycle:
+def _feedback_joins(writer: JoinWriter) -> Lifecycle:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(writer.run(), name="splitstream-feedback-joins")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await writer.flush()
+
+    return lifecycle
+
+
+def _pooled_stats(pooled: PooledStats) -> Lifecycle:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(pooled.run(), name="splitstream-stats")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await pooled.flush()  # the last requests' numbers (a store that is down drops them, logged once)
+
+    return lifecycle
+
+
+def _rollouts(controller: RolloutController, webhooks: WebhookSender) -> Lifecycle:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await webhooks.start()  # before the first tick: its transitions are announced too
         await controller.tick_logged()  # weights of every rollout are known before the first request
         task = asyncio.create_task(controller.run(), name="splitstream-rollouts") if controller.tick_seconds else None
         yield
@@ -203,5 +247,6 @@ def _rollouts(controller: RolloutController) -> Lifecycle:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await controller.close()
+        await webhooks.close()  # what is queued goes out (a short drain), after the last transition
 
     return lifecycle

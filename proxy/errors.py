@@ -28,6 +28,7 @@ event after). Nothing else builds an error body.
     │       └── AdminCrossSiteError        403 ... / admin_cross_site  (admin POST a cross-site page could send)
     ├── OverloadedError                   429 rate_limit_error / overloaded  (+ Retry-After)
     ├── RolloutUnavailableError           503 api_error / rollout_store_unavailable  (admin rollout actions)
+    ├── StatsUnavailableError             503 api_error / stats_store_unavailable  (the A/B report's pooled numbers)
     ├── StoreUnavailableError             internal: the caller falls back; never reaches a client
     └── UpstreamError                     502 api_error / upstream_error
         ├── BackendConnectError           502 ... / backend_unreachable     reason=connect
@@ -136,7 +137,8 @@ class UnknownRolloutError(InvalidRequestError):
 
 
 class RolloutConflictError(InvalidRequestError):
-    """An operator action the rollout's status forbids (`delivery/state.py` has the table)."""
+    """An operator action the rollout's status forbids (`delivery/state.py` has the table), or one whose
+    compare-and-set kept losing to other writers (`delivery/controller.py`)."""
 
     status = 409
     code = "rollout_conflict"
@@ -157,6 +159,14 @@ class RolloutUnavailableError(SplitstreamError):
     status = 503
     type = "api_error"
     code = "rollout_store_unavailable"
+
+
+class StatsUnavailableError(SplitstreamError):
+    """The store holding the fleet's pooled statistics did not answer, so the A/B report has no numbers."""
+
+    status = 503
+    type = "api_error"
+    code = "stats_store_unavailable"
 
 
 class ClientAuthError(SplitstreamError):

@@ -26,6 +26,8 @@ SPLIT_KEYS = allowed_keys("split")
 VARIANT_KEYS = allowed_keys("variant")
 STICKY_KEYS = allowed_keys("sticky")
 ROLLOUT_KEYS = allowed_keys("rollout")
+FEEDBACK_KEYS = allowed_keys("feedback")
+WEBHOOK_KEYS = allowed_keys("webhook")
 
 SHADOW_DEFAULTS = Shadow(pool=Pool(name="", backends=()))
 ROLLOUT_DEFAULTS = Rollout(candidate="", baseline="")

@@ -15,7 +15,10 @@ from aiohttp import web
 BACKEND_KINDS = ("vllm", "llamacpp", "ollama", "tgi", "openai")
 BALANCE_POLICIES = ("least_cost", "least_conn", "round_robin")
 ENDPOINTS = ("chat", "completions", "embeddings")
+# rollout.webhooks[].events: one per transition a rollout makes (`delivery/state.py` ACTIONS, past tense)
+WEBHOOK_EVENTS = ("started", "advanced", "held", "promoted", "rolled_back", "paused", "resumed", "aborted")
 DEFAULT_STICKY_TTL = 7 * 86400.0  # split.sticky.ttl when absent
+DEFAULT_FEEDBACK_TTL = 3600.0  # feedback.ttl when absent
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,13 +117,23 @@ class CacheRule:
 
 
 @dataclass(frozen=True, slots=True)
+class Webhook:
+    """Where a rollout's transitions are POSTed (JSON, `delivery/webhooks.py`), and which of them."""
+
+    url: str  # http:// or https://
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+
+
+@dataclass(frozen=True, slots=True)
 class Rollout:
     """Progressive delivery of one route's `candidate` variant against its `baseline` (`proxy/delivery/`).
 
     While it runs the candidate takes `steps[i]` % of the route's traffic and the baseline the rest (other
     variants 0), each step lasting at least `interval` seconds and passing the analysis (at `confidence`, on
-    at least `min_requests` per side) before the next. `digest` hashes these fields: it keys the rollout's
-    stored state, so editing the block starts a new rollout and editing anything else does not."""
+    at least `min_requests` per side) before the next. `digest` hashes these fields but `confirm_promotion`
+    and `webhooks`: it keys the rollout's stored state, so editing the block starts a new rollout and editing
+    anything else (those two included) does not. `confirm_promotion`: the last step waits for an operator's
+    promote instead of promoting by itself."""
 
     candidate: str
     baseline: str
@@ -131,7 +144,28 @@ class Rollout:
     max_p95_ratio: float = 1.2  # candidate p95 latency / baseline p95 beyond which "slower" fails
     max_ttft_p95_ratio: float = 1.2
     confidence: float = 0.95
+    confirm_promotion: bool = False
+    webhooks: tuple[Webhook, ...] = ()
     digest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackRule:
+    """Client scores of a route's answers (POST /v1/feedback, `pipeline/feedback.py`).
+
+    A finite score is clamped to [min, max]; an unset bound clamps nothing on its side. Any replica sharing
+    the store can join a score to its answer for `ttl` seconds (the request -> variant join kept in the store)."""
+
+    min: float | None = None
+    max: float | None = None
+    ttl: float = DEFAULT_FEEDBACK_TTL
+
+    def clamp(self, score: float) -> float:
+        if self.min is not None and score < self.min:
+            return self.min
+        if self.max is not None and score > self.max:
+            return self.max
+        return score
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +186,7 @@ class Route:
     cache: CacheRule | None = None
     sticky: Sticky | None = None  # None: each request draws its variant by weight
     rollout: Rollout | None = None  # weights come from the rollout's state while it exists
+    feedback: FeedbackRule = FeedbackRule()  # score range, and how long any replica can join a score
 
     def matches(self, model: str, endpoint: str) -> bool:
         if self.endpoints and endpoint not in self.endpoints:

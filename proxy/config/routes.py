@@ -10,11 +10,13 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from proxy.config.durations import parse_size
 from proxy.config.keys import (
     CACHE_KEYS,
     DEFAULT_RETRY_ATTEMPTS,
+    FEEDBACK_KEYS,
     MATCH_KEYS,
     RETRY_KEYS,
     ROLLOUT_DEFAULTS,
@@ -26,12 +28,15 @@ from proxy.config.keys import (
     STICKY_BY_FIXED,
     STICKY_KEYS,
     VARIANT_KEYS,
+    WEBHOOK_KEYS,
 )
 from proxy.config.model import (
     BALANCE_POLICIES,
     DEFAULT_STICKY_TTL,
     ENDPOINTS,
+    WEBHOOK_EVENTS,
     CacheRule,
+    FeedbackRule,
     Pool,
     Rollout,
     Route,
@@ -39,6 +44,7 @@ from proxy.config.model import (
     Sticky,
     Timeouts,
     Variant,
+    Webhook,
 )
 from proxy.config.sections import reference, timeouts_from
 from proxy.config.yamlread import (
@@ -230,12 +236,13 @@ def build_route(entry: Entry, ctx: RouteContext) -> Route | None:
     shadows = _shadows(reader, ctx)
     cache_rule = _cache_rule(reader.mapping("cache"))
     rollout = _rollout(reader, variants)
+    feedback = _feedback_rule(reader.mapping("feedback"))
     if reader.failed or name is None or not models or not variants:
         return None
     return Route(name=name, models=models, model_pattern=_compile_models(models), endpoints=endpoints,
                  variants=variants, timeouts=timeouts, balance=balance, source=str(entry.loc),
                  retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky, shadows=shadows,
-                 cache=cache_rule, rollout=rollout)
+                 cache=cache_rule, rollout=rollout, feedback=feedback)
 
 
 def _rollout(reader: Reader, variants: tuple[Variant, ...]) -> Rollout | None:
@@ -264,13 +271,90 @@ def _rollout(reader: Reader, variants: tuple[Variant, ...]) -> Rollout | None:
     confidence = block.number("confidence", base.confidence, minimum=0.5, inclusive=False)
     if confidence >= 1:
         block.fail("confidence", f"rollout.confidence must be < 1, got {confidence:g}")
+    confirm = block.boolean("confirm_promotion")
+    webhooks = _webhooks(block)
     if block.failed or candidate is None or baseline is None:
         return None
+    # Not in the digest: adding a gate or a webhook to a running rollout must not start it afresh.
     fields = (candidate, baseline, steps, interval, min_requests, delta, p95, ttft_p95, confidence)
     digest = hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
     return Rollout(candidate=candidate, baseline=baseline, steps=steps, interval=interval, min_requests=min_requests,
                    max_error_rate_delta=delta, max_p95_ratio=p95, max_ttft_p95_ratio=ttft_p95, confidence=confidence,
-                   digest=digest)
+                   confirm_promotion=confirm, webhooks=webhooks, digest=digest)
+
+
+def _webhooks(block: Reader) -> tuple[Webhook, ...]:
+    """`rollout.webhooks: [{url, events}]`: http(s) URLs; events a subset of WEBHOOK_EVENTS (default all)."""
+    if not block.has("webhooks"):
+        return ()
+    items = block.get("webhooks")
+    if not isinstance(items, Seq):
+        block.fail("webhooks", f"rollout.webhooks must be a list of {{url, events}} entries, got {show(items)}")
+        return ()
+    hooks: list[Webhook] = []
+    for index, (item, line) in enumerate(zip(items, items.item_lines)):
+        name = f"rollout.webhooks[{index}]"
+        if not isinstance(item, Map):
+            block.errors.add(block.loc.at(line), f"{block.label}: {name} must be a mapping with url and events, "
+                                                 f"got {show(item)}")
+            continue
+        entry = Reader(item, block.label, block.loc, block.errors, f"{name}.")
+        entry.check_keys(WEBHOOK_KEYS)
+        url = _webhook_url(entry)
+        events = _webhook_events(entry)
+        if url is not None and not entry.failed:
+            hooks.append(Webhook(url=url, events=events))
+    return tuple(hooks)
+
+
+def _webhook_url(entry: Reader) -> str | None:
+    text = entry.text("url", required=True)
+    if text is None:
+        return None
+    text = text.strip()
+    parts = urlsplit(text)
+    problem = None
+    if parts.scheme.lower() not in ("http", "https") or not text.lower().startswith(("http://", "https://")):
+        problem = "must start with http:// or https://"
+    elif any(c.isspace() for c in text):
+        problem = "must not contain spaces"
+    elif "#" in text:
+        problem = "must not have a fragment"
+    elif "@" in parts.netloc:
+        problem = "must not contain credentials (a token in its path or query is fine)"
+    elif not parts.hostname:
+        problem = "has no host"
+    else:
+        try:
+            parts.port  # noqa: B018 - a property that raises on a non-numeric or out-of-range port
+        except ValueError:
+            problem = "has an invalid port"
+    if problem is not None:
+        entry.fail("url", f"{entry.name('url')} {text!r} {problem}")
+        return None
+    return text
+
+
+def _webhook_events(entry: Reader) -> tuple[str, ...]:
+    if not entry.has("events"):
+        return WEBHOOK_EVENTS
+    raw = entry.get("events")
+    if not isinstance(raw, Seq) or not raw:
+        entry.fail("events", f"{entry.name('events')} must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}; "
+                             f"got {show(raw)}")
+        return WEBHOOK_EVENTS
+    events: list[str] = []
+    for index, (item, line) in enumerate(zip(raw, raw.item_lines)):
+        where = f"{entry.label}: {entry.name('events')}[{index}]"
+        if not isinstance(item, str) or item not in WEBHOOK_EVENTS:
+            hint = suggest(item, WEBHOOK_EVENTS) if isinstance(item, str) else ""
+            entry.errors.add(entry.loc.at(line), f"{where} must be one of {', '.join(WEBHOOK_EVENTS)}, "
+                                                 f"got {show(item)}{hint}")
+        elif item in events:
+            entry.errors.add(entry.loc.at(line), f"{where}: {item!r} is listed twice")
+        else:
+            events.append(item)
+    return tuple(events)
 
 
 def _rollout_variant(block: Reader, key: str, names: Sequence[str]) -> str | None:
@@ -303,6 +387,26 @@ def _rollout_steps(block: Reader, default: tuple[float, ...]) -> tuple[float, ..
     if len(steps) == len(raw) and steps[-1] != 100:
         block.fail("steps", f"rollout.steps must end at 100 (the candidate takes all traffic), got {steps[-1]:g}")
     return tuple(steps)
+
+
+def _feedback_rule(reader: Reader | None) -> FeedbackRule:
+    """`feedback: {min, max, ttl}`: finite bounds, min below max; an absent block clamps nothing."""
+    default = FeedbackRule()
+    if reader is None:
+        return default
+    reader.check_keys(FEEDBACK_KEYS)
+    bounds: list[float | None] = []
+    for key in ("min", "max"):
+        value = reader.get(key)
+        if value is not None and not is_number(value):
+            reader.fail(key, f"{reader.name(key)} must be a finite number, got {show(value)}")
+            value = None
+        bounds.append(None if value is None else float(value))
+    low, high = bounds
+    if low is not None and high is not None and low >= high:
+        reader.fail("max", f"feedback.max must be greater than feedback.min, got min {low:g} and max {high:g}")
+    ttl = reader.duration("ttl", default.ttl, positive=True)
+    return FeedbackRule(min=low, max=high, ttl=ttl)
 
 
 def _cache_rule(reader: Reader | None) -> CacheRule | None:

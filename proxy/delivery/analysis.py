@@ -1,20 +1,23 @@
-"""Canary analysis: is the candidate worse than the baseline? Pure: windows of numbers in, a verdict out.
+"""Canary analysis: is the candidate worse than the baseline? Pure: windows of numbers and `now` in, a verdict out.
 
-`analyse` runs the tests of `significance.py` on one step's windows: errors (two-proportion z, one-sided,
-beyond `max_error_rate_delta`), latency and TTFT (Mann–Whitney, one-sided, failing only when the p95 ratio
-also exceeds its gate), and, when a shadow mirrors the candidate's pool, the paired status comparison.
-Called by `delivery/controller.py`, which builds the windows from `observe/stats.py` and acts on the verdict.
+`step_spans` says which time a step's evidence covers; `judge` turns the pooled numbers of those spans
+(`observe/stats.py` `Pooled`, summed over every replica) into `Window`s and runs `analyse`: errors
+(two-proportion z, one-sided, beyond `max_error_rate_delta`), latency and TTFT (Mann–Whitney on the merged
+histograms, buckets as ties, one-sided, failing only when the p95 ratio also exceeds its gate), and, when a
+shadow mirrors the candidate's pool, the paired status comparison. Called by `delivery/controller.py`, which
+reads the pooled numbers (and holds when the store cannot answer) and acts on the verdict.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy.config.model import Rollout
-from proxy.delivery.significance import mann_whitney, normal_sf, two_proportion_z
-from proxy.observe.stats import Sample, percentile
+from proxy.delivery.significance import mann_whitney_counts, normal_sf, two_proportion_z
+from proxy.observe.histogram import Counts, percentile, total
+from proxy.observe.stats import Pooled, Span, VariantTotals
 
 PASS = "pass"
 FAIL = "fail"
@@ -37,17 +40,17 @@ SHADOW_MIN_PAIRS = 100  # the mirror keeps its last 200 comparisons: asking for 
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """One variant's requests in an analysis window: counts, and the timings of its successful requests."""
+    """One variant's requests in an analysis window: counts, and the histograms (`observe/histogram.py`) of
+    its successful requests' timings (a 500 is fast: errors would flatter latency)."""
 
     requests: int = 0
     errors: int = 0
-    latencies: tuple[float, ...] = ()
-    ttfts: tuple[float, ...] = ()
+    latency: Mapping[int, float] = field(default_factory=dict)
+    ttft: Mapping[int, float] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, requests: int, errors: int, samples: Iterable[Sample]) -> Window:
-        ok = [sample for sample in samples if not sample[3]]  # a 500 is fast: errors would flatter latency
-        return cls(requests, errors, tuple(s[1] for s in ok), tuple(s[2] for s in ok if s[2] is not None))
+    def of(cls, totals: VariantTotals) -> Window:
+        return cls(round(totals.requests), round(totals.errors), totals.latency, totals.ttft)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +87,8 @@ def analyse(rollout: Rollout, candidate: Window, baseline: Window, shadow: Shado
     numbers["error_p"] = errors.p_greater
     failed = [ERROR_RATE] if errors.p_greater < alpha else []
     for reason, name, ours, theirs, gate in (
-        (LATENCY, "latency", candidate.latencies, baseline.latencies, rollout.max_p95_ratio),
-        (TTFT, "ttft", candidate.ttfts, baseline.ttfts, rollout.max_ttft_p95_ratio),
+        (LATENCY, "latency", candidate.latency, baseline.latency, rollout.max_p95_ratio),
+        (TTFT, "ttft", candidate.ttft, baseline.ttft, rollout.max_ttft_p95_ratio),
     ):
         if _slower(name, ours, theirs, gate, alpha, numbers):
             failed.append(reason)
@@ -97,20 +100,38 @@ def analyse(rollout: Rollout, candidate: Window, baseline: Window, shadow: Shado
     return Analysis(PASS, OK, numbers)
 
 
+def step_spans(since: float, started: float, percent: float, interval: float, now: float) -> tuple[Span, Span]:
+    """The time one step's evidence covers, candidate's and baseline's: since the step began, until `now`. At
+    100 % the baseline serves nothing, so its span is what it served during the whole rollout (`started`: when
+    it began) and one interval before (a blue-green switch's baseline served only then)."""
+    candidate = (since, now)
+    return candidate, ((started - interval, now) if percent >= 100.0 else candidate)
+
+
+def judge(rollout: Rollout, candidate: Pooled, baseline: Pooled, shadow: ShadowPairs | None = None, *,
+          early: bool = False) -> Analysis:
+    """`analyse` on the pooled numbers of `step_spans`; its numbers add how many replicas contributed."""
+    result = analyse(rollout, Window.of(candidate.of(rollout.candidate)), Window.of(baseline.of(rollout.baseline)),
+                     shadow, early=early)
+    result.numbers["replicas"] = len(candidate.replicas | baseline.replicas)
+    return result
+
+
 def _rate(window: Window) -> float | None:
     return window.errors / window.requests if window.requests else None
 
 
-def _slower(name: str, ours: Sequence[float], theirs: Sequence[float], gate: float, alpha: float,
+def _slower(name: str, ours: Counts, theirs: Counts, gate: float, alpha: float,
             numbers: dict[str, float | int | None]) -> bool:
-    """Candidate slower: its timings rank higher (Mann–Whitney) and its p95 exceeds `gate` × the baseline's."""
-    if min(len(ours), len(theirs)) < MIN_TIMING_SAMPLES:
+    """Candidate slower: its timings rank higher (Mann–Whitney, a histogram bucket's timings tied) and its
+    p95 (read from its histogram) exceeds `gate` × the baseline's."""
+    if min(total(ours), total(theirs)) < MIN_TIMING_SAMPLES:
         return False
-    p95_ours = percentile(sorted(ours), 0.95)
-    p95_theirs = percentile(sorted(theirs), 0.95)
+    p95_ours = percentile(ours, 0.95)
+    p95_theirs = percentile(theirs, 0.95)
     assert p95_ours is not None and p95_theirs is not None
     ratio = p95_ours / p95_theirs if p95_theirs > 0 else (math.inf if p95_ours > 0 else 1.0)
-    test = mann_whitney(ours, theirs)
+    test = mann_whitney_counts(ours, theirs)
     numbers.update({f"candidate_{name}_p95": p95_ours, f"baseline_{name}_p95": p95_theirs,
                     f"{name}_p95_ratio": ratio if math.isfinite(ratio) else None, f"{name}_p": test.p_greater})
     return test.p_greater < alpha and ratio > gate

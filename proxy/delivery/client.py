@@ -64,7 +64,9 @@ def summary(rollout: dict[str, Any]) -> str:
     where = f"step {step + 1}/{len(rollout['steps'])}" if step is not None else "not started"
     return (f"{rollout['route']}: {rollout['status']}, candidate {rollout['candidate']} at {rollout['percent']:g}% "
             f"({where}, steps {' '.join(f'{s:g}' for s in rollout['steps'])}), baseline {rollout['baseline']}"
-            + (f", next analysis {rollout['due']}" if rollout["due"] else ""))
+            + (f", next analysis {rollout['due']}" if rollout["due"] else "")
+            + (f"; the last step passed: `splitstream rollout promote {rollout['route']}` promotes it"
+               if rollout["status"] == "awaiting_promotion" else ""))
 
 
 def decision_line(decision: dict[str, Any]) -> str:

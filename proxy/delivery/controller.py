@@ -2,7 +2,12 @@
 its weights (`delivery/weights.py`). One task per app (`app.py` cleanup_ctx) ticks every `tick` seconds;
 tests call `tick()` with an injected clock. Lease: LEASE_KEY, set-if-absent with a TTL, renewed each tick,
 value = replica id; the others read and follow. Decisions are pure (`state.py`, `analysis.py`); here are the
-store I/O, the windows, probes, metrics and logs.
+store I/O, the windows, probes, metrics, logs and webhooks (`webhooks.py`).
+
+Every write of a state (the leader's transitions, operators' actions on any replica) is a compare-and-set
+against the bytes the decision was made from; when another writer got there first, the decision is made
+again from what it stored (CAS_ATTEMPTS times; then the leader waits for its next tick and an operator gets
+a 409), so no transition is lost or overwritten.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config.model import Route, RulesHolder
-from proxy.delivery.analysis import Analysis, ShadowPairs, Window, analyse
+from proxy.delivery.analysis import Analysis, ShadowPairs, judge, step_spans
 from proxy.delivery.state import (
     ADVANCE,
     CANDIDATE_UNHEALTHY,
@@ -36,11 +41,12 @@ from proxy.delivery.state import (
     operator_action,
     state_key,
 )
+from proxy.delivery.webhooks import WebhookSender, WebhookSettings
 from proxy.delivery.weights import RolloutWeights
 from proxy.errors import RolloutConflictError, RolloutUnavailableError, StoreUnavailableError, UnknownRolloutError
 from proxy.observe.compare import Comparison
 from proxy.observe.metrics import Metrics
-from proxy.observe.stats import RequestStats
+from proxy.observe.pooled import PooledStats
 from proxy.store.base import Store
 from proxy.types import Clock
 from proxy.upstream.probe import is_reachable
@@ -51,32 +57,24 @@ log = logging.getLogger("splitstream.rollout")
 LEASE_KEY = "splitstream:rollout:lease"
 STATE_TTL = 90 * 86400.0  # a finished rollout's state outlives any sane pause between edits of the rules
 STATE_REFRESH = 3600.0  # the leader rewrites an unchanged state this often, so its TTL never runs out
+CAS_ATTEMPTS = 5  # decisions per tick or operator action when other writers keep getting there first
 
 
 @dataclass(frozen=True, slots=True)
 class RolloutSettings:
     """How the controller runs. `tick`: seconds between evaluations (None: only explicit `tick()` calls, for
-    tests); `lease`: the lease TTL (a replica that stops renewing it is replaced after this long)."""
+    tests); `lease`: the lease TTL (a replica that stops renewing it is replaced after this long); `webhooks`:
+    how transitions are POSTed (`app.py` builds the sender)."""
 
     clock: Callable[[], float] = time.time
     tick: float | None = 2.0
     lease: float = 10.0
     replica_id: str | None = None
+    webhooks: WebhookSettings = WebhookSettings()
 
 
 def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-
-
-class _Checkpoint:
-    """This replica's counters of a route's variants when it first saw the current step: the step's window
-    is everything recorded since (a restarted replica's window starts at its start)."""
-
-    __slots__ = ("key", "marks")
-
-    def __init__(self, key: tuple[str, int, float], marks: dict[str, tuple[int, int]]) -> None:
-        self.key = key
-        self.marks = marks
 
 
 class RolloutController:
@@ -84,19 +82,20 @@ class RolloutController:
 
     Given, at wiring time, exactly what it reads and drives: the rules, the weights it applies, the
     per-variant statistics it judges, the shadow comparisons (a callable: the mirror lives upstairs),
-    backend state for the candidate's readiness, and its metrics."""
+    backend state for the candidate's readiness, its metrics, and where transitions are announced."""
 
     def __init__(
         self,
         store: Store,
         rules: RulesHolder,
         weights: RolloutWeights,
-        stats: RequestStats,
+        stats: PooledStats,
         comparisons: Callable[[], Iterable[Comparison]],
         backends: BackendStates,
         metrics: Metrics,
         settings: RolloutSettings = RolloutSettings(),
         backend_clock: Clock | None = None,
+        webhooks: WebhookSender | None = None,
     ) -> None:
         self.store = store
         self._rules = rules
@@ -106,13 +105,13 @@ class RolloutController:
         self._backends = backends
         self._metrics = metrics
         self._backend_clock = backend_clock
+        self._webhooks = webhooks
         self.clock = settings.clock
         self.tick_seconds = settings.tick
         self.lease_seconds = settings.lease
         self.replica_id = settings.replica_id or default_replica_id()
         self.is_leader = False
         self._lock = asyncio.Lock()  # one tick or operator action at a time in this process
-        self._checkpoints: dict[str, _Checkpoint] = {}
         self._refreshed: dict[str, float] = {}
         self._waiting: set[str] = set()  # routes whose candidate failed its start probe (logged once)
         self._store_down = False
@@ -140,7 +139,6 @@ class RolloutController:
     async def _tick(self, now: float) -> None:
         routes = [route for route in self._rules.current.routes if route.rollout is not None]
         for name in self._weights.retain({route.name for route in routes}):
-            self._checkpoints.pop(name, None)
             with contextlib.suppress(KeyError):
                 self._metrics.rollout_step.remove(name)
         if not routes:
@@ -165,7 +163,8 @@ class RolloutController:
             if self.is_leader:
                 log.info("rollouts: lease lost to %s", held.decode("utf-8", "replace"))
             return False
-        if held == me:  # ours: renew (a holder that stalled past the TTL may briefly overlap the next one)
+        if held == me:  # ours: renew (a holder that stalled past the TTL may briefly overlap the next one:
+            # harmless, each transition is a compare-and-set)
             await self.store.set(LEASE_KEY, me, self.lease_seconds)
         elif not self.is_leader:
             log.info("rollouts: replica %s holds the lease and drives transitions", self.replica_id)
@@ -175,32 +174,47 @@ class RolloutController:
         assert route.rollout is not None
         key = state_key(route.name, route.rollout.digest)
         raw = await self.store.get(key)
-        state = decode(raw)
-        if self.is_leader:
-            state = await self._drive(route, key, state, raw is not None, now)
+        state = await self._drive(route, key, raw, now) if self.is_leader else decode(raw)
         self._follow(route, state)
 
-    async def _drive(self, route: Route, key: str, state: RolloutState | None, present: bool,
-                     now: float) -> RolloutState | None:
+    async def _drive(self, route: Route, key: str, raw: bytes | None, now: float) -> RolloutState | None:
+        """Decide from the stored bytes `raw` and compare-and-set the outcome against them; when another writer
+        (an operator, on any replica) stored something first, decide again from that. What is stored now, as
+        far as this replica knows."""
+        for _ in range(CAS_ATTEMPTS):
+            state = decode(raw)  # None: absent, or a value we cannot read (another version's?): replaced
+            decided = await self._decide(route, state, now)
+            if decided is None:
+                fresh = now - self._refreshed.get(key, -STATE_REFRESH) < STATE_REFRESH
+                if state is None or raw is None or fresh or await self._store_if(key, raw, raw, now):
+                    return state
+            else:
+                new, action = decided
+                if await self._store_if(key, raw, encode(new), now):
+                    self._transitioned(route, new, action, state)
+                    return new
+            raw = await self.store.get(key)  # someone else wrote: decide again from theirs
+        log.info("rollout %s: its state changed under this replica %d times in a row; next tick decides",
+                 route.name, CAS_ATTEMPTS)
+        return decode(raw)
+
+    async def _decide(self, route: Route, state: RolloutState | None, now: float) -> tuple[RolloutState, str] | None:
+        """The leader's transition from `state` now, if any (no writes; the analysis reads pooled statistics)."""
         rollout = route.rollout
         assert rollout is not None
         if state is None:
-            return await self._start(route, key, present, now)
-        analysis = self._analyse(route, state, now) if state.is_active else None
+            fresh = await self._start(route, now)
+            return (fresh, START) if fresh is not None else None
+        analysis = await self._analyse(route, state, now) if state.is_active else None
         decided = next_state(state, rollout, analysis, now) if analysis is not None else None
         if decided is None or analysis is None:
-            if now - self._refreshed.get(key, -STATE_REFRESH) >= STATE_REFRESH:
-                await self._write(route, key, state, state)
-            return state
+            return None
         new, action = decided
         if action == ADVANCE and not await self._is_candidate_ready(route):
             new, action = hold(state, rollout, now, CANDIDATE_UNHEALTHY, analysis.numbers), HOLD
-        written = await self._write(route, key, state, new)
-        if written is new:
-            self._transitioned(route, new, action)
-        return written
+        return new, action
 
-    async def _start(self, route: Route, key: str, present: bool, now: float) -> RolloutState | None:
+    async def _start(self, route: Route, now: float) -> RolloutState | None:
         """Step 0, once the candidate answers a health probe (blue-green's check before it takes traffic)."""
         assert route.rollout is not None
         if not await self._is_candidate_ready(route):
@@ -210,66 +224,39 @@ class RolloutController:
                 self._waiting.add(route.name)
             return None
         self._waiting.discard(route.name)
-        fresh = initial_state(route.rollout, now)
-        if present:  # a value we cannot read (another version's?): replace it
-            await self.store.set(key, encode(fresh), STATE_TTL)
-        else:
-            existing = await self.store.set_if_absent(key, encode(fresh), STATE_TTL)
-            if existing is not None:  # another replica started it a moment ago
-                return decode(existing)
-        self._refreshed[key] = now
-        self._transitioned(route, fresh, START)
-        return fresh
+        return initial_state(route.rollout, now)
 
-    async def _write(self, route: Route, key: str, read: RolloutState, new: RolloutState) -> RolloutState | None:
-        """Store `new` unless someone (an operator, on any replica) wrote since `read`; what is stored now."""
-        current = decode(await self.store.get(key))
-        if current is None or current.version != read.version:
-            return current  # decide again on the next tick, from theirs
-        await self.store.set(key, encode(new), STATE_TTL)
-        self._refreshed[key] = self.clock()
-        return new
+    async def _store_if(self, key: str, expected: bytes | None, value: bytes, now: float) -> bool:
+        """Store `value` if the key still holds `expected` (None: absent); False when another writer got there."""
+        if not await self.store.compare_and_set(key, expected, value, STATE_TTL):
+            return False
+        self._refreshed[key] = now
+        return True
 
     def _follow(self, route: Route, state: RolloutState | None) -> None:
         applied = self._weights.apply(route, state)
         self._metrics.rollout_step.labels(route.name).set(applied.percent)
-        if state is not None:
-            self._checkpoint(route, state)
 
     # ------------------------------------------------------------------------------------ analysis
 
-    def _checkpoint(self, route: Route, state: RolloutState) -> _Checkpoint:
-        assert route.rollout is not None
-        key = (route.rollout.digest, state.step, state.since)
-        checkpoint = self._checkpoints.get(route.name)
-        if checkpoint is None or checkpoint.key != key:
-            marks = {}
-            for variant in route.variants:
-                stats = self._stats.get(route.name, variant.name)
-                marks[variant.name] = (stats.requests, stats.errors) if stats is not None else (0, 0)
-            checkpoint = self._checkpoints[route.name] = _Checkpoint(key, marks)
-        return checkpoint
-
-    def _analyse(self, route: Route, state: RolloutState, now: float) -> Analysis:
+    async def _analyse(self, route: Route, state: RolloutState, now: float) -> Analysis:
+        """The verdict on the current step from the fleet's pooled numbers since it began (`analysis.py`, pure:
+        the spans, the numbers and `now` are its inputs). A store that cannot answer raises
+        StoreUnavailableError: the tick then holds every rollout where it is, rather than judge this
+        replica's share of the evidence alone."""
         rollout = route.rollout
         assert rollout is not None
-        marks = self._checkpoint(route, state).marks
-        # At 100 % the baseline serves nothing: compare with what it served before (its recent requests).
-        before = candidate_percent(state, rollout) >= 100.0
-        candidate = self._window(route.name, rollout.candidate, marks)
-        baseline = self._window(route.name, rollout.baseline, marks, whole_ring=before)
-        return analyse(rollout, candidate, baseline, self._shadow_pairs(route), early=now < state.due)
+        started = min((float(entry["at"]) for entry in state.history), default=state.since)  # the oldest kept
+        spans = step_spans(state.since, started, candidate_percent(state, rollout), rollout.interval, now)
+        candidate, baseline = (await self._stats.read([route.name], spans)).routes[route.name]
+        return judge(rollout, candidate, baseline, self._shadow_pairs(route), early=now < state.due)
 
-    def _window(self, route: str, variant: str, marks: dict[str, tuple[int, int]], whole_ring: bool = False) -> Window:
-        stats = self._stats.get(route, variant)
-        if stats is None:
-            return Window()
-        if whole_ring:
-            samples = list(stats.samples)
-            return Window.of(len(samples), sum(1 for sample in samples if sample[3]), samples)
-        requests, errors = marks.get(variant, (0, 0))
-        count = stats.requests - requests
-        return Window.of(count, stats.errors - errors, stats.tail(count))
+    async def evidence(self, route: Route, state: RolloutState | None) -> Analysis | None:
+        """What the analysis makes of the current step now, on any replica (the leader decides on the same
+        numbers); None when the rollout is not running or paused. StoreUnavailableError when the store is down."""
+        if state is None or not state.is_active:
+            return None
+        return await self._analyse(route, state, self.clock())
 
     def _shadow_pairs(self, route: Route) -> ShadowPairs | None:
         """The mirror's recent comparisons of this route against the candidate's pool, if it shadows it."""
@@ -310,25 +297,32 @@ class RolloutController:
             return self._weights.state_of(route.name)
 
     async def act(self, route_name: str, action: str) -> tuple[Route, RolloutState]:
-        """An operator's pause | resume | promote | abort, applied to the stored state and followed here at once
-        (other replicas follow on their next tick)."""
+        """An operator's pause | resume | promote | abort, compare-and-set against the state it was decided on
+        (whatever the leader or another operator stored in between is decided on again, never overwritten:
+        an abort after the leader's advance aborts the advanced rollout, a promote after its rollback is a
+        409), and followed here at once (other replicas follow on their next tick)."""
         route = self.route(route_name)
         assert route.rollout is not None
         key = state_key(route.name, route.rollout.digest)
         async with self._lock:
             try:
-                state = decode(await self.store.get(key))
-                if state is None:
-                    raise RolloutConflictError("The rollout has not started: its candidate has not answered a "
-                                               "health probe yet.")
-                new = operator_action(state, route.rollout, action, self.clock())
-                # Last writer wins between this read and write (one round trip; the Store protocol has no
-                # compare-and-set); the leader checks the version before each of its writes.
-                await self.store.set(key, encode(new), STATE_TTL)
+                raw = await self.store.get(key)
+                for _ in range(CAS_ATTEMPTS):
+                    state = decode(raw)
+                    if state is None:
+                        raise RolloutConflictError("The rollout has not started: its candidate has not answered a "
+                                                   "health probe yet.")
+                    new = operator_action(state, route.rollout, action, self.clock())
+                    if await self.store.compare_and_set(key, raw, encode(new), STATE_TTL):
+                        break
+                    raw = await self.store.get(key)
+                else:
+                    raise RolloutConflictError(f"The rollout's state changed {CAS_ATTEMPTS} times while this "
+                                               f"{action} was applied; nothing changed, try again.")
             except StoreUnavailableError as exc:
                 raise RolloutUnavailableError(
                     "The store holding rollout state does not answer; nothing changed.") from exc
-            self._transitioned(route, new, action)
+            self._transitioned(route, new, action, state)
             self._follow(route, new)
         return route, new
 
@@ -343,14 +337,17 @@ class RolloutController:
 
     # ------------------------------------------------------------------------------------ reporting
 
-    def _transitioned(self, route: Route, state: RolloutState, action: str) -> None:
-        """Count and log one transition: one line, names and numbers only."""
+    def _transitioned(self, route: Route, state: RolloutState, action: str, before: RolloutState | None) -> None:
+        """Count, log (one line, names and numbers only) and announce (webhooks) one transition this replica
+        stored; `before`: what it replaced."""
         assert route.rollout is not None
         self._metrics.rollout_transitions_total.labels(route.name, action).inc()
         entry = state.history[-1] if state.history else {}
         log.info("rollout %s: %s -> %s, candidate %s at %g%% (step %d/%d), reason %s%s", route.name, action,
                  state.status, route.rollout.candidate, candidate_percent(state, route.rollout), state.step + 1,
                  len(route.rollout.steps), entry.get("reason", "-"), _numbers(entry.get("numbers", {})))
+        if self._webhooks is not None:
+            self._webhooks.announce(route, before, state, action, self.replica_id)
 
 
 def _numbers(numbers: dict[str, Any]) -> str:

@@ -2,8 +2,10 @@
 
 Pure functions of counts and samples: the normal distribution (`statistics.NormalDist`), Student's t tail
 (regularised incomplete beta, which the stdlib lacks), the two-proportion z-test, Mann–Whitney U (normal
-approximation with tie correction, no continuity correction), Welch's t-test, and intervals (normal mean,
-Wilson proportion, order-statistic quantile). Callers: `delivery/analysis.py`, `delivery/experiments.py`.
+approximation with tie correction, no continuity correction) of samples or of two histograms with the same
+bounds (`observe/histogram.py`: a bucket's values are ties), Welch's t-test, and intervals (normal mean from
+running totals, Wilson proportion, order-statistic quantile of samples or of a histogram). Callers:
+`delivery/analysis.py`, `delivery/experiments.py`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
+from proxy.observe.histogram import Counts, total, value_at_rank
 from proxy.observe.stats import percentile
 
 _STANDARD_NORMAL = NormalDist()  # immutable: mean 0, sigma 1
@@ -144,6 +147,30 @@ def mann_whitney(x: Sequence[float], y: Sequence[float]) -> Significance:
     return Significance(u, normal_sf(z), min(1.0, 2.0 * normal_sf(abs(z))))
 
 
+def mann_whitney_counts(x: Counts, y: Counts) -> Significance:
+    """`mann_whitney` of two histograms with the same bucket bounds, every bucket one group of ties: what the
+    sample version gives when each value is replaced by its bucket. U_x = Σ x_b · (y below b + y_b / 2), and
+    the tie correction is Σ (t³ - t) over the buckets' pooled counts t."""
+    n1, n2 = total(x), total(y)
+    if not n1 or not n2:
+        return NO_EVIDENCE
+    n = n1 + n2
+    u = 0.0
+    ties = 0.0
+    below = 0.0  # y's count in the buckets under the current one
+    for index in sorted(set(x) | set(y)):
+        ours, theirs = x.get(index, 0.0), y.get(index, 0.0)
+        u += ours * (below + theirs / 2.0)
+        below += theirs
+        size = ours + theirs
+        ties += size ** 3 - size
+    variance = n1 * n2 / 12.0 * ((n + 1) - ties / (n * (n - 1)))
+    if variance <= 0.0:  # every value in one bucket
+        return Significance(u, 0.5, 1.0)
+    z = (u - n1 * n2 / 2.0) / math.sqrt(variance)
+    return Significance(u, normal_sf(z), min(1.0, 2.0 * normal_sf(abs(z))))
+
+
 def welch_t(mean1: float, var1: float, n1: int, mean2: float, var2: float, n2: int) -> Significance:
     """Welch's t-test on two samples' means and (n-1) variances; degrees of freedom by Welch–Satterthwaite."""
     if n1 < 2 or n2 < 2:
@@ -169,13 +196,13 @@ class Estimate:
     high: float | None
 
 
-def mean_estimate(values: Sequence[float], confidence: float) -> Estimate | None:
-    """Mean ± z·s/√n (normal approximation); None without values, no interval with a single one."""
-    n = len(values)
-    if not n:
-        return None
-    mean = math.fsum(values) / n
-    return moments_estimate(mean, sample_variance(values, mean) if n > 1 else None, n, confidence)
+def moments(n: int, total: float, squares: float) -> tuple[float | None, float | None]:
+    """Mean and sample (n-1) variance from a count, a sum and a sum of squares (what pooled statistics keep);
+    None where undefined (no values; a single one has no variance)."""
+    if n <= 0:
+        return None, None
+    mean = total / n
+    return mean, (max(0.0, (squares - n * mean * mean) / (n - 1)) if n > 1 else None)
 
 
 def moments_estimate(mean: float, variance: float | None, n: int, confidence: float) -> Estimate:
@@ -184,10 +211,6 @@ def moments_estimate(mean: float, variance: float | None, n: int, confidence: fl
         return Estimate(mean, None, None)
     half = normal_quantile(0.5 + confidence / 2) * math.sqrt(variance / n)
     return Estimate(mean, mean - half, mean + half)
-
-
-def sample_variance(values: Sequence[float], mean: float) -> float:
-    return math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
 
 
 def wilson_interval(x: int, n: int, confidence: float) -> tuple[float, float] | None:
@@ -222,3 +245,13 @@ def quantile_estimate(ordered: Sequence[float], q: float, confidence: float) -> 
         return None
     low, high = order_statistic_ranks(len(ordered), q, confidence)
     return Estimate(point, ordered[low - 1], ordered[high - 1])
+
+
+def quantile_estimate_counts(counts: Counts, q: float, confidence: float) -> Estimate | None:
+    """`quantile_estimate` of a histogram: the same ranks, each read with `histogram.value_at_rank`."""
+    n = total(counts)
+    point = value_at_rank(counts, math.ceil(q * n))
+    if point is None:
+        return None
+    low, high = order_statistic_ranks(n, q, confidence)
+    return Estimate(point, value_at_rank(counts, low), value_at_rank(counts, high))

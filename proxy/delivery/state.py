@@ -15,19 +15,23 @@ from proxy.config.model import Rollout, Variant
 from proxy.delivery.analysis import FAIL, INCONCLUSIVE, PASS, Analysis
 from proxy.errors import RolloutConflictError
 
-#   status        candidate %    automatic transitions                 operator actions
-#   running       steps[step]    advance | hold | rollback | promote   pause, promote, abort
-#   paused        steps[step]    rollback (a decisive failure only)    resume, promote, abort
-#   promoted      100            -                                     -
-#   rolled_back   0              -                                     -
-#   aborted       0              -                                     -
-# No state yet (the candidate has not answered its probe) or an unreadable one: candidate 0 %.
+#   status              candidate %    automatic transitions                 operator actions
+#   running             steps[step]    advance | hold | rollback | promote   pause, promote, abort
+#   paused              steps[step]    rollback (a decisive failure only)    resume, promote, abort
+#   awaiting_promotion  steps[-1]      rollback (a decisive failure only)    pause, promote, abort
+#   promoted            100            -                                     -
+#   rolled_back         0              -                                     -
+#   aborted             0              -                                     -
+# `awaiting_promotion` (rollout.confirm_promotion): the last step passed and waits for an operator's promote;
+# entered by a hold whose reason says so. No state yet (the candidate has not answered its probe) or an
+# unreadable one: candidate 0 %.
 RUNNING = "running"
 PAUSED = "paused"
+AWAITING_PROMOTION = "awaiting_promotion"
 PROMOTED = "promoted"
 ROLLED_BACK = "rolled_back"
 ABORTED = "aborted"
-STATUSES = (RUNNING, PAUSED, PROMOTED, ROLLED_BACK, ABORTED)
+STATUSES = (RUNNING, PAUSED, AWAITING_PROMOTION, PROMOTED, ROLLED_BACK, ABORTED)
 
 # splitstream_rollout_transitions_total{action}
 START = "start"
@@ -43,10 +47,10 @@ OPERATOR_ACTIONS = (PAUSE, RESUME, PROMOTE, ABORT)
 
 # action -> (statuses it applies to, status after)
 _OPERATOR_TABLE: dict[str, tuple[tuple[str, ...], str]] = {
-    PAUSE: ((RUNNING,), PAUSED),
+    PAUSE: ((RUNNING, AWAITING_PROMOTION), PAUSED),
     RESUME: ((PAUSED,), RUNNING),
-    PROMOTE: ((RUNNING, PAUSED), PROMOTED),
-    ABORT: ((RUNNING, PAUSED), ABORTED),
+    PROMOTE: ((RUNNING, PAUSED, AWAITING_PROMOTION), PROMOTED),
+    ABORT: ((RUNNING, PAUSED, AWAITING_PROMOTION), ABORTED),
 }
 
 HISTORY_LIMIT = 50  # decisions kept in the stored state (a held step adds one per interval)
@@ -57,7 +61,8 @@ CANDIDATE_UNHEALTHY = "candidate_unhealthy"
 @dataclass(frozen=True, slots=True)
 class RolloutState:
     """Where one rollout stands. `since`: when the current step began; `due`: when its analysis ends (the
-    step's interval, extended by holds); `version` grows with every write (writers compare it first)."""
+    step's interval, extended by holds); `version` grows with every transition, so no two transitions
+    store the same bytes (writers compare-and-set the bytes they read, `delivery/controller.py`)."""
 
     status: str
     step: int
@@ -68,7 +73,7 @@ class RolloutState:
 
     @property
     def is_active(self) -> bool:
-        return self.status in (RUNNING, PAUSED)
+        return self.status in (RUNNING, PAUSED, AWAITING_PROMOTION)
 
 
 def state_key(route: str, digest: str) -> str:
@@ -116,7 +121,8 @@ def next_state(
     state: RolloutState, rollout: Rollout, analysis: Analysis, now: float
 ) -> tuple[RolloutState, str] | None:
     """The automatic transition after one evaluation, or None. Before `due` only a FAIL acts (the caller
-    passes an early analysis); at `due`: FAIL → rollback, INCONCLUSIVE → hold, PASS → advance or promote."""
+    passes an early analysis); at `due`: FAIL → rollback, INCONCLUSIVE → hold, PASS → advance or promote
+    (with `confirm_promotion`, the last step's PASS is a hold that awaits an operator's promote instead)."""
     if not state.is_active:
         return None
     percent = candidate_percent(state, rollout)
@@ -125,9 +131,14 @@ def next_state(
         return _record(state, entry, status=ROLLED_BACK), ROLLBACK
     if state.status == PAUSED or now < state.due:
         return None
+    if state.status == AWAITING_PROMOTION and rollout.confirm_promotion:
+        return None  # an operator's promote, or a decisive failure, is what moves it now
     if analysis.verdict == INCONCLUSIVE:
         return hold(state, rollout, now, analysis.reason, analysis.numbers), HOLD
     assert analysis.verdict == PASS
+    if state.step + 1 >= len(rollout.steps) and rollout.confirm_promotion:
+        entry = _entry(now, HOLD, state.step, percent, AWAITING_PROMOTION, "analysis", analysis.numbers)
+        return _record(state, entry, status=AWAITING_PROMOTION), HOLD
     if state.step + 1 >= len(rollout.steps):
         entry = _entry(now, PROMOTE, state.step, 100.0, analysis.reason, "analysis", analysis.numbers)
         return _record(state, entry, status=PROMOTED), PROMOTE
@@ -138,9 +149,10 @@ def next_state(
 
 def hold(state: RolloutState, rollout: Rollout, now: float, reason: str,
          numbers: dict[str, Any] | None = None) -> RolloutState:
-    """Stay at the step for another interval; the window keeps growing (it starts at `since`)."""
+    """Stay at the step for another interval; the window keeps growing (it starts at `since`). (Running again
+    if it was awaiting a promotion the rules no longer ask for.)"""
     entry = _entry(now, HOLD, state.step, candidate_percent(state, rollout), reason, "analysis", numbers)
-    return _record(state, entry, due=now + rollout.interval)
+    return _record(state, entry, status=RUNNING, due=now + rollout.interval)
 
 
 def operator_action(state: RolloutState, rollout: Rollout, action: str, now: float) -> RolloutState:
@@ -164,14 +176,15 @@ def encode(state: RolloutState) -> bytes:
 
 
 def decode(raw: bytes | None) -> RolloutState | None:
-    """The stored state, or None when absent or not one we can read (then the rollout starts afresh)."""
+    """The stored state, or None when absent or not one we can read (then the rollout starts afresh). A
+    state written before versions were stored reads as version 0."""
     if raw is None:
         return None
     try:
         data = orjson.loads(raw)
         state = RolloutState(status=str(data["status"]), step=int(data["step"]), since=float(data["since"]),
-                             due=float(data["due"]), version=int(data["version"]),
+                             due=float(data["due"]), version=int(data.get("version", 0)),
                              history=tuple(dict(entry) for entry in data["history"]))
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
     return state if state.status in STATUSES and state.step >= 0 else None

@@ -131,6 +131,18 @@ class Metrics:
             "Rollout transitions: start, advance, hold, rollback, promote (analysis); pause, resume, abort (operator).",
             ("route", "action"), registry=r,
         )
+        self.rollout_webhooks_total = Counter(
+            "splitstream_rollout_webhooks_total",
+            "Rollout webhook deliveries by event and result: delivered, failed (every attempt failed), dropped "
+            "(queue full or shutting down).",
+            ("route", "event", "result"), registry=r,
+        )
+        self.stats_flushes_total = Counter(
+            "splitstream_stats_flushes_total",
+            "Flushes of this replica's per-variant statistics into the shared store by result: ok, dropped "
+            "(the store did not answer; that batch's numbers are lost).",
+            ("result",), registry=r,
+        )
         self._panics = PoolPanics()  # splitstream_upstream_panic_total{pool}
         r.register(self._panics)
 

@@ -24,11 +24,13 @@ class RequestRecord:
     __slots__ = (
         "request_id", "method", "path", "started", "route", "variant", "backend", "status",
         "bytes_in", "bytes_out", "prompt_tokens", "completion_tokens", "ttft", "stream", "error", "attempts",
-        "cache",
+        "cache", "splitstream_id", "tenant",
     )
 
     def __init__(self, request_id: str, method: str, path: str, started: float) -> None:
-        self.request_id = request_id
+        self.request_id = request_id  # X-Request-Id: the client's when it sent a sane one (tracing), else ours
+        self.splitstream_id = request_id  # the id splitstream generated (feedback joins are keyed by it)
+        self.tenant = ""  # who asked, hashed (`pipeline/cache_policy.py` tenant_of), once the request is routed
         self.method = method
         self.path = path
         self.started = started
@@ -74,9 +76,9 @@ class Recorder:
         duration = now - record.started
         if record.route is not NONE:
             if is_evidence(record):
-                self.stats.record(record.route, record.variant, now, duration, record.ttft,
+                self.stats.record(record.route, record.variant, duration, record.ttft,
                                   is_variant_error(record.error), record.prompt_tokens, record.completion_tokens)
-            self.feedback.remember(record.request_id, record.route, record.variant)
+            self.feedback.remember(record.splitstream_id, record.route, record.variant, record.tenant)
             children = self.metrics.for_request(record.route, record.variant, record.backend)
             children.count(record.status)
             children.duration.observe(duration)
@@ -91,6 +93,7 @@ class Recorder:
         if self.access_log.enabled:
             self.access_log.write({
                 "request_id": record.request_id,
+                "splitstream_id": record.splitstream_id,
                 "method": record.method,
                 "path": record.path,
                 "route": record.route,

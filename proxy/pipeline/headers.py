@@ -24,13 +24,17 @@ HOP_HEADERS = frozenset({
     "proxy-connection", "te", "trailer", "upgrade", "content-encoding",
 })
 CACHE_HEADER = "x-splitstream-cache"
+REQUEST_ID_HEADER = "x-splitstream-request-id"
 
 H = TypeVar("H", bound=MutableMapping[str, str])
 
 
 def routing_headers(record: RequestRecord, headers: H) -> H:
-    """Add the request id and, once a route was chosen, where the request went; returns `headers`."""
+    """Add the request ids and, once a route was chosen, where the request went; returns `headers`.
+    `x-request-id` is the client's own when it sent one; `x-splitstream-request-id` is always ours (the id
+    POST /v1/feedback takes)."""
     headers["x-request-id"] = record.request_id
+    headers[REQUEST_ID_HEADER] = record.splitstream_id
     if record.route is not NONE:
         headers["x-splitstream-route"] = record.route
         headers["x-splitstream-variant"] = record.variant

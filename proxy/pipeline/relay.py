@@ -73,7 +73,7 @@ async def relay_stream(
                 if out:
                     if _may_wait(request, out):  # only then arm the idle timer: two timer moves per chunk cost
                         writing = True
-                        deadline.reschedule(deadlines.idle(clock()))
+                        deadline.reschedule(clock() + deadlines.timeouts.idle)  # a full gap, even near the total
                         await response.write(out)
                         deadline.reschedule(deadlines.total)
                         writing = False
@@ -87,7 +87,7 @@ async def relay_stream(
             tail = sse.finish()
             if tail:
                 writing = True
-                deadline.reschedule(deadlines.idle(clock()))
+                deadline.reschedule(clock() + deadlines.timeouts.idle)
                 await response.write(tail)
                 writing = False
                 record.bytes_out += len(tail)

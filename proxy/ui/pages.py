@@ -1,15 +1,16 @@
 """What each status page shows, as one plain dict per page: the template and the JSON twin render the same.
 
-Builders read live state (rules, reloader, backend state, per-variant stats, shadow comparisons, cache
-summary, metric counters) at render time and never write to it; they do no I/O and take the clocks as
-arguments. Numbers stay raw (seconds, ratios); formatting belongs to the templates. Called by `views.py`.
+Builders read live state (rules, reloader, backend state, shadow comparisons, cache summary, metric counters)
+at render time and never write to it; they do no I/O and take the clocks as arguments. The overview's
+per-variant numbers are the fleet's pooled statistics, which `views.py` reads from the store beforehand
+(`FleetNumbers`). Numbers stay raw (seconds, ratios); formatting belongs to the templates. Called by `views.py`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,18 +21,21 @@ from proxy.admin.rules import rules_document
 from proxy.config.model import RulesHolder
 from proxy.config.reloader import Reloader
 from proxy.delivery.weights import RolloutWeights
+from proxy.observe.histogram import percentile
 from proxy.observe.metrics import Metrics
-from proxy.observe.stats import RequestStats, VariantSnapshot
+from proxy.observe.stats import Pooled, VariantTotals
 from proxy.pipeline.result_cache import ResultCache
 from proxy.pipeline.shadow import ShadowMirror
 from proxy.upstream.state import BackendState, BackendStates
 
 RECENT_COMPARISONS_SHOWN = 50
+TOTALS_SECONDS = 3600.0  # the overview's totals and observed shares: the last hour, every replica
+WINDOW_SECONDS = 60.0  # its rates, error rates and percentiles
 
 
 @dataclass(frozen=True, slots=True)
 class Clocks:
-    """One render's 'now' on both clocks: loop time (state and stats) and wall time (what people read)."""
+    """One render's 'now' on both clocks: loop time (backend state) and wall time (what people read)."""
 
     loop: float
     wall: float
@@ -41,13 +45,27 @@ class Clocks:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetNumbers:
+    """The overview's pooled numbers, read by `views.py` before rendering: per route, the last TOTALS_SECONDS
+    and the last WINDOW_SECONDS summed over every replica; routes the fleet served in the former that the
+    rules no longer have; how many replicas contributed; `now`, the fleet clock when read."""
+
+    totals: Mapping[str, Pooled]
+    window: Mapping[str, Pooled]
+    retired: tuple[str, ...]
+    replicas: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class Sources:
-    """The parts the pages read (never write), handed over by `views.py` from the app's keys."""
+    """The parts the pages read (never write), handed over by `views.py` from the app's keys. `fleet`: the
+    overview's pooled numbers (None on other pages, or when the store did not answer)."""
 
     rules: RulesHolder
     reloader: Reloader
     weights: RolloutWeights
-    stats: RequestStats
+    fleet: FleetNumbers | None
     metrics: Metrics
     backends: BackendStates
     shadows: ShadowMirror
@@ -70,39 +88,42 @@ def _share(part: float, whole: float) -> float | None:
 
 def overview(sources: Sources, clocks: Clocks) -> dict[str, Any]:
     """Rules (generation, load time, last rejected reload), then every route's variants: configured weight,
-    observed share since start, and the recent window's rate, error rate and latency percentiles; then the
-    rollouts and where they stand."""
+    and the fleet's numbers (every replica's, pooled): the last hour's requests, share, errors and tokens, the
+    last minute's rate, error rate and latency percentiles (successful requests); then the rollouts and where
+    they stand."""
     page = rules_document(sources.rules.current, sources.reloader)
-    stats = sources.stats
-    configured = {route["name"] for route in page["routes"]}
-    routes = page["routes"] + [  # routes a reload removed still served requests since start: keep them visible
+    fleet = sources.fleet
+    routes = page["routes"] + [  # routes a reload removed still served requests lately: keep them visible
         {"name": name, "models": [], "source": "", "variants": [], "retired": True}
-        for name in stats.routes() if name not in configured
+        for name in (fleet.retired if fleet is not None else ())
     ]
     totals = {"requests": 0, "errors": 0, "window_requests": 0, "window_errors": 0, "rps": 0.0}
-    window = 0.0
+    window = WINDOW_SECONDS
     for route in routes:
-        seen = stats.snapshot(route["name"], clocks.loop)
+        served = fleet.totals.get(route["name"]) if fleet is not None else None
+        recent = fleet.window.get(route["name"]) if fleet is not None else None
+        if fleet is not None and recent is not None:
+            window = max(1.0, fleet.now - recent.start)  # the window's buckets, up to now
+        seen = served.variants if served is not None else {}
         weights = sum(v["weight"] for v in route["variants"])
         variants = [dict(v, weight_share=_share(v["weight"], weights), retired=False) for v in route["variants"]]
         names = {v["name"] for v in variants}
         variants += [{"name": name, "pool": None, "weight": None, "weight_share": None, "retired": True}
-                     for name in seen if name not in names]
-        served = sum(s.requests for s in seen.values())
+                     for name in sorted(seen) if name not in names]
+        route_requests = round(sum(numbers.requests for numbers in seen.values()))
         for variant in variants:
-            variant.update(_variant_numbers(seen.get(variant["name"]), served))
+            numbers = _variant_numbers(seen.get(variant["name"]),
+                                       recent.variants.get(variant["name"]) if recent is not None else None,
+                                       route_requests, window)
+            variant.update(numbers)
+            for name in totals:
+                totals[name] += numbers[name]
         route["variants"] = variants
         route.setdefault("retired", False)
-        for snap in seen.values():
-            totals["requests"] += snap.requests
-            totals["errors"] += snap.errors
-            totals["window_requests"] += snap.window_requests
-            totals["window_errors"] += snap.window_errors
-            totals["rps"] += snap.rps
-            window = max(window, snap.window_seconds)
     page["routes"] = routes
     page["totals"] = dict(totals, error_rate=_share(totals["window_errors"], totals["window_requests"]),
-                          window_seconds=window)
+                          window_seconds=window, totals_seconds=TOTALS_SECONDS)
+    page["stats"] = {"available": fleet is not None, "replicas": fleet.replicas if fleet is not None else None}
     page["rollouts"] = rollouts(sources)
     page["now"] = iso(clocks.wall)
     return page
@@ -122,24 +143,24 @@ def rollouts(sources: Sources) -> list[dict[str, Any]]:
     return rows
 
 
-def _variant_numbers(snap: VariantSnapshot | None, route_requests: int) -> dict[str, Any]:
-    if snap is None:
-        return {"requests": 0, "share": None, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                "rps": 0.0, "window_requests": 0, "error_rate": None, "latency_p50": None, "latency_p95": None,
-                "ttft_p50": None, "ttft_p95": None}
+def _variant_numbers(served: VariantTotals | None, recent: VariantTotals | None, route_requests: int,
+                     window: float) -> dict[str, Any]:
+    served, recent = served or VariantTotals(), recent or VariantTotals()
+    requests, window_requests, window_errors = round(served.requests), round(recent.requests), round(recent.errors)
     return {
-        "requests": snap.requests,
-        "share": _share(snap.requests, route_requests),
-        "errors": snap.errors,
-        "prompt_tokens": snap.prompt_tokens,
-        "completion_tokens": snap.completion_tokens,
-        "rps": snap.rps,
-        "window_requests": snap.window_requests,
-        "error_rate": snap.error_rate,
-        "latency_p50": snap.latency_p50,
-        "latency_p95": snap.latency_p95,
-        "ttft_p50": snap.ttft_p50,
-        "ttft_p95": snap.ttft_p95,
+        "requests": requests,
+        "share": _share(requests, route_requests),
+        "errors": round(served.errors),
+        "prompt_tokens": round(served.prompt_tokens),
+        "completion_tokens": round(served.completion_tokens),
+        "rps": window_requests / window,
+        "window_requests": window_requests,
+        "window_errors": window_errors,
+        "error_rate": _share(window_errors, window_requests),
+        "latency_p50": percentile(recent.latency, 0.5),
+        "latency_p95": percentile(recent.latency, 0.95),
+        "ttft_p50": percentile(recent.ttft, 0.5),
+        "ttft_p95": percentile(recent.ttft, 0.95),
     }
 
 

@@ -31,13 +31,13 @@ from proxy.auth import (
 from proxy.config.model import RULES
 from proxy.config.reloader import RELOADER
 from proxy.delivery.weights import WEIGHTS
-from proxy.errors import AdminAuthError, AdminForbiddenError, BodyTooLargeError
+from proxy.errors import AdminAuthError, AdminForbiddenError, BodyTooLargeError, StoreUnavailableError
 from proxy.observe.metrics import METRICS
-from proxy.observe.stats import STATS
+from proxy.observe.pooled import POOLED
 from proxy.pipeline.result_cache import CACHE
 from proxy.pipeline.shadow import SHADOWS
 from proxy.ui.filters import FILTERS
-from proxy.ui.pages import PAGES, Clocks, Sources
+from proxy.ui.pages import PAGES, TOTALS_SECONDS, WINDOW_SECONDS, Clocks, FleetNumbers, Sources
 from proxy.upstream.state import BACKENDS
 
 MAX_LOGIN_BYTES = 4096  # a login form is one short field; the app's own body limit is far larger
@@ -56,9 +56,30 @@ def _clocks() -> Clocks:
     return Clocks(asyncio.get_running_loop().time(), time.time())
 
 
-def _sources(app: web.Application) -> Sources:
-    return Sources(app[RULES], app[RELOADER], app[WEIGHTS], app[STATS], app[METRICS], app[BACKENDS], app[SHADOWS],
+async def _sources(app: web.Application, name: str) -> Sources:
+    fleet = await _fleet(app) if name == "overview" else None
+    return Sources(app[RULES], app[RELOADER], app[WEIGHTS], fleet, app[METRICS], app[BACKENDS], app[SHADOWS],
                    app[CACHE])
+
+
+async def _fleet(app: web.Application) -> FleetNumbers | None:
+    """The overview's pooled numbers for every route of the rules, and of routes a reload removed that the
+    fleet still served lately (a second read); None when the store does not answer."""
+    pooled = app[POOLED]
+    names = [route.name for route in app[RULES].current.routes]
+    now = pooled.now()
+    spans = [(now - TOTALS_SECONDS, now), (now - WINDOW_SECONDS, now)]
+    try:
+        reading = await pooled.read(names, spans)
+        retired = sorted(reading.fleet[0].routes - set(names))
+        numbers = dict(reading.routes)
+        if retired:
+            numbers.update((await pooled.read(retired, spans)).routes)
+    except StoreUnavailableError:
+        return None
+    return FleetNumbers(totals={name: spans_[0] for name, spans_ in numbers.items()},
+                        window={name: spans_[1] for name, spans_ in numbers.items()},
+                        retired=tuple(retired), replicas=len(reading.fleet[0].replicas), now=now)
 
 
 def _has_token(request: web.Request) -> bool:
@@ -107,7 +128,7 @@ def _ui_page(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
             return _render(request, "refused.html", {"name": "refused", "message": exc.message}, status=403)
         except AdminAuthError:
             return _redirect(f"{LOGIN_PATH}?next={quote(request.path)}")
-        data = build(_sources(request.app), _clocks())
+        data = build(await _sources(request.app, name), _clocks())
         return _render(request, f"{name}.html", dict(data, name=name))
 
     return page
@@ -118,7 +139,7 @@ def _json_twin(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 
     async def document(request: web.Request) -> web.Response:
         require_admin(request)
-        return admin_json(build(_sources(request.app), _clocks()))
+        return admin_json(build(await _sources(request.app, name), _clocks()))
 
     return document
 

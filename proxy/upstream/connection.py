@@ -84,6 +84,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         except httptools.HttpParserError as exc:
+            if self.message_done and isinstance(exc.__context__, _SecondResponse):
+                self.abort()  # bytes after the answer: drop the connection, not the answer
+                return
             self._fail(BackendProtocolError(f"backend sent invalid HTTP: {exc}"))
             self.abort()
             return
@@ -112,7 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self.message_done:  # a second answer in the same read: never let it pass for the next request's
-            self._refuse(BackendProtocolError("backend sent more than one response"))
+            raise _SecondResponse  # stops the parser; the answer already complete stays good to read
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(self.headers) >= MAX_HEADERS:
@@ -255,6 +258,10 @@ class UpstreamConnection(asyncio.Protocol):
                 timer.cancel()
         if self._exc is not None:
             raise self._exc
+
+
+class _SecondResponse(Exception):
+    """Raised from the parser's callback when a second response begins after the answer we asked for."""
 
 
 def _expire(waiter: asyncio.Future[None], phase: str) -> None:

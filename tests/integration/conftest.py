@@ -8,6 +8,7 @@ is to exercise the real protocol, real SET NX GET semantics and real outages.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import select
 import shutil
@@ -174,9 +175,10 @@ async def served(tmp_path: Path) -> AsyncIterator[ServedFactory]:
     """Start splitstream processes on rule YAML: `await served(rules_yaml, *serve_args, env={...})`. Each is
     stopped after the test, and must not have logged a traceback."""
     started: list[Served] = []
+    numbers = itertools.count()  # several may start at once (asyncio.gather)
 
     async def make(rules_yaml: str, *args: str, env: dict[str, str] | None = None) -> Served:
-        rules_dir = tmp_path / f"served{len(started)}"
+        rules_dir = tmp_path / f"served{next(numbers)}"
         rules_dir.mkdir()
         (rules_dir / "rules.yaml").write_text(rules_yaml)
         port = free_port()

@@ -184,6 +184,7 @@ class HeldStore:
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
         self.values: dict[str, bytes] = {}
+        self.counts: dict[str, dict[str, float]] = {}
 
     async def get(self, key: str) -> bytes | None:
         self.entered.set()
@@ -201,6 +202,18 @@ class HeldStore:
 
     async def delete(self, key: str) -> None:
         self.values.pop(key, None)
+
+    async def set_many(self, values: dict[str, bytes], ttl: float) -> None:  # feedback joins (a shared store)
+        self.values.update(values)
+
+    async def add_counts(self, increments: dict[str, dict[str, float]], ttl: float) -> None:  # pooled statistics
+        for key, fields in increments.items():
+            counts = self.counts.setdefault(key, {})
+            for name, amount in fields.items():
+                counts[name] = counts.get(name, 0.0) + amount
+
+    async def read_counts(self, keys: list[str]) -> list[dict[str, float]]:
+        return [dict(self.counts.get(key, {})) for key in keys]
 
     async def start(self) -> None:
         return None

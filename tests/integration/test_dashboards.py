@@ -60,8 +60,11 @@ routes:
     shadow: [{{pool: next, sample: 1.0, max_queue: 1000}}]
     cache: {{ttl: 10m}}
     retry: {{attempts: 1}}
-    # Holds at its first step (50/50, as the weights say) for the whole test: the rollout series exist.
-    rollout: {{candidate: canary, baseline: stable, steps: [50, 100], interval: 1h, min_requests: 1000000}}
+    # Holds at its first step (50/50, as the weights say) for the whole test: the rollout series exist. Its
+    # webhook goes where nothing serves it (the runtime answers 404, which is final): each replica counts its
+    # `started` announcement as failed, so the webhook series exists too.
+    rollout: {{candidate: canary, baseline: stable, steps: [50, 100], interval: 1h, min_requests: 1000000,
+               webhooks: [{{url: "http://127.0.0.1:{stable}/rollout-webhook"}}]}}
 """
 
 

@@ -60,7 +60,8 @@ async def test_the_ab_report_joins_feedback_to_variants(sim: Any, proxy: Any) ->
         await asyncio.gather(*(one(stream=i % 2 == 0) for i in range(120)))
     assert len(ids["stable"]) > 20 and len(ids["canary"]) > 20
 
-    async with aiohttp.ClientSession() as session:
+    # The caller that made the requests (same key) scores them; anyone else would get a 404.
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer k"}) as session:
         async def feedback(body: Any, raw: bytes | None = None) -> tuple[int, Any]:
             kwargs: dict[str, Any] = {"data": raw, "headers": {"Content-Type": "application/json"}} \
                 if raw is not None else {"json": body}

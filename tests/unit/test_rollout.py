@@ -30,6 +30,8 @@ from proxy.delivery.analysis import (
     ShadowPairs,
     Window,
     analyse,
+    judge,
+    step_spans,
 )
 from proxy.delivery.state import (
     ABORTED,
@@ -52,6 +54,8 @@ from proxy.delivery.state import (
 )
 from proxy.delivery.weights import RolloutWeights
 from proxy.errors import RolloutConflictError
+from proxy.observe.histogram import BOUNDS, bucket_of, counts_of
+from proxy.observe.stats import Pooled, VariantTotals
 from proxy.pipeline.assignment import assign_variant
 from proxy.store.memory import MemoryStore
 from tests.unit.test_loader import BASE, load_errors, write
@@ -68,7 +72,8 @@ def timings(value: float, n: int) -> tuple[float, ...]:
 
 def window(requests: int, errors: int = 0, latency: float = 0.1, ttft: float | None = None) -> Window:
     ok = requests - errors
-    return Window(requests, errors, timings(latency, ok), timings(ttft, ok) if ttft is not None else ())
+    return Window(requests, errors, counts_of(timings(latency, ok)),
+                  counts_of(timings(ttft, ok)) if ttft is not None else {})
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -96,12 +101,18 @@ def test_verdicts(candidate: Window, baseline: Window, verdict: str, reason: str
 
 
 def test_the_numbers_behind_a_failure() -> None:
-    result = analyse(ROLLOUT, window(200, errors=40, latency=0.3), window(2000, errors=10, latency=0.1))
+    # 95 % of each side's successful requests in one bucket, the rest in the next: each p95 is exactly the upper
+    # bound of its 95 % bucket, ten buckets (one decade / 2) apart, so the ratio is exact.
+    slow, fast = bucket_of(0.3), bucket_of(0.1)
+    candidate = Window(200, 40, {slow: 152.0, slow + 1: 8.0})  # 160 successful: the 152nd is the p95
+    baseline = Window(2000, 10, {fast: 1891.0, fast + 1: 99.0})  # 1990: the 1891st (0.95 × 1990, rounded up)
+    result = analyse(ROLLOUT, candidate, baseline)
     assert result.verdict == FAIL and result.reason == ERROR_RATE  # the first failed test names it
     numbers = result.numbers
     assert numbers["candidate_error_rate"] == 0.2 and numbers["baseline_error_rate"] == 0.005
     assert isinstance(numbers["error_p"], float) and numbers["error_p"] < 1e-10
-    assert isinstance(numbers["latency_p95_ratio"], float) and 2.9 < numbers["latency_p95_ratio"] < 3.1
+    assert (numbers["candidate_latency_p95"], numbers["baseline_latency_p95"]) == (BOUNDS[slow], BOUNDS[fast])
+    assert numbers["latency_p95_ratio"] == BOUNDS[slow] / BOUNDS[fast] == pytest.approx(10 ** 0.5, rel=1e-12)
 
 
 def test_an_early_look_needs_stronger_evidence() -> None:
@@ -115,9 +126,24 @@ def test_an_early_look_needs_stronger_evidence() -> None:
     assert early.numbers["alpha"] == pytest.approx(0.005)
 
 
-def test_errors_are_left_out_of_the_timings() -> None:
-    assert Window.of(3, 1, [(0.0, 0.5, 0.1, False), (0.0, 0.001, None, True), (0.0, 0.7, None, False)]) == \
-        Window(3, 1, (0.5, 0.7), (0.1,))
+def test_a_window_is_the_pooled_numbers_of_its_variant() -> None:
+    totals = VariantTotals(requests=3.0, errors=1.0, latency={50: 2.0}, ttft={40: 1.0})
+    assert Window.of(totals) == Window(3, 1, {50: 2.0}, {40: 1.0})
+    assert Window.of(VariantTotals()) == Window()
+
+
+def test_a_step_judges_the_fleet_since_it_began_and_at_100_percent_the_baseline_before_it() -> None:
+    assert step_spans(NOW, NOW - 500, 25.0, 60.0, NOW + 90) == ((NOW, NOW + 90), (NOW, NOW + 90))
+    assert step_spans(NOW, NOW - 500, 100.0, 60.0, NOW + 90) == ((NOW, NOW + 90), (NOW - 560, NOW + 90))
+    assert step_spans(NOW, NOW, 100.0, 60.0, NOW + 90) == ((NOW, NOW + 90), (NOW - 60, NOW + 90))  # blue-green
+    candidate = Pooled(NOW, NOW + 90, {"canary": VariantTotals(requests=200.0, errors=40.0)}, frozenset({"a", "b"}))
+    baseline = Pooled(NOW, NOW + 90, {"stable": VariantTotals(requests=2000.0, errors=10.0)}, frozenset({"b", "c"}))
+    result = judge(ROLLOUT, candidate, baseline)
+    assert (result.verdict, result.reason) == (FAIL, ERROR_RATE)
+    assert result.numbers["candidate_requests"] == 200 and result.numbers["baseline_errors"] == 10
+    assert result.numbers["replicas"] == 3 and list(result.numbers)[-1] == "replicas"  # printed last
+    empty = Pooled(NOW, NOW + 90, {}, frozenset())
+    assert judge(ROLLOUT, empty, empty).reason == TOO_FEW_REQUESTS
 
 
 def test_shadow_status_mismatch_fails_the_candidate() -> None:

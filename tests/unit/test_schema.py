@@ -13,7 +13,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from proxy.config import keys as loader  # the key sets the loader and its builders check against
-from proxy.config.model import BACKEND_KINDS, BALANCE_POLICIES, ENDPOINTS
+from proxy.config.model import BACKEND_KINDS, BALANCE_POLICIES, ENDPOINTS, WEBHOOK_EVENTS
 from proxy.config.schema import RULES_SCHEMA, allowed_keys
 from tests.unit.test_loader import BASE, BROKEN, NOT_SHADOWED, VALID
 
@@ -38,6 +38,7 @@ def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
         ("TIMEOUT_KEYS", "timeouts"), ("BACKEND_KEYS", "backend"), ("POOL_KEYS", "pool"), ("ROUTE_KEYS", "route"),
         ("MATCH_KEYS", "match"), ("SPLIT_KEYS", "split"), ("VARIANT_KEYS", "variant"), ("STICKY_KEYS", "sticky"),
         ("RETRY_KEYS", "retry"), ("SHADOW_KEYS", "shadow"), ("CACHE_KEYS", "cache"), ("ROLLOUT_KEYS", "rollout"),
+        ("FEEDBACK_KEYS", "feedback"), ("WEBHOOK_KEYS", "webhook"),
     ],
 )
 def test_key_sets_are_the_loaders(constant: str, definition: str | None) -> None:
@@ -48,7 +49,7 @@ def test_every_loader_key_set_is_covered() -> None:
     """A new `*_KEYS` constant in the loader needs its schema definition (and a row above)."""
     covered = {"TOP_KEYS", "SERVER_KEYS", "DEFAULTS_KEYS", "HEALTH_KEYS", "TIMEOUT_KEYS", "BACKEND_KEYS",
                "POOL_KEYS", "ROUTE_KEYS", "MATCH_KEYS", "SPLIT_KEYS", "VARIANT_KEYS", "STICKY_KEYS", "RETRY_KEYS",
-               "SHADOW_KEYS", "CACHE_KEYS", "ROLLOUT_KEYS"}
+               "SHADOW_KEYS", "CACHE_KEYS", "ROLLOUT_KEYS", "FEEDBACK_KEYS", "WEBHOOK_KEYS"}
     assert {name for name in vars(loader) if name.endswith("_KEYS")} == covered
 
 
@@ -57,6 +58,7 @@ def test_enums_are_the_models() -> None:
     assert tuple(defs["backend"]["properties"]["kind"]["enum"]) == BACKEND_KINDS
     assert tuple(defs["balance"]["enum"]) == BALANCE_POLICIES
     assert tuple(defs["match"]["properties"]["endpoints"]["items"]["enum"]) == ENDPOINTS
+    assert tuple(defs["webhook"]["properties"]["events"]["items"]["enum"]) == WEBHOOK_EVENTS
 
 
 SHIPPED = sorted([*ROOT.glob("rules/*.yaml"), *ROOT.glob("compose/rules/*.yaml")])

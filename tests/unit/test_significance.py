@@ -104,12 +104,14 @@ def test_intervals() -> None:
     # Wilson with no successes: upper bound z²/(n + z²) = 3.841459 / 13.841459 = 0.277533.
     low, high = sig.wilson_interval(0, 10, 0.95) or (None, None)
     assert low == 0.0 and high is not None and close(high, 0.277533, 1e-6)
-    # Mean of 1..5 is 3, s² = 2.5: 3 ± 1.959964 · sqrt(2.5/5) = 3 ± 1.385904.
-    estimate = sig.mean_estimate([1.0, 2.0, 3.0, 4.0, 5.0], 0.95)
-    assert estimate is not None and estimate.value == 3.0
-    assert estimate.low is not None and close(estimate.low, 1.614096, 1e-6)
-    assert sig.mean_estimate([], 0.95) is None
-    assert sig.mean_estimate([2.0], 0.95) == sig.Estimate(2.0, None, None)
+    # Mean of 1..5 (sum 15, squares 55) is 3, s² = (55 - 5·9) / 4 = 2.5: 3 ± 1.959964 · sqrt(2.5/5) = 3 ± 1.385904.
+    mean, variance = sig.moments(5, 15.0, 55.0)
+    assert (mean, variance) == (3.0, 2.5)
+    estimate = sig.moments_estimate(mean, variance, 5, 0.95)
+    assert estimate.value == 3.0 and estimate.low is not None and close(estimate.low, 1.614096, 1e-6)
+    assert sig.moments(0, 0.0, 0.0) == (None, None)
+    assert sig.moments(1, 2.0, 4.0) == (2.0, None)
+    assert sig.moments_estimate(2.0, None, 1, 0.95) == sig.Estimate(2.0, None, None)
 
 
 def test_order_statistic_interval_for_the_median() -> None:

@@ -1,17 +1,38 @@
-"""Per-variant statistics (`proxy.observe.stats`): counters, the per-second window, percentiles. Fixed clocks."""
+"""Per-variant statistics (`proxy.observe.stats`, `proxy.observe.pooled`): recording into 10-second batches,
+what a flush adds to which keys, which buckets hold a window, pooling replicas' numbers back, and a store
+outage. Fixed clocks, the embedded store (no sockets, no sleeps)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import pytest
 
+from proxy.errors import StoreUnavailableError
+from proxy.observe.histogram import bucket_of
+from proxy.observe.metrics import Metrics
+from proxy.observe.pooled import PooledStats
 from proxy.observe.stats import (
-    RECENT_SAMPLES,
-    WINDOW_SECONDS,
+    COARSE,
+    FINE,
+    FINE_REACH,
+    HORIZON,
+    HOUR,
+    TIERS,
     RequestStats,
-    VariantStats,
+    VariantTotals,
+    cover,
+    fleet_key,
+    increments,
     is_variant_error,
+    keep,
     percentile,
+    route_key,
 )
+from proxy.store.memory import MemoryStore
+from tests.conftest import FakeClock
+
+T0 = 1_800_000_000.0  # a multiple of HOUR: buckets line up with round numbers
 
 
 @pytest.mark.parametrize(
@@ -35,68 +56,125 @@ def test_only_upstream_failures_count_against_a_variant(code: str | None, error:
     assert is_variant_error(code) is error
 
 
-def test_counters_since_start_and_tokens() -> None:
-    stats = RequestStats()
-    stats.record("chat", "stable", 100.5, 0.2, 0.05, False, 10, 20)
-    stats.record("chat", "stable", 101.5, 0.4, None, True, None, None)
-    stats.record("chat", "canary", 101.6, 0.3, None, False, 5, 0)
-    stable = stats.get("chat", "stable")
-    assert stable is not None
-    assert (stable.requests, stable.errors, stable.prompt_tokens, stable.completion_tokens) == (2, 1, 10, 20)
-    assert list(stats.routes()) == ["chat"] and stats.get("chat", "other") is None
-    assert stats.started == pytest.approx(100.3)  # when the first request began
+# ------------------------------------------------------------------------------------------- recording
 
 
-def test_window_rates_and_percentiles() -> None:
-    stats = RequestStats()
-    for i in range(100):  # 10 requests per second from t=1000 to 1010, every 10th an error
-        stats.record("chat", "stable", 1000.0 + i / 10, 0.01 * (i % 10 + 1), 0.001 * (i % 10 + 1), i % 10 == 9,
-                     None, None)
-    snap = stats.snapshot("chat", 1010.0)["stable"]
-    # A young process: rates over the time it had, from when its first request began (t=999.99).
-    assert snap.window_seconds == pytest.approx(10.01)
-    assert (snap.window_requests, snap.window_errors) == (100, 10)
-    assert snap.rps == pytest.approx(100 / 10.01) and snap.error_rate == pytest.approx(0.1)
-    assert snap.latency_p50 == pytest.approx(0.05) and snap.latency_p95 == pytest.approx(0.1)
-    assert snap.ttft_p50 == pytest.approx(0.005) and snap.ttft_p95 == pytest.approx(0.01)
-    assert len(snap.samples) == 100 and snap.covered == pytest.approx(10.0)
+def test_a_batch_per_variant_and_ten_seconds_with_timings_of_successes_only() -> None:
+    clock = FakeClock(T0 + 1)
+    stats = RequestStats(clock)
+    stats.record("chat", "stable", 0.2, 0.05, False, 10, 20)
+    stats.record("chat", "stable", 0.001, None, True, None, None)  # an error: counted, its timing is not
+    stats.record("chat", "canary", 0.3, None, False, 5, 0)
+    clock.advance(FINE)  # the next bucket: stable's batch closes
+    stats.record("chat", "stable", 0.4, 0.1, False, None, 7)
+    drained = {(route, variant, batch.bucket): batch for route, variant, batch in stats.drain()}
+    assert stats.drain() == []  # drained: nothing twice
+    first = drained[("chat", "stable", int(T0 // FINE))]
+    assert (first.requests, first.errors, first.prompt, first.completion) == (2, 1, 10, 20)
+    assert first.latency == {bucket_of(0.2): 1} and first.ttft == {bucket_of(0.05): 1}
+    assert first.latency_sum == 0.2 and first.latency_squares == pytest.approx(0.04)
+    assert drained[("chat", "stable", int(T0 // FINE) + 1)].completion == 7
+    assert drained[("chat", "canary", int(T0 // FINE))].fields("canary") == {
+        "canary|n": 1.0, "canary|p": 5.0, "canary|ls": 0.3, "canary|lq": pytest.approx(0.09),
+        f"canary|l{bucket_of(0.3)}": 1.0}
 
 
-def test_the_window_forgets_old_seconds() -> None:
-    stats = RequestStats()
-    stats.record("chat", "stable", 1000.2, 5.0, None, True, None, None)  # slow and failed, long ago
-    for second in range(1100, 1110):
-        stats.record("chat", "stable", second + 0.5, 0.1, None, False, None, None)
-    snap = stats.snapshot("chat", 1110.0)["stable"]
-    assert (snap.requests, snap.errors) == (11, 1)  # since start
-    assert (snap.window_requests, snap.window_errors) == (10, 0)  # the recent window
-    assert snap.window_seconds == pytest.approx(WINDOW_SECONDS - 1)
-    assert snap.error_rate == 0.0 and snap.latency_p95 == pytest.approx(0.1)
-    assert snap.rps == pytest.approx(10 / (WINDOW_SECONDS - 1))
+def test_a_flush_adds_to_the_hashes_of_every_size_with_a_heartbeat() -> None:
+    clock = FakeClock(T0 + 12)
+    stats = RequestStats(clock)
+    stats.record("chat", "stable", 0.2, None, False, None, None)
+    clock.advance(FINE)
+    stats.record("chat", "stable", 0.2, None, True, None, None)
+    tiers = increments(stats.drain(), {("chat", "canary"): (2, 1.5, 1.25)}, "replica-a", T0 + 25)
+    fine, coarse = tiers[FINE], tiers[COARSE]
+    assert tiers[HOUR][route_key(HOUR, int(T0), "chat")] == coarse[route_key(COARSE, int(T0), "chat")]
+    start = int(T0)
+    assert fine[route_key(FINE, start + 10, "chat")] == {"stable|n": 1.0, "stable|ls": 0.2,
+                                                          "stable|lq": pytest.approx(0.04),
+                                                          f"stable|l{bucket_of(0.2)}": 1.0}
+    assert fine[route_key(FINE, start + 20, "chat")] == {  # the second batch, and the feedback booked at T0 + 25
+        "stable|n": 1.0, "stable|e": 1.0, "canary|fn": 2.0, "canary|fs": 1.5, "canary|fq": 1.25}
+    assert coarse[route_key(COARSE, start, "chat")]["stable|n"] == 2.0  # both batches in one coarse bucket
+    assert fine[fleet_key(FINE, start + 20)] == {"route|chat": 1.0, "replica|replica-a": 1.0}
+    assert coarse[fleet_key(COARSE, start)] == {"route|chat": 2.0, "replica|replica-a": 1.0}
+    assert increments([], {}, "idle", T0)[FINE] == {fleet_key(FINE, start): {"replica|idle": 1.0}}  # heartbeat
 
 
-def test_a_bucket_is_reset_when_its_second_comes_round_again() -> None:
-    variant = VariantStats()
-    variant.record(1000.5, 0.1, None, True, None, None)
-    variant.record(1000.5 + WINDOW_SECONDS, 0.1, None, False, None, None)  # same bucket, a minute later
-    assert variant.window_counts(1000.5 + WINDOW_SECONDS) == (1, 0)
-    assert variant.window_counts(1000.5 + 3 * WINDOW_SECONDS) == (0, 0)  # all stale
+# --------------------------------------------------------------------------------------------- windows
 
 
-def test_an_idle_variant_has_no_percentiles() -> None:
-    stats = RequestStats()
-    stats.record("chat", "stable", 1000.0, 0.1, None, False, None, None)
-    snap = stats.snapshot("chat", 2000.0)["stable"]
-    assert (snap.window_requests, snap.rps, snap.error_rate, snap.latency_p50) == (0, 0.0, None, None)
-    assert snap.samples == () and snap.requests == 1
-    assert stats.snapshot("other", 2000.0) == {}
+@pytest.mark.parametrize(
+    ("span", "now", "expected"),
+    [
+        ((T0 + 15, T0 + 15), T0 + 15, [(FINE, T0 + 10)]),  # the bucket holding the start, through the end's
+        ((T0 + 15, T0 + 42), T0 + 42, [(FINE, T0 + 10), (FINE, T0 + 20), (FINE, T0 + 30), (FINE, T0 + 40)]),
+        # whole coarse buckets where they fit, fine ones at the edges
+        ((T0 - 20, T0 + 2 * COARSE + 5), T0 + 2 * COARSE + 5,
+         [(FINE, T0 - 20), (FINE, T0 - 10), (COARSE, T0), (COARSE, T0 + COARSE), (FINE, T0 + 2 * COARSE)]),
+        # a start older than FINE_REACH begins at its coarse bucket (fine ones are gone by then); whole hours
+        ((T0 - 2 * COARSE + 125, T0 + FINE_REACH + 2 * COARSE), T0 + FINE_REACH + 2 * COARSE,
+         [(COARSE, T0 - 2 * COARSE), (COARSE, T0 - COARSE), (HOUR, T0), (COARSE, T0 + HOUR),
+          (COARSE, T0 + HOUR + COARSE), (FINE, T0 + HOUR + 2 * COARSE)]),
+    ],
+    ids=["one bucket", "fine", "coarse in the middle", "old start and hours"],
+)
+def test_cover(span: tuple[float, float], now: float, expected: list[tuple[int, float]]) -> None:
+    assert cover(span, now) == [(size, int(start)) for size, start in expected]
 
 
-def test_the_sample_ring_is_bounded() -> None:
-    variant = VariantStats()
-    for i in range(RECENT_SAMPLES + 500):
-        variant.record(1000.0 + i / 1000, 0.01, None, False, None, None)
-    assert len(variant.samples) == RECENT_SAMPLES
-    assert variant.requests == RECENT_SAMPLES + 500
-    assert variant.recent(0.0)[0][0] == pytest.approx(1000.5)  # the oldest kept, in time order
-    assert variant.recent(1002.0) == [s for s in variant.samples if s[0] >= 1002.0]
+def test_a_window_never_reaches_past_the_horizon_and_keys_outlive_their_windows() -> None:
+    now = T0 + 10 * HORIZON + 125
+    buckets = cover((0.0, now), now)
+    assert buckets[0] == (HOUR, int(now - HORIZON) // COARSE * COARSE) and len(buckets) < 80  # a day: few hashes
+    assert sum(size for size, _ in buckets) == HORIZON + FINE + 125 - 5  # from the 5 minutes holding its start
+    assert [keep(size, reach) > reach + size for size, reach in TIERS] == [True] * 3
+
+
+# ------------------------------------------------------------------------------------------ pooling
+
+
+def replica(store: MemoryStore, name: str, clock: FakeClock, metrics: Metrics | None = None) -> PooledStats:
+    return PooledStats(store, RequestStats(clock), name, metrics or Metrics(), clock)
+
+
+async def test_replicas_pool_into_the_same_numbers_and_any_of_them_reads_them() -> None:
+    clock, store = FakeClock(T0 + 3), MemoryStore()
+    a, b = replica(store, "a", clock), replica(store, "b", clock)
+    for _ in range(3):
+        a._local.record("chat", "stable", 0.2, 0.05, False, 4, 8)
+    b._local.record("chat", "stable", 0.4, None, True, None, None)
+    b._local.record("chat", "canary", 0.1, None, False, None, None)
+    assert await a.flush()
+    clock.advance(COARSE)  # b's batch lands a coarse bucket later: the window spans both tiers
+    b._local.record("chat", "stable", 0.3, None, False, None, None)
+    reading = await b.read(["chat"], [(T0, clock()), (clock() - 5, clock())])
+    both, recent = reading.routes["chat"]
+    assert reading.fleet[0].replicas == {"a", "b"} and reading.fleet[0].routes == {"chat"}
+    assert both.replicas == {"a", "b"} and recent.replicas == {"b"}  # a has not flushed since
+    stable = both.of("stable")
+    assert (stable.requests, stable.errors, stable.prompt_tokens, stable.completion_tokens) == (5, 1, 12, 24)
+    assert stable.latency == {bucket_of(0.2): 3.0, bucket_of(0.3): 1.0}  # the error's timing left out
+    assert both.of("canary").requests == 1 and recent.of("stable").requests == 1
+    assert (await a.read(["chat"], [(T0, clock())])).routes["chat"][0].variants == both.variants  # any replica
+    assert both.of("nope") == VariantTotals()
+
+
+class DownStore(MemoryStore):
+    """The embedded store, but every counter call fails as a Redis that does not answer would."""
+
+    async def add_counts(self, increments: Mapping[str, Mapping[str, float]], ttl: float) -> None:
+        raise StoreUnavailableError("down")
+
+    async def read_counts(self, keys: Sequence[str]) -> list[dict[str, float]]:
+        raise StoreUnavailableError("down")
+
+
+async def test_a_store_outage_drops_the_batch_and_reads_raise(caplog: pytest.LogCaptureFixture) -> None:
+    clock, metrics = FakeClock(T0), Metrics()
+    stats = replica(DownStore(), "a", clock, metrics)
+    stats._local.record("chat", "stable", 0.2, None, False, None, None)
+    assert not await stats.flush() and not await stats.flush()
+    assert stats.dropped == 1 and metrics.stats_flushes_total.labels("dropped")._value.get() == 2
+    assert len([r for r in caplog.records if r.name == "splitstream.stats"]) == 1  # once per outage
+    with pytest.raises(StoreUnavailableError):
+        await stats.read(["chat"], [(T0, T0)])
