@@ -113,6 +113,8 @@ class RolloutController:
         self.is_leader = False
         self._lock = asyncio.Lock()  # one tick or operator action at a time in this process
         self._refreshed: dict[str, float] = {}
+        # route name -> (state key, last state seen): what `_restore` writes back if the store loses it.
+        self._known: dict[str, tuple[str, RolloutState]] = {}
         self._waiting: set[str] = set()  # routes whose candidate failed its start probe (logged once)
         self._store_down = False
 
@@ -174,8 +176,29 @@ class RolloutController:
         assert route.rollout is not None
         key = state_key(route.name, route.rollout.digest)
         raw = await self.store.get(key)
-        state = await self._drive(route, key, raw, now) if self.is_leader else decode(raw)
+        if self.is_leader:
+            if raw is None:
+                raw = await self._restore(route, key, now)
+            state = await self._drive(route, key, raw, now)
+        else:
+            state = decode(raw)
+        if state is not None:
+            self._known[route.name] = (key, state)
         self._follow(route, state)
+
+    async def _restore(self, route: Route, key: str, now: float) -> bytes | None:
+        """The stored bytes for a rollout whose state the store no longer has although this replica saw it
+        (a Redis restarted without persistence): its last known state, written back, so the rollout resumes
+        where it was instead of starting over at step 0. Nothing writes None over a state on purpose."""
+        known = self._known.get(route.name)
+        if known is None or known[0] != key:
+            return None
+        raw = encode(known[1])
+        if await self._store_if(key, None, raw, now):
+            log.warning("rollout %s: the store had lost its state; restored step %d (%s) from this replica",
+                        route.name, known[1].step, known[1].status)
+            return raw
+        return await self.store.get(key)  # another writer was first: theirs
 
     async def _drive(self, route: Route, key: str, raw: bytes | None, now: float) -> RolloutState | None:
         """Decide from the stored bytes `raw` and compare-and-set the outcome against them; when another writer
