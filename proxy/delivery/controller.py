@@ -28,8 +28,10 @@ from proxy.config.model import Route, RulesHolder
 from proxy.delivery.analysis import Analysis, ShadowPairs, judge, step_spans
 from proxy.delivery.state import (
     ADVANCE,
+    AWAITING_PROMOTION,
     CANDIDATE_UNHEALTHY,
     HOLD,
+    PAUSED,
     START,
     RolloutState,
     candidate_percent,
@@ -58,6 +60,8 @@ LEASE_KEY = "splitstream:rollout:lease"
 STATE_TTL = 90 * 86400.0  # a finished rollout's state outlives any sane pause between edits of the rules
 STATE_REFRESH = 3600.0  # the leader rewrites an unchanged state this often, so its TTL never runs out
 CAS_ATTEMPTS = 5  # decisions per tick or operator action when other writers keep getting there first
+
+WATCHED_STATUSES = frozenset({PAUSED, AWAITING_PROMOTION})  # analysed every tick, never advanced by it
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +276,10 @@ class RolloutController:
         started = min((float(entry["at"]) for entry in state.history), default=state.since)  # the oldest kept
         spans = step_spans(state.since, started, candidate_percent(state, rollout), rollout.interval, now)
         candidate, baseline = (await self._stats.read([route.name], spans)).routes[route.name]
-        return judge(rollout, candidate, baseline, self._shadow_pairs(route), early=now < state.due)
+        # Before `due`, and at every tick of a paused or waiting rollout, the data is looked at again and again:
+        # only a decisive failure (the early-look threshold) may act then, or false rollbacks would pile up.
+        early = now < state.due or state.status in WATCHED_STATUSES
+        return judge(rollout, candidate, baseline, self._shadow_pairs(route), early=early)
 
     async def evidence(self, route: Route, state: RolloutState | None) -> Analysis | None:
         """What the analysis makes of the current step now, on any replica (the leader decides on the same
