@@ -1,12 +1,13 @@
-"""Client feedback joined to the variant that served the request: a bounded request-id map and totals.
+"""Client feedback joined to the variant that served the request: a bounded request-id map and score deltas.
 
 `remember()` runs once per routed request from `observe/record.py` `Recorder.finish()`: one OrderedDict insert,
 past `max_requests` one eviction, and, when a store writer is attached (`share`), one list append (all O(1)).
 The writer (`pipeline/feedback.py` `JoinWriter`) takes the pending joins in batches and writes them to the
 shared store, so POST /v1/feedback works on every replica. `record()` books a score (`pipeline/feedback.py`):
-it replaces an earlier score for the same request, and keeps per-(route, variant) count, sum and sum of
-squares for the A/B report, and the same changes since the last `drain_deltas()` for pooled, fleet-wide
-totals. Per process, like `observe/stats.py`: ids, hashed tenants and numbers, never text.
+it replaces an earlier score for the same request and keeps the per-(route, variant) changes of count, sum
+and sum of squares since the last `drain_deltas()`, which `observe/pooled.py` adds to the fleet's totals
+(the A/B report reads those, never a replica's own). Per process, like `observe/stats.py`: ids, hashed
+tenants and numbers, never text.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ DEFAULT_MAX_REQUESTS = 65_536
 
 @dataclass(slots=True)
 class FeedbackTotals:
-    """Scores of one (route, variant): enough for a mean, a variance and a Welch test."""
+    """Changes to the scores of one (route, variant): count, sum and sum of squares (what pooled totals add)."""
 
     count: int = 0
     total: float = 0.0
@@ -35,18 +36,6 @@ class FeedbackTotals:
         self.count += sign
         self.total += sign * score
         self.squares += sign * score * score
-
-    @property
-    def mean(self) -> float | None:
-        return self.total / self.count if self.count else None
-
-    @property
-    def variance(self) -> float | None:
-        """Sample (n-1) variance; None below two scores."""
-        if self.count < 2:
-            return None
-        mean = self.total / self.count
-        return max(0.0, (self.squares - self.count * mean * mean) / (self.count - 1))
 
 
 # What a request id is joined to: (route, variant, tenant, score). The tenant is `pipeline/cache_policy.py`
@@ -64,17 +53,16 @@ Previous = float | None | Literal[_Local.LOCAL]  # the score a new one replaces:
 
 
 class FeedbackLedger:
-    """request id -> `Served` for the last `max_requests` routed requests, and score totals per variant.
+    """request id -> `Served` for the last `max_requests` routed requests, and score changes per variant.
 
     Entries are tuples of strings and floats on purpose: the collector stops tracking such tuples, so
     tens of thousands of entries add nothing to the cost of a full garbage collection (lists would)."""
 
-    __slots__ = ("_served", "_totals", "_deltas", "_max", "_pending", "_pending_limit", "_batch", "_on_batch",
+    __slots__ = ("_served", "_deltas", "_max", "_pending", "_pending_limit", "_batch", "_on_batch",
                  "dropped")
 
     def __init__(self, max_requests: int = DEFAULT_MAX_REQUESTS) -> None:
         self._served: OrderedDict[str, Served] = OrderedDict()
-        self._totals: dict[tuple[str, str], FeedbackTotals] = {}
         self._deltas: dict[tuple[str, str], FeedbackTotals] = {}
         self._max = max_requests
         self._pending: list[tuple[str, Served]] | None = None  # joins not yet written to the store
@@ -124,32 +112,16 @@ class FeedbackLedger:
             mine = self._served.get(request_id)
             previous = mine[3] if mine is not None else None
         route, variant, tenant, _ = joined
-        key = (route, variant)
-        for table in (self._totals, self._deltas):
-            totals = table.get(key)
-            if totals is None:
-                totals = table[key] = FeedbackTotals()
-            if previous is not None:
-                totals.add(previous, -1)
-            totals.add(score)
+        totals = self._deltas.get((route, variant))
+        if totals is None:
+            totals = self._deltas[(route, variant)] = FeedbackTotals()
+        if previous is not None:
+            totals.add(previous, -1)
+        totals.add(score)
         served = self._served
         served[request_id] = (route, variant, tenant, score)  # an existing key keeps its place in the order
         if len(served) > self._max:
             served.popitem(last=False)
-
-    def score(self, request_id: str, score: float) -> tuple[str, str] | None:
-        """This process alone: book `score` for a request it remembers (replacing an earlier one); its
-        (route, variant), None if unknown. No tenant check: POST /v1/feedback uses `lookup` and `record`."""
-        entry = self._served.get(request_id)
-        if entry is None:
-            return None
-        self.record(request_id, entry, score)
-        return entry[0], entry[1]
-
-    def totals(self, route: str) -> dict[str, FeedbackTotals]:
-        """This process's contributions per variant of `route` (a replaced score booked elsewhere can leave
-        a count of 0 with a sum here; the fleet's pooled totals are the sum of every replica's)."""
-        return {variant: totals for (name, variant), totals in self._totals.items() if name == route}
 
     def drain_deltas(self) -> dict[tuple[str, str], tuple[int, float, float]]:
         """(count, sum, sum of squares) booked per (route, variant) since the last call, then forgotten:

@@ -132,8 +132,8 @@ def error_middleware(recorder: Recorder, ids: RequestIds) -> Middleware:
             record.status, record.error = internal.status, internal.code
             return error_response(internal, record)
         finally:
-            if record.route is not NONE:  # only routed requests are joined for feedback: hash the key then
-                record.tenant = tenant_of(request.headers.get(hdrs.AUTHORIZATION), False)
+            if record.route is not NONE and not record.tenant:  # routed requests are joined for feedback
+                record.tenant = tenant_of(request.headers.get(hdrs.AUTHORIZATION), False)  # (unless the cache did)
             recorder.finish(record, loop_time())
 
     return middleware

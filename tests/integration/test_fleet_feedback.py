@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from proxy.observe.feedback import FEEDBACK
 from tests.conftest import backend_url
 from tests.integration.conftest import RedisServer, Served, ServedFactory
 
@@ -235,6 +234,8 @@ async def test_one_replica_without_redis_applies_the_same_rules(sim: Any, proxy:
         status, body = await score(session, replica, "Bearer someone", keyed_id, -1)
         assert (status, body["variant"], body["score"]) == (200, keyed["x-splitstream-variant"], 0.0)
         assert (await score(session, replica, f"Bearer {TOKEN}", keyed_id, 1))[0] == 200
-    totals = replica.server.app[FEEDBACK].totals("chat").values()
-    assert sum(t.count for t in totals) == 2  # two requests scored, each replacement counted once
-    assert sum(t.total for t in totals) == 2.0  # their last scores: 1.0 and 1.0
+        async with session.get(replica.url("/admin/experiments/chat"),
+                               headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+            scored = [row["feedback"] for row in (await response.json())["variants"]]
+    assert sum(f["count"] for f in scored) == 2  # two requests scored, each replacement counted once
+    assert sum(f["count"] * f["mean"]["value"] for f in scored if f["count"]) == 2.0  # last scores: 1.0 and 1.0

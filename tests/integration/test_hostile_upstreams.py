@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from tests.integration.conftest import Served, ServedFactory
+from tests.integration.test_upstream_http import read_request
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "my-model", "messages": MESSAGES}
@@ -40,13 +41,7 @@ class HostileRuntime:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                if head.startswith(b"GET"):
+                if (await read_request(reader)).startswith(b"GET"):
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
                     await writer.drain()
                     continue

@@ -23,6 +23,16 @@ from proxy.upstream.client import UpstreamClient
 Script = Callable[[int, int], bytes | str | None]
 
 
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request, head and Content-Length body, as the scripted servers of these tests read it."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
 class ScriptedServer:
     def __init__(self, script: Script) -> None:
         self.script = script
@@ -41,13 +51,7 @@ class ScriptedServer:
         n = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = await reader.readexactly(length)
-                self.requests.append(head + body)
+                self.requests.append(await read_request(reader))
                 answer = self.script(index, n)
                 n += 1
                 if answer is None:

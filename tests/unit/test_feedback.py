@@ -35,9 +35,10 @@ def test_a_remembered_request_is_joined_with_its_tenant() -> None:
     ledger.remember("id-1", "chat", "canary", TENANT)
     assert ledger.lookup("id-1") == ("chat", "canary", TENANT, None)
     assert ledger.lookup("id-2") is None
-    assert ledger.score("id-1", 0.5) == ("chat", "canary")
+    joined = ledger.lookup("id-1")
+    assert joined is not None
+    ledger.record("id-1", joined, 0.5)
     assert ledger.lookup("id-1") == ("chat", "canary", TENANT, 0.5)
-    assert ledger.score("unknown", 1.0) is None
 
 
 def test_the_ledger_is_bounded_oldest_first() -> None:
@@ -54,14 +55,12 @@ def test_deltas_count_a_request_once_and_a_replacement_as_a_change() -> None:
     ledger.remember("a", "chat", "stable", TENANT)
     ledger.remember("b", "chat", "canary", TENANT)
     assert ledger.drain_deltas() == {}
-    ledger.score("a", 2.0)
-    ledger.score("b", 1.0)
+    ledger.record("a", ("chat", "stable", TENANT, None), 2.0)
+    ledger.record("b", ("chat", "canary", TENANT, None), 1.0)
     assert ledger.drain_deltas() == {("chat", "stable"): (1, 2.0, 4.0), ("chat", "canary"): (1, 1.0, 1.0)}
     assert ledger.drain_deltas() == {}  # drained
-    ledger.score("a", 3.0)  # replaces 2.0
+    ledger.record("a", ("chat", "stable", TENANT, None), 3.0)  # replaces 2.0 (this ledger's own)
     assert ledger.drain_deltas() == {("chat", "stable"): (0, 1.0, 5.0)}
-    totals = ledger.totals("chat")["stable"]  # the running totals are untouched by draining
-    assert (totals.count, totals.total, totals.squares, totals.mean) == (1, 3.0, 9.0, 3.0)
 
 
 def test_a_replacement_booked_on_another_replica_adds_only_the_difference() -> None:
