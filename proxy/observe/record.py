@@ -24,13 +24,16 @@ class RequestRecord:
     __slots__ = (
         "request_id", "method", "path", "started", "route", "variant", "backend", "status",
         "bytes_in", "bytes_out", "prompt_tokens", "completion_tokens", "ttft", "stream", "error", "attempts",
-        "cache", "splitstream_id", "tenant",
+        "cache", "splitstream_id", "owner", "tenant", "client",
     )
 
     def __init__(self, request_id: str, method: str, path: str, started: float) -> None:
         self.request_id = request_id  # X-Request-Id: the client's when it sent a sane one (tracing), else ours
         self.splitstream_id = request_id  # the id splitstream generated (feedback joins are keyed by it)
-        self.tenant = ""  # who asked, hashed (`pipeline/cache_policy.py` tenant_of), once the request is routed
+        # Whose answer it is (feedback ownership, cache partition): `cache_policy.owner_of`, once routed.
+        self.owner = ""
+        self.tenant = ""  # the tenant's name from the rules (`tenants:`), '' when the proxy has no tenants
+        self.client = ""  # the TCP peer's address (never X-Forwarded-For: a client can write that)
         self.method = method
         self.path = path
         self.started = started
@@ -78,7 +81,7 @@ class Recorder:
             if is_evidence(record):
                 self.stats.record(record.route, record.variant, duration, record.ttft,
                                   is_variant_error(record.error), record.prompt_tokens, record.completion_tokens)
-            self.feedback.remember(record.splitstream_id, record.route, record.variant, record.tenant)
+            self.feedback.remember(record.splitstream_id, record.route, record.variant, record.owner)
             children = self.metrics.for_request(record.route, record.variant, record.backend)
             children.count(record.status)
             children.duration.observe(duration)

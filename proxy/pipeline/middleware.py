@@ -110,6 +110,7 @@ def error_middleware(recorder: Recorder, ids: RequestIds) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         loop_time = asyncio.get_running_loop().time
         record = new_record(request, loop_time())
+        record.client = request.remote or ""
         request[RECORD] = record
         try:
             response = await handler(request)
@@ -132,8 +133,8 @@ def error_middleware(recorder: Recorder, ids: RequestIds) -> Middleware:
             record.status, record.error = internal.status, internal.code
             return error_response(internal, record)
         finally:
-            if record.route is not NONE and not record.tenant:  # routed requests are joined for feedback
-                record.tenant = tenant_of(request.headers.get(hdrs.AUTHORIZATION), False)  # (unless the cache did)
+            if record.route is not NONE and not record.owner:  # routed requests are joined for feedback
+                record.owner = tenant_of(request.headers.get(hdrs.AUTHORIZATION), False)  # (unless the cache did)
             recorder.finish(record, loop_time())
 
     return middleware

@@ -120,7 +120,7 @@ class ResultCache:
             return None
         tenant = tenant_of(authorization, route.cache.shared)
         if not route.cache.shared:
-            record.tenant = tenant  # the feedback join's tenant too: hashed once per request
+            record.owner = tenant  # the feedback join's tenant too: hashed once per request
         lookup = await self.begin(cache_key(view, upstream_model, route.name, tenant), route.name)
         record.cache = lookup.result
         return lookup
