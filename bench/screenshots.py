@@ -143,7 +143,7 @@ async def main() -> None:
 
     rules_dir = Path(tempfile.mkdtemp(prefix="splitstream-shots-"))
     (rules_dir / "rules.yaml").write_text(rules(ports))
-    app = build_app(load_rules(rules_dir, env={}, generation=1), client_keys=[], rules_dir=rules_dir,
+    app = build_app(load_rules(rules_dir, env={}, generation=1), rules_dir=rules_dir,
                     admin_token="", rules_env={}, watch_rules=False)
     runner, port = await start(app)
     runners.append(runner)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from aiohttp import web
 
 from proxy.admin import add_admin_routes
 from proxy.admin.guard import ADMIN_ACCESS, admin_token_from_env
-from proxy.auth import AdminAccess, ClientKeys
+from proxy.auth import AdminAccess
 from proxy.config.model import RULES, RulesHolder, Snapshot
 from proxy.config.reloader import RELOADER, Reloader
 from proxy.delivery.controller import ROLLOUTS, RolloutController, RolloutSettings, default_replica_id
@@ -37,6 +36,7 @@ from proxy.pipeline.body import expect_handler
 from proxy.pipeline.dispatch import DISPATCHER, Dispatcher
 from proxy.pipeline.feedback import FeedbackEndpoint, JoinWriter
 from proxy.pipeline.handler import ENDPOINTS, Endpoints, healthz
+from proxy.pipeline.limits import LIMITER, Limiter
 from proxy.pipeline.middleware import RequestIds, error_middleware
 from proxy.pipeline.result_cache import CACHE, ResultCache
 from proxy.pipeline.shadow import SHADOWS, ShadowMirror
@@ -62,11 +62,6 @@ ROLLOUT_MAX_ENTRIES = 1024
 STATS_MAX_ENTRIES = 100_000
 
 
-def client_keys_from_env() -> list[str]:
-    """Client API keys accepted by the proxy: SPLITSTREAM_API_KEYS, comma-separated. Unset = open."""
-    return [k.strip() for k in os.environ.get("SPLITSTREAM_API_KEYS", "").split(",") if k.strip()]
-
-
 def loop_clock() -> float:
     """The event loop's clock: the default clock of backend state."""
     return asyncio.get_running_loop().time()
@@ -75,7 +70,6 @@ def loop_clock() -> float:
 def build_app(
     snapshot: Snapshot,
     metrics: Metrics | None = None,
-    client_keys: list[str] | None = None,
     access_log: AccessLog | None = None,
     store: OwnedStore | None = None,
     rules_dir: str | Path | None = None,
@@ -129,8 +123,8 @@ def build_app(
     metrics.rules_reloads_total.labels("success").inc()
     metrics.watch_backends(lambda: backends.samples(clock()))
     metrics.watch_rules(lambda: rules.current, queue.depths, weights.variants_for)
-    keys = ClientKeys.of(client_keys if client_keys is not None else client_keys_from_env())
-    endpoints = Endpoints(rules, keys, splitter, cache, dispatcher, shadows, metrics, clock)
+    limiter = Limiter(owned if shared else None, metrics)  # tenant limits: fleet-wide through a shared store
+    endpoints = Endpoints(rules, limiter, splitter, cache, dispatcher, shadows, metrics, clock)
 
     recorder = Recorder(metrics, access_log, stats, feedback)
     app = web.Application(middlewares=[error_middleware(recorder, RequestIds())], client_max_size=CLIENT_MAX_SIZE)
@@ -142,11 +136,14 @@ def build_app(
     app[ADMIN_ACCESS] = admin_access
     app[WEBHOOKS] = webhooks
     app[POOLED] = pooled
+    app[LIMITER] = limiter
 
     app.cleanup_ctx.append(_rules_reloader(reloader, watch_rules))
     app.cleanup_ctx.append(_upstream(client, shadows, cache, access_log))
     app.cleanup_ctx.append(_background("splitstream-health", health.run))
     app.cleanup_ctx.append(_store_lifecycle(owned))
+    if shared:  # limit batches to the store while it is open; the last settlements before it closes
+        app.cleanup_ctx.append(_limits(limiter))
     app.cleanup_ctx.append(_pooled_stats(pooled))  # flushes while the store is open, once more at the end
     app.cleanup_ctx.append(_rollouts(rollouts, webhooks))  # after the store: runs while it is open
     if shared:  # feedback joins for the other replicas; the last ones are written before the store closes
@@ -155,7 +152,7 @@ def build_app(
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, endpoints.inference, expect_handler=expect_handler)
     app.router.add_get("/v1/models", endpoints.list_models)
-    scores = FeedbackEndpoint(keys, feedback, admin_access, rules, owned if shared else None)
+    scores = FeedbackEndpoint(feedback, admin_access, rules, owned if shared else None)
     app.router.add_post("/v1/feedback", scores.post, expect_handler=expect_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", endpoints.readyz)
@@ -220,6 +217,21 @@ def _feedback_joins(writer: JoinWriter) -> Lifecycle:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await writer.flush()
+
+    return lifecycle
+
+
+def _limits(limiter: Limiter) -> Lifecycle:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(limiter.run(), name="splitstream-limits"),
+                 asyncio.create_task(limiter.renew(), name="splitstream-lease-renewals")]
+        yield
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await limiter.drain()
 
     return lifecycle
 

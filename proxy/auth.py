@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proxy.config.model import Tenant, Tenants
+from proxy.config.tenants import hash_key
 from proxy.errors import AdminAuthError, AdminCrossSiteError, AdminForbiddenError, AdminHostError, ClientAuthError
 
 SESSION_COOKIE = "splitstream_ui"
@@ -38,9 +40,7 @@ _SCRIPTED_TYPE = "application/json"
 _LOOPBACK_NAMES = frozenset({"localhost"})
 
 
-def hash_api_key(key: str) -> str:
-    """A key as stored and compared: its SHA-256 hex digest."""
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()  # raw header bytes arrive as surrogates
+hash_api_key = hash_key  # a key as stored and compared: its SHA-256 hex digest (raw header bytes arrive as surrogates)
 
 
 def bearer_token(authorization: str) -> str | None:
@@ -49,23 +49,20 @@ def bearer_token(authorization: str) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-@dataclass(frozen=True, slots=True)
-class ClientKeys:
-    """The client keys the proxy accepts (SPLITSTREAM_API_KEYS), as hashes; empty = open to everyone."""
+def identify(tenants: Tenants, headers: Mapping[str, str]) -> Tenant | None:
+    """The tenant whose key the request carries (`Authorization: Bearer`, else Anthropic-style `x-api-key`);
+    None when the proxy has no tenants (the /v1 API is open). Raises `ClientAuthError` for a missing or
+    unknown key.
 
-    hashes: frozenset[str] = frozenset()
-
-    @classmethod
-    def of(cls, keys: Iterable[str]) -> ClientKeys:
-        return cls(frozenset(hash_api_key(k) for k in keys if k))
-
-    def check(self, headers: Mapping[str, str]) -> None:
-        """Raise `ClientAuthError` unless keys are off or `Authorization` carries one of them as a Bearer token."""
-        if not self.hashes:
-            return  # (before any header lookup: this runs on every request)
-        token = bearer_token(headers.get("Authorization", ""))
-        if token is None or hash_api_key(token) not in self.hashes:
-            raise ClientAuthError("Incorrect API key provided.")
+    The lookup is by the key's SHA-256, so what a timing difference could tell about the table is which
+    digests are near the attacker's own — digests of keys it does not have, which lead nowhere."""
+    if not tenants.enabled:
+        return None  # (before any header lookup: this runs on every request)
+    key = bearer_token(headers.get("Authorization", "")) or headers.get("x-api-key", "").strip()
+    tenant = tenants.by_key.get(hash_api_key(key)) if key else None
+    if tenant is None:
+        raise ClientAuthError("Incorrect API key provided.")
+    return tenant
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ event after). Nothing else builds an error body.
     │       ├── AdminHostError             403 ... / admin_host_not_loopback  (loopback mode, Host not loopback)
     │       └── AdminCrossSiteError        403 ... / admin_cross_site  (admin POST a cross-site page could send)
     ├── OverloadedError                   429 rate_limit_error / overloaded  (+ Retry-After)
+    │   └── TenantLimitError              429 ... / rate_limit_exceeded  (a tenant's limit; + x-ratelimit-*)
     ├── RolloutUnavailableError           503 api_error / rollout_store_unavailable  (admin rollout actions)
     ├── StatsUnavailableError             503 api_error / stats_store_unavailable  (the A/B report's pooled numbers)
     ├── StoreUnavailableError             internal: the caller falls back; never reaches a client
@@ -211,6 +212,16 @@ class OverloadedError(SplitstreamError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TenantLimitError(OverloadedError):
+    """A tenant is over one of its limits (`pipeline/limits.py`); `limit` names it (a metric label)."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, limit: str, retry_after: float) -> None:
+        super().__init__(message, retry_after)
+        self.limit = limit
 
 
 class UpstreamError(SplitstreamError):

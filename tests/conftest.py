@@ -171,9 +171,12 @@ async def proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Callable[.
         rules_dir = tmp_path / f"rules{len(handles)}"
         rules_dir.mkdir()
         (rules_dir / "rules.yaml").write_text(rules_yaml)
-        snapshot = load_rules(rules_dir, env=env or {}, generation=1)
-        app = build_app(snapshot, client_keys=client_keys or [], store=store, rules_dir=rules_dir,
-                        admin_token=admin_token, rules_env=env or {}, watch_rules=watch_rules,
+        env = dict(env or {})
+        if client_keys:  # the shorthand for one tenant named `default`
+            env["SPLITSTREAM_API_KEYS"] = ",".join(client_keys)
+        snapshot = load_rules(rules_dir, env=env, generation=1)
+        app = build_app(snapshot, store=store, rules_dir=rules_dir,
+                        admin_token=admin_token, rules_env=env, watch_rules=watch_rules,
                         rollout_settings=rollout_settings, backend_clock=backend_clock)
         server = await aiohttp_server(app)  # TestServer enables handler_cancellation itself
         handle = ProxyHandle(server, rules_dir)

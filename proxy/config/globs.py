@@ -72,6 +72,8 @@ def glob_covers(outer: str, inner: str) -> bool:
 
 
 def _route_covers(earlier: Route, later: Route) -> bool:
+    if earlier.tenants and not (later.tenants and later.tenants <= earlier.tenants):
+        return False  # the tenants the earlier route leaves out still reach the later one
     if earlier.endpoints and not (later.endpoints and set(later.endpoints) <= set(earlier.endpoints)):
         return False
     return all(any(glob_covers(glob, model) for glob in earlier.models) for model in later.models)

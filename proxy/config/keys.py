@@ -28,6 +28,8 @@ STICKY_KEYS = allowed_keys("sticky")
 ROLLOUT_KEYS = allowed_keys("rollout")
 FEEDBACK_KEYS = allowed_keys("feedback")
 WEBHOOK_KEYS = allowed_keys("webhook")
+TENANT_KEYS = allowed_keys("tenant")
+TENANT_LIMIT_KEYS = allowed_keys("tenant_limits")
 
 SHADOW_DEFAULTS = Shadow(pool=Pool(name="", backends=()))
 ROLLOUT_DEFAULTS = Rollout(candidate="", baseline="")

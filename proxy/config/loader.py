@@ -21,6 +21,7 @@ from proxy.config.keys import RULE_SUFFIXES, TOP_KEYS
 from proxy.config.model import Snapshot
 from proxy.config.routes import RouteContext, build_route
 from proxy.config.sections import build_backend, build_defaults, build_health, build_pool, build_server
+from proxy.config.tenants import build_tenants, check_tenant_routes, default_limits
 from proxy.config.yamlread import Entry, Errors, Loc, Map, Seq, parse_yaml, show, suggest
 
 __all__ = ["RULE_SUFFIXES", "RulesError", "load_rules"]
@@ -46,6 +47,7 @@ class _Sections:
     singles: dict[str, Entry] = field(default_factory=dict)  # 'server', 'defaults'
     backends: dict[str, Entry] = field(default_factory=dict)
     pools: dict[str, Entry] = field(default_factory=dict)
+    tenants: dict[str, Entry] = field(default_factory=dict)
     routes: list[Entry] = field(default_factory=list)
     shadowed: list[tuple[str, Entry]] = field(default_factory=list)  # duplicates: validated, then dropped
     unreadable: bool = False  # some file could not be parsed, so "no routes" would be a guess
@@ -70,6 +72,8 @@ def _collect_section(sections: _Sections, key: str, value: Any, loc: Loc, errors
         _collect_named(sections, sections.backends, "backend", value, loc, errors)
     elif key == "pools":
         _collect_named(sections, sections.pools, "pool", value, loc, errors)
+    elif key == "tenants":
+        _collect_named(sections, sections.tenants, "tenant", value, loc, errors)
     elif key == "routes":
         _collect_routes(sections.routes, value, loc, errors)
     elif key in sections.singles:
@@ -153,15 +157,18 @@ def _resolve(sections: _Sections, env: Mapping[str, str], errors: Errors, root: 
     timeouts, balance = build_defaults(sections.singles.get("defaults"), errors)
     backends = {name: build_backend(entry, env, errors) for name, entry in sections.backends.items()}
     pools = {name: build_pool(entry, backends, errors) for name, entry in sections.pools.items()}
+    limits = default_limits(sections.singles.get("defaults"), errors)
+    tenants, tenant_names = build_tenants(sections.tenants, env, limits, errors, root)
     for kind, entry in sections.shadowed:  # report what else is wrong with a duplicate, then drop it
         if kind == "backend":
             build_backend(entry, env, errors)
-        else:
+        elif kind == "pool":
             build_pool(entry, backends, errors)
-    ctx = RouteContext(pools=pools, timeouts=timeouts, balance=balance, errors=errors)
+    ctx = RouteContext(pools=pools, timeouts=timeouts, balance=balance, errors=errors, tenants=tenant_names)
     built = [(build_route(entry, ctx), entry.loc) for entry in sections.routes]
     routes = [(route, loc) for route, loc in built if route is not None]
     check_shadowing(routes, errors)
+    check_tenant_routes(sections.tenants, tenants, [route for route, _ in routes], errors)
     if not sections.routes and not sections.unreadable:
         errors.add(Loc(root), "no routes defined in any rule file")
     return Snapshot(
@@ -170,13 +177,14 @@ def _resolve(sections: _Sections, env: Mapping[str, str], errors: Errors, root: 
         routes=tuple(route for route, _ in routes),
         server=server,
         health=health,
+        tenants=tenants,
     )
 
 
 def load_rules(directory: str | Path, env: Mapping[str, str] | None = None, generation: int = 0) -> Snapshot:
     """Read, merge, validate and resolve every rule file in `directory` into one immutable snapshot.
 
-    `env` (default `os.environ`) supplies `api_key_env` values. Raises `RulesError` listing every problem."""
+    `env` (default `os.environ`) supplies `api_key_env` and `keys_env` values and SPLITSTREAM_API_KEYS. Raises `RulesError` listing every problem."""
     errors = Errors()
     paths = _rule_files(directory, errors)
     if not paths:

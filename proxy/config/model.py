@@ -8,6 +8,7 @@ never parses or looks anything up by string. A snapshot is never edited: a reloa
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -19,6 +20,9 @@ ENDPOINTS = ("chat", "completions", "embeddings")
 WEBHOOK_EVENTS = ("started", "advanced", "held", "promoted", "rolled_back", "paused", "resumed", "aborted")
 DEFAULT_STICKY_TTL = 7 * 86400.0  # split.sticky.ttl when absent
 DEFAULT_FEEDBACK_TTL = 3600.0  # feedback.ttl when absent
+PRIORITIES = ("high", "normal", "low")  # a tenant's queue class is its index here: 0 is served first
+NORMAL_PRIORITY = 1
+DEFAULT_TENANT = "default"  # the tenant SPLITSTREAM_API_KEYS stands for
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +173,53 @@ class FeedbackRule:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """A tenant's limits, shared by every replica through the store (`pipeline/limits.py`); None = unlimited."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None  # prompt + completion
+    tokens_per_day: int | None = None
+    max_concurrent: int | None = None  # requests in flight across the fleet
+
+    @property
+    def any(self) -> bool:
+        return (self.requests_per_minute or self.tokens_per_minute or self.tokens_per_day
+                or self.max_concurrent) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """Who a client key belongs to: the routes it may use, its place in a saturated queue, its limits."""
+
+    name: str
+    routes: tuple[str, ...] = ()  # route-name globs as written; () = every route
+    route_pattern: re.Pattern[str] | None = None  # `routes` compiled into one; None = every route
+    priority: int = NORMAL_PRIORITY  # index into PRIORITIES
+    limits: TenantLimits = TenantLimits()
+
+    def may_use(self, route: str) -> bool:
+        return self.route_pattern is None or self.route_pattern.fullmatch(route) is not None
+
+    @property
+    def priority_name(self) -> str:
+        return PRIORITIES[self.priority]
+
+
+@dataclass(frozen=True, slots=True)
+class Tenants:
+    """The tenants of a snapshot. Empty (no `tenants:` and no SPLITSTREAM_API_KEYS): the /v1 API is open.
+
+    `by_key` maps the SHA-256 hex of every key to its tenant; the keys themselves are not kept."""
+
+    by_key: Mapping[str, Tenant] = field(default_factory=dict)
+    all: tuple[Tenant, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.all)
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Which requests (model globs, optional endpoints) go to which variants, with what limits."""
 
@@ -187,11 +238,18 @@ class Route:
     sticky: Sticky | None = None  # None: each request draws its variant by weight
     rollout: Rollout | None = None  # weights come from the rollout's state while it exists
     feedback: FeedbackRule = FeedbackRule()  # score range, and how long any replica can join a score
+    tenants: frozenset[str] = frozenset()  # match.tenants: only these tenants' requests match; empty = all
 
     def matches(self, model: str, endpoint: str) -> bool:
         if self.endpoints and endpoint not in self.endpoints:
             return False
         return self.model_pattern.fullmatch(model) is not None
+
+    def serves(self, tenant: Tenant | None) -> bool:
+        """Whether this tenant's requests may take the route (`match.tenants`, and the tenant's `routes`)."""
+        if tenant is None:
+            return not self.tenants
+        return (not self.tenants or tenant.name in self.tenants) and tenant.may_use(self.name)
 
     @property
     def advertised_models(self) -> tuple[str, ...]:
@@ -245,20 +303,24 @@ class Snapshot:
     health: HealthSettings = HealthSettings()
     files: tuple[tuple[str, str], ...] = ()
     generation: int = 0
+    tenants: Tenants = Tenants()
 
-    def match(self, model: str, endpoint: str) -> Route | None:
-        """First route in file order whose patterns match; rule files decide precedence, not specificity."""
+    def match(self, model: str, endpoint: str, tenant: Tenant | None = None) -> Route | None:
+        """First route in file order whose patterns match and that serves the tenant; rule files decide
+        precedence, not specificity. A route the tenant may not use is passed over as if absent, so a
+        forbidden model looks exactly like an unknown one."""
         for route in self.routes:
-            if route.matches(model, endpoint):
+            if route.matches(model, endpoint) and route.serves(tenant):
                 return route
         return None
 
-    @property
-    def advertised_models(self) -> tuple[str, ...]:
+    def advertised_models(self, tenant: Tenant | None = None) -> tuple[str, ...]:
+        """Plain model names of the routes the tenant may use, in rule order, each once."""
         seen: dict[str, None] = {}
         for route in self.routes:
-            for name in route.advertised_models:
-                seen.setdefault(name, None)
+            if route.serves(tenant):
+                for name in route.advertised_models:
+                    seen.setdefault(name, None)
         return tuple(seen)
 
 

@@ -70,6 +70,7 @@ class RouteContext:
     timeouts: Timeouts
     balance: str
     errors: Errors
+    tenants: Mapping[str, object] = field(default_factory=dict)  # defined tenant names (valid or not)
     seen: dict[str, Loc] = field(default_factory=dict)
 
 
@@ -118,15 +119,27 @@ def _match_endpoints(reader: Reader) -> tuple[str, ...]:
     return tuple(dict.fromkeys(e for e in raw if e in ENDPOINTS))
 
 
-def _match(reader: Reader) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _match(reader: Reader, ctx: RouteContext) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]:
     if not reader.has("match"):
         reader.fail("match", "match is required (at least match.model)")
-        return (), ()
+        return (), (), frozenset()
     match = reader.mapping("match")
     if match is None:
-        return (), ()
+        return (), (), frozenset()
     match.check_keys(MATCH_KEYS)
-    return _match_models(match), _match_endpoints(match)
+    return _match_models(match), _match_endpoints(match), _match_tenants(match, ctx)
+
+
+def _match_tenants(reader: Reader, ctx: RouteContext) -> frozenset[str]:
+    if not reader.has("tenants"):
+        return frozenset()
+    raw = reader.get("tenants")
+    if not isinstance(raw, Seq) or not raw or not all(isinstance(name, str) for name in raw):
+        reader.fail("tenants", f"match.tenants must be a non-empty list of tenant names, got {show(raw)}")
+        return frozenset()
+    for name in raw:
+        reference(reader, "tenants", "tenant", name, ctx.tenants)
+    return frozenset(raw)
 
 
 def _pool_ref(reader: Reader, key: str, ctx: RouteContext) -> Pool | None:
@@ -226,7 +239,7 @@ def build_route(entry: Entry, ctx: RouteContext) -> Route | None:
         return None
     reader.check_keys(ROUTE_KEYS)
     name = _route_name(reader, entry, ctx.seen)
-    models, endpoints = _match(reader)
+    models, endpoints, tenants = _match(reader, ctx)
     variants = _variants(reader, ctx)
     sticky = _route_sticky(reader)
     balance = reader.choice("balance", ctx.balance, BALANCE_POLICIES)
@@ -242,7 +255,7 @@ def build_route(entry: Entry, ctx: RouteContext) -> Route | None:
     return Route(name=name, models=models, model_pattern=_compile_models(models), endpoints=endpoints,
                  variants=variants, timeouts=timeouts, balance=balance, source=str(entry.loc),
                  retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky, shadows=shadows,
-                 cache=cache_rule, rollout=rollout, feedback=feedback)
+                 cache=cache_rule, rollout=rollout, feedback=feedback, tenants=tenants)
 
 
 def _rollout(reader: Reader, variants: tuple[Variant, ...]) -> Rollout | None:

@@ -25,6 +25,7 @@ class RequestRecord:
         "request_id", "method", "path", "started", "route", "variant", "backend", "status",
         "bytes_in", "bytes_out", "prompt_tokens", "completion_tokens", "ttft", "stream", "error", "attempts",
         "cache", "splitstream_id", "owner", "tenant", "client",
+        "limit_headers",
     )
 
     def __init__(self, request_id: str, method: str, path: str, started: float) -> None:
@@ -34,6 +35,7 @@ class RequestRecord:
         self.owner = ""
         self.tenant = ""  # the tenant's name from the rules (`tenants:`), '' when the proxy has no tenants
         self.client = ""  # the TCP peer's address (never X-Forwarded-For: a client can write that)
+        self.limit_headers: tuple[tuple[str, str], ...] = ()  # a limited tenant's x-ratelimit-* answer headers
         self.method = method
         self.path = path
         self.started = started
@@ -93,15 +95,26 @@ class Recorder:
                 children.completion_tokens.inc(record.completion_tokens)
         elif record.path.startswith("/v1/"):
             self.metrics.requests_total.labels(NONE, NONE, NONE, status_class(record.status)).inc()
-        if self.access_log.enabled:
-            self.access_log.write({
+        if record.tenant:
+            self.metrics.count_tenant(record.tenant, record.route, record.status, record.prompt_tokens,
+                                      record.completion_tokens)
+        access_log = self.access_log
+        if access_log.enabled and record.path not in access_log.skipped_paths:
+            # The README's "Logs" table is this line's schema: keep them together. Absent values are null
+            # (metrics keep NONE: a label needs a string).
+            access_log.write({
+                "ts": access_log.timestamp(),
+                "level": "info",
+                "msg": "request",
                 "request_id": record.request_id,
                 "splitstream_id": record.splitstream_id,
+                "client": record.client or None,
+                "tenant": record.tenant or None,
                 "method": record.method,
                 "path": record.path,
-                "route": record.route,
-                "variant": record.variant,
-                "backend": record.backend,
+                "route": None if record.route is NONE else record.route,
+                "variant": None if record.variant is NONE else record.variant,
+                "backend": None if record.backend is NONE else record.backend,
                 "status": record.status,
                 "stream": record.stream,
                 "bytes_in": record.bytes_in,

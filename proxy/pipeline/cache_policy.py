@@ -58,6 +58,12 @@ def cache_key(view: RequestView, upstream_model: str, route: str, tenant: str) -
     return digest.hexdigest()
 
 
+def owner_of(tenant: str, authorization: str | None) -> str:
+    """Whose answers these are (a cache partition, who may score them): the tenant when the rules name
+    tenants — so rotating a key keeps the cache —, else the hashed client key (`tenant_of`)."""
+    return f"tenant:{tenant}" if tenant else tenant_of(authorization, False)
+
+
 def tenant_of(authorization: str | None, shared: bool) -> str:
     """Hashed client key (never the key): two tenants never share entries unless the route says so."""
     if shared:

@@ -35,7 +35,7 @@ from proxy.types import Clock
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.connection import UpstreamConnection
 from proxy.upstream.ejection import record_failure, record_success, record_throttle
-from proxy.upstream.queue import WaitQueue
+from proxy.upstream.queue import NORMAL, WaitQueue
 from proxy.upstream.state import BackendState, BackendStates, Lease, ModelStats
 
 
@@ -93,17 +93,19 @@ class Dispatcher:
         *,
         attempts: int,
         queue_timeout: float,
+        priority: int = NORMAL,
+        est: Estimate | None = None,
     ) -> Attempt:
         """The committed exchange with a backend of `pool`, after at most `attempts` tries.
 
-        `queue_timeout`: how long to wait in the pool's FIFO queue while every backend is full (0: never
-        wait — shadow copies must not stand in line with client requests)."""
+        `queue_timeout`: how long to wait in the pool's queue while every backend is full (0: never wait —
+        shadow copies must not stand in line with client requests); `priority`: the request's class there
+        (a tenant's). `est`: the request's size if the caller already priced it (`estimate`)."""
         loop_time = asyncio.get_running_loop().time
         clock = self._clock or loop_time
-        stats = self.model_stats.get(pool.name)
-        if stats is None:
-            stats = self.model_stats[pool.name] = new_model_stats()
-        est = estimate(stats, len(view.body), view.max_tokens, view.endpoint == "embeddings")
+        stats = self._stats(pool)
+        if est is None:
+            est = estimate(stats, len(view.body), view.max_tokens, view.endpoint == "embeddings")
         payload = view.upstream_body(pool.model)
         tried: list[BackendState] = []
         last_error: UpstreamError | None = None
@@ -111,7 +113,8 @@ class Dispatcher:
             if loop_time() >= deadlines.total:
                 break
             try:
-                lease = await self._acquire(snapshot, route, pool, est, tried, deadlines, queue_timeout, clock)
+                lease = await self._acquire(snapshot, route, pool, est, tried, deadlines, queue_timeout, clock,
+                                            priority)
             except (NoHealthyBackendError, OverloadedError):
                 if last_error is not None:
                     raise last_error from None  # the failure the client should hear about is the backend's
@@ -154,6 +157,16 @@ class Dispatcher:
         assert last_error is not None or loop_time() >= deadlines.total
         raise last_error if last_error is not None else NoHealthyBackendError("The request ran out of time.")
 
+    def estimate(self, pool: Pool, view: RequestView) -> Estimate:
+        """The request's predicted size in tokens, from what the pool's model taught so far."""
+        return estimate(self._stats(pool), len(view.body), view.max_tokens, view.endpoint == "embeddings")
+
+    def _stats(self, pool: Pool) -> ModelStats:
+        stats = self.model_stats.get(pool.name)
+        if stats is None:
+            stats = self.model_stats[pool.name] = new_model_stats()
+        return stats
+
     def settle(self, attempt: Attempt, record: RequestRecord, body_bytes: int) -> None:
         """After the answer was relayed (or read): give the connection and lease back, learn from how it went."""
         status = record.status or attempt.conn.status  # record.status is set only when the relay failed
@@ -188,8 +201,10 @@ class Dispatcher:
         deadlines: Deadlines,
         queue_timeout: float,
         clock: Clock,
+        priority: int,
     ) -> Lease:
-        """A lease on the best backend not tried yet; waits in the pool's FIFO queue while all are full.
+        """A lease on the best backend not tried yet; waits in the pool's queue (by priority class, FIFO
+        within one, `upstream/queue.py`) while all are full.
 
         Panic (too few of the pool healthy, `balancer.in_panic`) is judged over the whole pool, tried or not,
         and every lease taken in panic is counted for the pool."""
@@ -202,10 +217,11 @@ class Dispatcher:
         loop_time = asyncio.get_running_loop().time
         queue_deadline = min(loop_time() + queue_timeout, deadlines.total)
         max_queue = snapshot.server.max_queue
-        waited = False
+        since: float | None = None  # when this request first queued: it keeps that place when woken too early
         while True:
             now = clock()
-            if waited or not queue.waiting(pool.name):  # newcomers queue behind those already waiting (FIFO)
+            waited = since is not None
+            if waited or not queue.waiting(pool.name):  # newcomers queue behind those already waiting
                 panic = in_panic(members, now, snapshot.health.panic_threshold)
                 costs = [predicted_seconds(s, est) for s in candidates]
                 index = pick_backend(candidates, costs, route.balance, self.next_turn(pool.name), now,
@@ -222,10 +238,11 @@ class Dispatcher:
                 raise OverloadedError(f"Every backend of pool '{pool.name}' is busy and the queue is full.",
                                       retry_after=route.timeouts.queue)
             left = queue_deadline - loop_time()
-            if left <= 0 or not await queue.wait(pool.name, left, at_head=waited):
+            if since is None:
+                since = loop_time()
+            if left <= 0 or not await queue.wait(pool.name, left, since, priority):
                 raise OverloadedError(f"Every backend of pool '{pool.name}' stayed busy for "
                                       f"{route.timeouts.queue:g}s.", retry_after=route.timeouts.queue)
-            waited = True
 
 
 def _note_failure(health: HealthSettings, state: BackendState, exc: UpstreamError, now: float) -> None:

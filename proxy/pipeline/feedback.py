@@ -34,7 +34,7 @@ import re
 import orjson
 from aiohttp import hdrs, web
 
-from proxy.auth import AdminAccess, ClientKeys, check_admin
+from proxy.auth import AdminAccess, check_admin, identify
 from proxy.config.model import FeedbackRule, RulesHolder
 from proxy.errors import (
     InvalidFeedbackError,
@@ -45,7 +45,7 @@ from proxy.errors import (
 )
 from proxy.observe.feedback import LOCAL, FeedbackLedger, Previous, Served
 from proxy.pipeline.body import read_body
-from proxy.pipeline.cache_policy import tenant_of
+from proxy.pipeline.cache_policy import owner_of, tenant_of
 from proxy.pipeline.middleware import ID_BYTES, MAX_REQUEST_ID_LENGTH
 from proxy.store import Store
 
@@ -64,12 +64,10 @@ _OWN_ID = re.compile(f"[0-9a-f]{{{2 * ID_BYTES}}}")  # what `RequestIds` hands o
 
 
 class FeedbackEndpoint:
-    __slots__ = ("client_keys", "ledger", "admin", "rules", "store")
+    __slots__ = ("ledger", "admin", "rules", "store")
 
-    def __init__(self, client_keys: ClientKeys, ledger: FeedbackLedger, admin: AdminAccess, rules: RulesHolder,
-                 store: Store | None) -> None:
+    def __init__(self, ledger: FeedbackLedger, admin: AdminAccess, rules: RulesHolder, store: Store | None) -> None:
         """`store`: the store shared with the other replicas (None: this process alone, the ledger is all)."""
-        self.client_keys = client_keys
         self.ledger = ledger
         self.admin = admin
         self.rules = rules
@@ -80,8 +78,7 @@ class FeedbackEndpoint:
         the same request replaces the first."""
         authorization = request.headers.get(hdrs.AUTHORIZATION, "")
         admin = self._is_admin(authorization)
-        if not admin:
-            self.client_keys.check(request.headers)
+        tenant = None if admin else identify(self.rules.current.tenants, request.headers)
         body = await read_body(request, MAX_FEEDBACK_BYTES, FEEDBACK_READ_TIMEOUT)
         try:
             data = orjson.loads(body)
@@ -99,7 +96,8 @@ class FeedbackEndpoint:
         joined = self.ledger.lookup(request_id)
         if joined is None:
             joined = await self._joined(request_id)
-        if joined is None or not (admin or joined[2] in (ANONYMOUS, tenant_of(authorization, False))):
+        owner = owner_of(tenant.name if tenant is not None else "", authorization)
+        if joined is None or not (admin or joined[2] in (ANONYMOUS, owner)):
             raise UnknownRequestError("No such request_id among the requests answered recently "
                                       "(or it is not yours to score).")
         route, variant = joined[0], joined[1]

@@ -1,9 +1,9 @@
 """The client endpoints: inference walks the pipeline stages in order; the rest answer from state.
 
-inference: read body → parse (once) → route → variant (split) → cache lookup → dispatch (backend lease,
-forward, fail-over) → shadow copies → relay → settle. Each stage lives in its own module; this one only
-sequences them and owns the lifetimes (`finally`): lease, connection, cache flight, shadow pairing, so
-everything is given back however a request ends. `Endpoints` is built once by `app.py` with exactly the
+inference: tenant (key) → read body → parse (once) → route → variant (split) → tenant limits → cache
+lookup → dispatch (backend lease, forward, fail-over) → shadow copies → relay → settle. Each stage lives in
+its own module; this one only sequences them and owns the lifetimes (`finally`): limit reservation, lease,
+connection, cache flight, shadow pairing, so everything is given back however a request ends. `Endpoints` is built once by `app.py` with exactly the
 parts the request path uses; its methods are the route handlers.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.auth import ClientKeys
-from proxy.config.model import Pool, Route, RulesHolder, Snapshot
+from proxy.auth import identify
+from proxy.config.model import Pool, Route, RulesHolder, Snapshot, Tenant
 from proxy.errors import OverloadedError, UnknownModelError
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
@@ -25,7 +25,9 @@ from proxy.pipeline import request as request_view
 from proxy.pipeline.assignment import Splitter
 from proxy.pipeline.body import read_body
 from proxy.pipeline.deadlines import Deadlines
+from proxy.pipeline.cost import Estimate
 from proxy.pipeline.dispatch import Dispatcher
+from proxy.pipeline.limits import Limiter
 from proxy.pipeline.middleware import RECORD
 from proxy.pipeline.relay import relay_body, relay_stream
 from proxy.pipeline.request import RequestView
@@ -33,6 +35,7 @@ from proxy.pipeline.result_cache import Flight, ResultCache, answer_from_entry, 
 from proxy.pipeline.shadow import Mirror, ShadowMirror
 from proxy.types import Clock
 from proxy.upstream.probe import is_reachable
+from proxy.upstream.queue import NORMAL
 
 Sink = Callable[[bytes], None]
 READINESS_MAX_AGE = 1.0  # seconds a /readyz answer is reused
@@ -41,15 +44,15 @@ READINESS_MAX_AGE = 1.0  # seconds a /readyz answer is reused
 class Endpoints:
     """The client-facing handlers and the parts they share. `inflight`: client requests being served."""
 
-    __slots__ = ("rules", "client_keys", "splitter", "cache", "dispatcher", "shadows", "metrics", "clock",
+    __slots__ = ("rules", "limiter", "splitter", "cache", "dispatcher", "shadows", "metrics", "clock",
                  "inflight", "_readiness", "_readiness_probe")
 
     def __init__(
-        self, rules: RulesHolder, client_keys: ClientKeys, splitter: Splitter, cache: ResultCache,
+        self, rules: RulesHolder, limiter: Limiter, splitter: Splitter, cache: ResultCache,
         dispatcher: Dispatcher, shadows: ShadowMirror, metrics: Metrics, clock: Clock,
     ) -> None:
         self.rules = rules
-        self.client_keys = client_keys
+        self.limiter = limiter
         self.splitter = splitter
         self.cache = cache
         self.dispatcher = dispatcher
@@ -63,7 +66,9 @@ class Endpoints:
     async def inference(self, request: web.Request) -> web.StreamResponse:
         record = request[RECORD]
         snapshot = self.rules.current  # read once: this request finishes on these rules
-        self.client_keys.check(request.headers)
+        tenant = identify(snapshot.tenants, request.headers)  # 401 before the body is read
+        if tenant is not None:
+            record.tenant = tenant.name
         server = snapshot.server
         # In flight only once its body is here: a slow client holds its own socket, never a slot for work.
         body = await read_body(request, server.max_body_bytes, server.read_timeout)
@@ -71,27 +76,42 @@ class Endpoints:
             raise OverloadedError("splitstream is at its limit of requests in flight; retry shortly.")
         self.inflight += 1
         try:
-            return await self._serve(request, snapshot, record, body)
+            return await self._serve(request, snapshot, tenant, record, body)
         finally:
             self.inflight -= 1
 
     async def _serve(
-        self, request: web.Request, snapshot: Snapshot, record: RequestRecord, body: bytes
+        self, request: web.Request, snapshot: Snapshot, tenant: Tenant | None, record: RequestRecord, body: bytes
     ) -> web.StreamResponse:
         record.bytes_in = len(body)
         view = request_view.parse(request_view.ENDPOINT_BY_PATH[request.path], body)
-        route = snapshot.match(view.model, view.endpoint)
+        route = snapshot.match(view.model, view.endpoint, tenant)
         if route is None:
-            raise UnknownModelError(f"The model `{view.model[:256]}` does not exist or no route serves it.")
+            raise UnknownModelError(f"The model `{view.model[:256]}` does not exist or you do not have access to it.")
         variant = await self.splitter.choose(route, request.headers, view)
         pool = variant.pool
         record.route, record.variant, record.stream = route.name, variant.name, view.is_stream
+        est = self.dispatcher.estimate(pool, view)
+        if tenant is None or not tenant.limits.any:
+            return await self._answer(request, snapshot, route, pool, view, record, est, tenant)
+        ticket = await self.limiter.admit(tenant, est, view.max_tokens, record)
+        try:
+            return await self._answer(request, snapshot, route, pool, view, record, est, tenant)
+        finally:
+            self.limiter.settle(ticket, record)
+
+    async def _answer(
+        self, request: web.Request, snapshot: Snapshot, route: Route, pool: Pool, view: RequestView,
+        record: RequestRecord, est: Estimate, tenant: Tenant | None,
+    ) -> web.StreamResponse:
+        """From the cache (hit, or following an identical request in flight) or from a backend."""
+        priority = tenant.priority if tenant is not None else NORMAL
         if route.cache is None:
-            return await self._forward(request, snapshot, route, pool, view, record, None)
+            return await self._forward(request, snapshot, route, pool, view, record, None, est, priority)
         loop_time = asyncio.get_running_loop().time
         lookup = await self.cache.lookup(route, pool.model or view.model, view, request.headers, record)
         if lookup is None:
-            return await self._forward(request, snapshot, route, pool, view, record, None)
+            return await self._forward(request, snapshot, route, pool, view, record, None, est, priority)
         if lookup.entry is not None:
             record.backend, record.ttft = "cache", loop_time() - record.started
             return answer_from_entry(lookup.entry, view, record)
@@ -101,12 +121,12 @@ class Endpoints:
             if response is not None:
                 return response
             record.cache = "miss"  # the request we followed failed before sharing anything: go ourselves
-            return await self._forward(request, snapshot, route, pool, view, record, None)
+            return await self._forward(request, snapshot, route, pool, view, record, None, est, priority)
         flight = lookup.lead
         assert flight is not None
         ok = False
         try:
-            response = await self._forward(request, snapshot, route, pool, view, record, flight)
+            response = await self._forward(request, snapshot, route, pool, view, record, flight, est, priority)
             ok = record.error is None and record.status != CLIENT_CLOSED
             return response
         finally:
@@ -114,12 +134,13 @@ class Endpoints:
 
     async def _forward(
         self, request: web.Request, snapshot: Snapshot, route: Route, pool: Pool, view: RequestView,
-        record: RequestRecord, flight: Flight | None,
+        record: RequestRecord, flight: Flight | None, est: Estimate, priority: int,
     ) -> web.StreamResponse:
         """Upstream: dispatch (with fail-over), mirror to shadows, relay; the answer also fills `flight` if given."""
         deadlines = Deadlines(route.timeouts, record.started)
         attempt = await self.dispatcher.call(snapshot, route, pool, view, request.path, record, deadlines,
-                                             attempts=route.retry_attempts, queue_timeout=route.timeouts.queue)
+                                             attempts=route.retry_attempts, queue_timeout=route.timeouts.queue,
+                                             priority=priority, est=est)
         mirror: Mirror | None = None
         if route.shadows:
             mirror = self.shadows.mirror(snapshot, route, view, request.path, record.request_id, attempt)
@@ -142,12 +163,14 @@ class Endpoints:
                 mirror.primary_done(record)
 
     async def list_models(self, request: web.Request) -> web.Response:
-        """The models clients may ask for: plain (non-glob) names from the routes' match patterns."""
-        self.client_keys.check(request.headers)
+        """The models the caller may ask for: plain (non-glob) names from the match patterns of the routes
+        its tenant may use."""
+        snapshot = self.rules.current
+        tenant = identify(snapshot.tenants, request.headers)
         created = int(time.time())
         data = [
             {"id": name, "object": "model", "created": created, "owned_by": "splitstream"}
-            for name in self.rules.current.advertised_models
+            for name in snapshot.advertised_models(tenant)
         ]
         return web.json_response({"object": "list", "data": data})
 

@@ -30,7 +30,8 @@ H = TypeVar("H", bound=MutableMapping[str, str])
 
 
 def routing_headers(record: RequestRecord, headers: H) -> H:
-    """Add the request ids and, once a route was chosen, where the request went; returns `headers`.
+    """Add the request ids, where the request went once a route was chosen, and a limited tenant's
+    x-ratelimit-* headers; returns `headers`.
     `x-request-id` is the client's own when it sent one; `x-splitstream-request-id` is always ours (the id
     POST /v1/feedback takes)."""
     headers["x-request-id"] = record.request_id
@@ -41,6 +42,8 @@ def routing_headers(record: RequestRecord, headers: H) -> H:
         headers["x-splitstream-backend"] = record.backend
     if record.cache is not None:  # a coalesced answer is a hit to the client: it did not wait for its own
         headers[CACHE_HEADER] = "hit" if record.cache == "coalesced" else record.cache
+    for name, value in record.limit_headers:  # a limited tenant's x-ratelimit-* (`pipeline/limits.py`)
+        headers[name] = value
     return headers
 
 

@@ -19,7 +19,7 @@ from aiohttp import hdrs, web
 
 from proxy.errors import SplitstreamError, UnknownPathError, error_body
 from proxy.observe.record import CLIENT_CLOSED, NONE, Recorder, RequestRecord
-from proxy.pipeline.cache_policy import tenant_of
+from proxy.pipeline.cache_policy import owner_of
 from proxy.pipeline.headers import routing_headers
 from proxy.types import Handler, Middleware
 
@@ -134,7 +134,7 @@ def error_middleware(recorder: Recorder, ids: RequestIds) -> Middleware:
             return error_response(internal, record)
         finally:
             if record.route is not NONE and not record.owner:  # routed requests are joined for feedback
-                record.owner = tenant_of(request.headers.get(hdrs.AUTHORIZATION), False)  # (unless the cache did)
+                record.owner = owner_of(record.tenant, request.headers.get(hdrs.AUTHORIZATION))  # (unless the cache did)
             recorder.finish(record, loop_time())
 
     return middleware

@@ -27,6 +27,7 @@ from proxy.pipeline.cache_policy import (
     bypass_reason,
     cache_key,
     is_complete_stream,
+    owner_of,
     render,
     tenant_of,
 )
@@ -113,14 +114,15 @@ class ResultCache:
         """Hit, follow or lead for a cacheable request; None (counted as bypass) for one that must not be cached."""
         assert route.cache is not None
         authorization = headers.get("Authorization")
-        identified = route.cache.shared or bool(authorization)
+        identified = route.cache.shared or bool(record.tenant) or bool(authorization)
         if bypass_reason(view, headers.get("Cache-Control"), headers.get(FORCE_HEADER), identified) is not None:
             self.bypass(route.name)
             record.cache = "bypass"
             return None
-        tenant = tenant_of(authorization, route.cache.shared)
-        if not route.cache.shared:
-            record.owner = tenant  # the feedback join's tenant too: hashed once per request
+        if route.cache.shared:
+            tenant = tenant_of(authorization, True)
+        else:
+            tenant = record.owner = record.owner or owner_of(record.tenant, authorization)  # the feedback join's too
         lookup = await self.begin(cache_key(view, upstream_model, route.name, tenant), route.name)
         record.cache = lookup.result
         return lookup

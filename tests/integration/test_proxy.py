@@ -192,7 +192,7 @@ async def test_access_log_has_numbers_not_text(sim: Any, aiohttp_server: Any, tm
     sink = io.BytesIO()
     log = AccessLog(sink)
     log.enabled = True
-    app = build_app(load_rules(tmp_path), client_keys=[], access_log=log)
+    app = build_app(load_rules(tmp_path), access_log=log)
     proxy_server = await aiohttp_server(app)
     secret = "my very private prompt"
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{proxy_server.port}/v1", api_key="sk-client-key")

@@ -293,7 +293,7 @@ async def test_admin_reload_without_a_rules_dir_is_409(sim: Any, aiohttp_client:
     _, b = await sim()
     rules = Path(tempfile.mkdtemp())
     (rules / "rules.yaml").write_text(two_pools(a, b, "pool-a"))
-    app_client = await aiohttp_client(build_app(load_rules(rules, env={}), client_keys=[], admin_token=""))
+    app_client = await aiohttp_client(build_app(load_rules(rules, env={}), admin_token=""))
     response = await app_client.post("/admin/reload", headers={"X-Splitstream-Admin": "1"})
     assert response.status == 409
     assert (await response.json())["error"]["code"] == "reload_unavailable"

@@ -569,13 +569,13 @@ BROKEN: list[tuple[str, dict[str, str], str]] = [
     (
         "top level is a list",
         {"c.yaml": "- a\n- b\n"},
-        "c.yaml:1: top level must be a mapping of sections (server, defaults, health, backends, pools, routes), "
+        "c.yaml:1: top level must be a mapping of sections (server, defaults, health, backends, pools, tenants, routes), "
         "got a list",
     ),
     (
         "top level is a scalar",
         {"c.yaml": "hello\n"},
-        "c.yaml:1: top level must be a mapping of sections (server, defaults, health, backends, pools, routes), "
+        "c.yaml:1: top level must be a mapping of sections (server, defaults, health, backends, pools, tenants, routes), "
         "got 'hello'",
     ),
     (
@@ -833,7 +833,7 @@ def test_endpoints_filter(tmp_path: Path) -> None:
 
 def test_advertised_models(valid_dir: Path) -> None:
     snapshot = load_rules(valid_dir, env={"OLLAMA_KEY": "k"})
-    assert snapshot.advertised_models == ("qwen-7b",)
+    assert snapshot.advertised_models() == ("qwen-7b",)
     assert snapshot.routes[1].advertised_models == ("qwen-7b",)
     assert snapshot.routes[0].advertised_models == ()
 
@@ -848,7 +848,7 @@ def test_advertised_models_deduplicated_in_order(tmp_path: Path) -> None:
             match: {model: [alpha, beta]}
             pool: p1
         """})
-    assert load_rules(rules, env={}).advertised_models == ("base-model", "zeta", "alpha", "beta")
+    assert load_rules(rules, env={}).advertised_models() == ("base-model", "zeta", "alpha", "beta")
 
 
 def test_snapshot_type(valid_dir: Path) -> None:

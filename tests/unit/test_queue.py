@@ -11,12 +11,12 @@ from collections.abc import Iterable
 
 import pytest
 
-from proxy.upstream.queue import WaitQueue
+from proxy.upstream.queue import AGEING_SECONDS, WaitQueue
 
 NEVER = 60.0  # seconds: the timeout of waiters the test wakes itself; only a bug lets it run out (wait() is False)
 
 
-async def waiter(queue: WaitQueue, pool: str, at_head: bool = False) -> asyncio.Task[bool]:
+async def waiter(queue: WaitQueue, pool: str, since: float | None = None, priority: int = 1) -> asyncio.Task[bool]:
     """A task waiting in `pool`, returned once it is in the queue."""
     queued = asyncio.Event()
 
@@ -24,7 +24,7 @@ async def waiter(queue: WaitQueue, pool: str, at_head: bool = False) -> asyncio.
         # wait() queues itself before it first suspends, and a step runs to its first suspension before any
         # callback scheduled during it: when `queued` is set, this waiter is in the queue.
         asyncio.get_running_loop().call_soon(queued.set)
-        return await queue.wait(pool, NEVER, at_head)
+        return await queue.wait(pool, NEVER, since, priority)
 
     before = queue.waiting(pool)
     task = asyncio.create_task(run())
@@ -68,12 +68,14 @@ async def test_notify_wakes_the_head_of_every_pool_and_pools_are_independent() -
 
 
 @pytest.mark.parametrize("at_head", [True, False])
-async def test_a_woken_waiter_that_waits_again_at_head_goes_first(at_head: bool) -> None:
+async def test_a_woken_waiter_that_waits_again_with_its_first_time_goes_first(at_head: bool) -> None:
     queue = WaitQueue()
-    first, second = await waiter(queue, "p"), await waiter(queue, "p")
+    since = asyncio.get_running_loop().time()
+    first, second = await waiter(queue, "p", since), await waiter(queue, "p")
     queue.notify()
     assert await first_woken([first, second]) == {first}
-    again = await waiter(queue, "p", at_head=at_head)  # `first` found no room after all and waits again
+    # `first` found no room after all and waits again: with its first `since` it keeps its place
+    again = await waiter(queue, "p", since if at_head else None)
     queue.notify()
     assert await first_woken([again, second]) == ({again} if at_head else {second})
     queue.notify()
@@ -107,7 +109,8 @@ async def test_a_lone_waiter_that_times_out_returns_false_and_leaves_the_queue(t
 async def test_a_waiter_that_times_out_leaves_the_others_waiting(timeout: float, at_head: bool) -> None:
     queue = WaitQueue()
     other = await waiter(queue, "p")
-    assert await queue.wait("p", timeout, at_head=at_head) is False  # ahead of `other`, or behind it
+    since = 0.0 if at_head else None
+    assert await queue.wait("p", timeout, since) is False  # ahead of `other`, or behind it
     assert queue.depths() == {"p": 1}
     assert not other.done()  # leaving passed nothing on: it had received no wake-up
     queue.notify()  # the wake-up goes to the waiter still there
@@ -172,3 +175,33 @@ async def test_notify_with_nobody_waiting_is_a_no_op() -> None:
     assert await queue.wait("p", 0) is False  # the wake-up was not kept for a later waiter
     queue.notify()  # the pool's queue exists now, empty
     assert queue.depths() == {} and queue.waiting("p") == 0
+
+
+async def test_a_higher_class_is_woken_first_and_fifo_holds_within_a_class() -> None:
+    queue = WaitQueue()
+    now = asyncio.get_running_loop().time()
+    low = await waiter(queue, "p", now, priority=2)
+    normal_first = await waiter(queue, "p", now, priority=1)
+    normal_second = await waiter(queue, "p", now + 0.1, priority=1)
+    high = await waiter(queue, "p", now + 0.2, priority=0)
+    order = []
+    pending = {low, normal_first, normal_second, high}
+    while pending:
+        queue.notify()
+        done = await first_woken(pending)
+        assert len(done) == 1
+        order.extend(done)
+        pending -= done
+    assert order == [high, normal_first, normal_second, low]
+
+
+async def test_a_low_waiter_that_waited_long_enough_goes_before_a_new_high_one() -> None:
+    """Ageing: a class yields AGEING_SECONDS per step, so low is late under pressure but never starved."""
+    queue = WaitQueue()
+    now = asyncio.get_running_loop().time()
+    old_low = await waiter(queue, "p", now - 2 * AGEING_SECONDS - 0.5, priority=2)
+    new_high = await waiter(queue, "p", now, priority=0)
+    queue.notify()
+    assert await first_woken([old_low, new_high]) == {old_low}
+    queue.notify()
+    assert await new_high is True

@@ -38,7 +38,8 @@ def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
         ("TIMEOUT_KEYS", "timeouts"), ("BACKEND_KEYS", "backend"), ("POOL_KEYS", "pool"), ("ROUTE_KEYS", "route"),
         ("MATCH_KEYS", "match"), ("SPLIT_KEYS", "split"), ("VARIANT_KEYS", "variant"), ("STICKY_KEYS", "sticky"),
         ("RETRY_KEYS", "retry"), ("SHADOW_KEYS", "shadow"), ("CACHE_KEYS", "cache"), ("ROLLOUT_KEYS", "rollout"),
-        ("FEEDBACK_KEYS", "feedback"), ("WEBHOOK_KEYS", "webhook"),
+        ("FEEDBACK_KEYS", "feedback"), ("WEBHOOK_KEYS", "webhook"), ("TENANT_KEYS", "tenant"),
+        ("TENANT_LIMIT_KEYS", "tenant_limits"),
     ],
 )
 def test_key_sets_are_the_loaders(constant: str, definition: str | None) -> None:
@@ -49,7 +50,8 @@ def test_every_loader_key_set_is_covered() -> None:
     """A new `*_KEYS` constant in the loader needs its schema definition (and a row above)."""
     covered = {"TOP_KEYS", "SERVER_KEYS", "DEFAULTS_KEYS", "HEALTH_KEYS", "TIMEOUT_KEYS", "BACKEND_KEYS",
                "POOL_KEYS", "ROUTE_KEYS", "MATCH_KEYS", "SPLIT_KEYS", "VARIANT_KEYS", "STICKY_KEYS", "RETRY_KEYS",
-               "SHADOW_KEYS", "CACHE_KEYS", "ROLLOUT_KEYS", "FEEDBACK_KEYS", "WEBHOOK_KEYS"}
+               "SHADOW_KEYS", "CACHE_KEYS", "ROLLOUT_KEYS", "FEEDBACK_KEYS", "WEBHOOK_KEYS",
+               "TENANT_KEYS", "TENANT_LIMIT_KEYS"}
     assert {name for name in vars(loader) if name.endswith("_KEYS")} == covered
 
 
