@@ -31,6 +31,7 @@ from proxy.observe.metrics import METRICS, Metrics
 from proxy.observe.pooled import POOLED, PooledStats
 from proxy.observe.record import Recorder
 from proxy.observe.stats import STATS, RequestStats
+from proxy.observe.usage import USAGE, TenantUsage
 from proxy.pipeline.assignment import SPLITTER, Splitter
 from proxy.pipeline.body import expect_handler
 from proxy.pipeline.dispatch import DISPATCHER, Dispatcher
@@ -60,6 +61,7 @@ CACHE_MAX_BYTES = 256 * 1024 * 1024
 ROLLOUT_MAX_ENTRIES = 1024
 # Embedded pooled statistics too: ~700 hashes per route (`observe/stats.py` buckets and TTLs) plus the fleet's.
 STATS_MAX_ENTRIES = 100_000
+USAGE_MAX_ENTRIES = 1024  # embedded tenant usage: 2 h of minute buckets and 25 h of hour buckets
 
 
 def loop_clock() -> float:
@@ -126,7 +128,8 @@ def build_app(
     limiter = Limiter(owned if shared else None, metrics)  # tenant limits: fleet-wide through a shared store
     endpoints = Endpoints(rules, limiter, splitter, cache, dispatcher, shadows, metrics, clock)
 
-    recorder = Recorder(metrics, access_log, stats, feedback)
+    usage = TenantUsage(owned if shared else MemoryStore(max_entries=USAGE_MAX_ENTRIES), rollout_settings.clock)
+    recorder = Recorder(metrics, access_log, stats, feedback, usage)
     app = web.Application(middlewares=[error_middleware(recorder, RequestIds())], client_max_size=CLIENT_MAX_SIZE)
     app[RULES], app[RELOADER], app[METRICS], app[BACKENDS], app[UPSTREAM] = rules, reloader, metrics, backends, client
     app[DISPATCHER], app[SHADOWS], app[CACHE], app[SPLITTER], app[ENDPOINTS] = (
@@ -137,6 +140,7 @@ def build_app(
     app[WEBHOOKS] = webhooks
     app[POOLED] = pooled
     app[LIMITER] = limiter
+    app[USAGE] = usage
 
     app.cleanup_ctx.append(_rules_reloader(reloader, watch_rules))
     app.cleanup_ctx.append(_upstream(client, shadows, cache, access_log))
@@ -145,6 +149,7 @@ def build_app(
     if shared:  # limit batches to the store while it is open; the last settlements before it closes
         app.cleanup_ctx.append(_limits(limiter))
     app.cleanup_ctx.append(_pooled_stats(pooled))  # flushes while the store is open, once more at the end
+    app.cleanup_ctx.append(_background("splitstream-tenant-usage", usage.run))
     app.cleanup_ctx.append(_rollouts(rollouts, webhooks))  # after the store: runs while it is open
     if shared:  # feedback joins for the other replicas; the last ones are written before the store closes
         app.cleanup_ctx.append(_feedback_joins(JoinWriter(feedback, owned, rules)))

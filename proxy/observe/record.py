@@ -7,10 +7,12 @@ recorded exactly once, whichever way it ended (answer, error, client gone).
 
 from __future__ import annotations
 
+from proxy.errors import TenantLimitError
 from proxy.observe.feedback import FeedbackLedger
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics, status_class
 from proxy.observe.stats import RequestStats, is_variant_error
+from proxy.observe.usage import TenantUsage
 
 NONE = "none"  # label value when a request ended before a route/variant/backend was chosen
 
@@ -65,15 +67,17 @@ def is_evidence(record: RequestRecord) -> bool:
 class Recorder:
     """Where finished requests go: metrics, per-variant statistics, the feedback ledger, the access log."""
 
-    __slots__ = ("metrics", "access_log", "stats", "feedback")
+    __slots__ = ("metrics", "access_log", "stats", "feedback", "usage")
 
     def __init__(
-        self, metrics: Metrics, access_log: AccessLog, stats: RequestStats, feedback: FeedbackLedger
+        self, metrics: Metrics, access_log: AccessLog, stats: RequestStats, feedback: FeedbackLedger,
+        usage: TenantUsage | None = None,
     ) -> None:
         self.metrics = metrics
         self.access_log = access_log
         self.stats = stats
         self.feedback = feedback
+        self.usage = usage  # per-tenant numbers for /admin/tenants (None: nobody reads them)
 
     def finish(self, record: RequestRecord, now: float) -> None:
         """Write the request metrics, the per-variant statistics (status pages, rollouts), the request's
@@ -98,15 +102,19 @@ class Recorder:
         if record.tenant:
             self.metrics.count_tenant(record.tenant, record.route, record.status, record.prompt_tokens,
                                       record.completion_tokens)
+            if self.usage is not None:
+                self.usage.record(record.tenant, (record.prompt_tokens or 0) + (record.completion_tokens or 0),
+                                  record.error == TenantLimitError.code)
         access_log = self.access_log
         if access_log.enabled and record.path not in access_log.skipped_paths:
             # The README's "Logs" table is this line's schema: keep them together. Absent values are null
-            # (metrics keep NONE: a label needs a string).
+            # (metrics keep NONE: a label needs a string). `request_id` stays first: bench/ picks access lines
+            # out of a mixed stderr by that prefix.
             access_log.write({
+                "request_id": record.request_id,
                 "ts": access_log.timestamp(),
                 "level": "info",
                 "msg": "request",
-                "request_id": record.request_id,
                 "splitstream_id": record.splitstream_id,
                 "client": record.client or None,
                 "tenant": record.tenant or None,

@@ -24,6 +24,7 @@ from proxy.delivery.weights import RolloutWeights
 from proxy.observe.histogram import percentile
 from proxy.observe.metrics import Metrics
 from proxy.observe.stats import Pooled, VariantTotals
+from proxy.observe.usage import Usage
 from proxy.pipeline.result_cache import ResultCache
 from proxy.pipeline.shadow import ShadowMirror
 from proxy.upstream.state import BackendState, BackendStates
@@ -70,6 +71,15 @@ class Sources:
     backends: BackendStates
     shadows: ShadowMirror
     cache: ResultCache
+    tenants: TenantNumbers | None = None  # the tenants page's pooled usage (None elsewhere, or store down)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantNumbers:
+    """Every tenant's usage over the last minute and the last day, summed over the fleet (`observe/usage.py`)."""
+
+    minute: Mapping[str, Usage]
+    day: Mapping[str, Usage]
 
 
 PageBuilder = Callable[[Sources, Clocks], dict[str, Any]]
@@ -246,7 +256,9 @@ def backends(sources: Sources, clocks: Clocks) -> dict[str, Any]:
 
 def shadow(sources: Sources, clocks: Clocks) -> dict[str, Any]:
     """The latest primary/shadow comparisons (ids and numbers, never text), newest first, with a summary
-    per route and shadow pool over the comparisons kept, and the copies' outcomes since start."""
+    per route and shadow pool over the comparisons kept, and the copies' outcomes since start. Every shadow
+    of the running rules has a summary row from the start (`configured`), so a page read while the first
+    copies are still in flight says that none has finished, not that none is configured."""
     recent = list(sources.shadows.recent)
     groups: dict[tuple[str, str], list[Any]] = {}
     for result in recent:
@@ -254,8 +266,9 @@ def shadow(sources: Sources, clocks: Clocks) -> dict[str, Any]:
     outcomes: dict[tuple[str, str], dict[str, int]] = {}
     for labels, value in counter_values(sources.metrics.shadow_requests_total):
         outcomes.setdefault((labels["route"], labels["pool"]), {})[labels["outcome"]] = int(value)
+    configured = {(route.name, copy.pool.name) for route in sources.rules.current.routes for copy in route.shadows}
     summary = []
-    for key in sorted(set(groups) | set(outcomes)):
+    for key in sorted(set(groups) | set(outcomes) | configured):
         results = groups.get(key, [])
         summary.append({
             "route": key[0],
@@ -267,6 +280,7 @@ def shadow(sources: Sources, clocks: Clocks) -> dict[str, Any]:
             "ttft_ratio_p50": _median(r.ttft_ratio for r in results),
             "similarity_mean": _mean(r.similarity for r in results),
             "outcomes": {name: outcomes.get(key, {}).get(name, 0) for name in ("ok", "error", "timeout", "dropped")},
+            "configured": key in configured,
         })
     return {
         "generation": sources.rules.current.generation,
@@ -315,4 +329,41 @@ def cache(sources: Sources, clocks: Clocks) -> dict[str, Any]:
     }
 
 
-PAGES: dict[str, PageBuilder] = {"overview": overview, "backends": backends, "shadow": shadow, "cache": cache}
+# ------------------------------------------------------------------------------------------- tenants
+
+LIMITS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent")
+
+
+def tenants(sources: Sources, clocks: Clocks) -> dict[str, Any]:
+    """Every tenant of the rules: priority, the routes it may use, its limits, and the fleet's usage over the
+    last minute and day with the share of each limit it used (None when the store did not answer)."""
+    snapshot = sources.rules.current
+    numbers = sources.tenants
+    rows = []
+    for tenant in snapshot.tenants.all:
+        limits = tenant.limits
+        minute = numbers.minute.get(tenant.name, Usage()) if numbers is not None else None
+        day = numbers.day.get(tenant.name, Usage()) if numbers is not None else None
+        use = None
+        if minute is not None and day is not None:
+            use = {"requests_per_minute": _share(minute.requests - minute.limited, limits.requests_per_minute or 0),
+                   "tokens_per_minute": _share(minute.tokens, limits.tokens_per_minute or 0),
+                   "tokens_per_day": _share(day.tokens, limits.tokens_per_day or 0)}
+        rows.append({
+            "tenant": tenant.name,
+            "priority": tenant.priority_name,
+            "routes": [route.name for route in snapshot.routes if route.serves(tenant)],
+            "limits": {name: getattr(limits, name) for name in LIMITS},
+            "last_minute": None if minute is None else _usage(minute),
+            "last_day": None if day is None else _usage(day),
+            "limit_use": use,
+        })
+    return {"enabled": snapshot.tenants.enabled, "pooled": numbers is not None, "tenants": rows}
+
+
+def _usage(usage: Usage) -> dict[str, float]:
+    return {"requests": usage.requests, "tokens": usage.tokens, "limited": usage.limited}
+
+
+PAGES: dict[str, PageBuilder] = {"overview": overview, "backends": backends, "shadow": shadow, "cache": cache,
+                                 "tenants": tenants}

@@ -37,14 +37,15 @@ from proxy.observe.pooled import POOLED
 from proxy.pipeline.result_cache import CACHE
 from proxy.pipeline.shadow import SHADOWS
 from proxy.ui.filters import FILTERS
-from proxy.ui.pages import PAGES, TOTALS_SECONDS, WINDOW_SECONDS, Clocks, FleetNumbers, Sources
+from proxy.observe.usage import USAGE
+from proxy.ui.pages import PAGES, TOTALS_SECONDS, WINDOW_SECONDS, Clocks, FleetNumbers, Sources, TenantNumbers
 from proxy.upstream.state import BACKENDS
 
 MAX_LOGIN_BYTES = 4096  # a login form is one short field; the app's own body limit is far larger
 LOGIN_PATH = "/ui/login"
 LOGIN_THROTTLE = web.AppKey("LOGIN_THROTTLE", LoginThrottle)
 NAV = (("overview", "/ui/", "Overview"), ("backends", "/ui/backends", "Backends"),
-       ("shadow", "/ui/shadow", "Shadow"), ("cache", "/ui/cache", "Cache"))
+       ("shadow", "/ui/shadow", "Shadow"), ("cache", "/ui/cache", "Cache"), ("tenants", "/ui/tenants", "Tenants"))
 PAGE_PATHS = {name: path for name, path, _ in NAV}
 
 # Inline styles are ours; the one inline script carries a per-response nonce; nothing loads from elsewhere.
@@ -58,8 +59,19 @@ def _clocks() -> Clocks:
 
 async def _sources(app: web.Application, name: str) -> Sources:
     fleet = await _fleet(app) if name == "overview" else None
+    usage = await _tenant_usage(app) if name == "tenants" else None
     return Sources(app[RULES], app[RELOADER], app[WEIGHTS], fleet, app[METRICS], app[BACKENDS], app[SHADOWS],
-                   app[CACHE])
+                   app[CACHE], usage)
+
+
+async def _tenant_usage(app: web.Application) -> TenantNumbers | None:
+    """Every tenant's pooled usage (last minute, last day); None when the store does not answer."""
+    names = [tenant.name for tenant in app[RULES].current.tenants.all]
+    try:
+        minute, day = await app[USAGE].read(names)
+    except StoreUnavailableError:
+        return None
+    return TenantNumbers(minute, day)
 
 
 async def _fleet(app: web.Application) -> FleetNumbers | None:
@@ -240,6 +252,12 @@ async def to_overview(request: web.Request) -> web.Response:
     return _redirect(PAGE_PATHS["overview"], status=308)
 
 
+async def root(request: web.Request) -> web.Response:
+    """`/` is where a newcomer's browser lands first: send it to the status pages. 302, not permanent: the
+    root may serve something else one day, and browsers cache a 308 for good."""
+    return _redirect(PAGE_PATHS["overview"], status=302)
+
+
 def add_ui_routes(app: web.Application) -> None:
     """The Jinja environment (autoescape on, undefined names are errors), the login throttle, and every /ui/
     and twin route."""
@@ -248,6 +266,7 @@ def add_ui_routes(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined, filters=FILTERS, default_helpers=False,
     )
     app[LOGIN_THROTTLE] = LoginThrottle()
+    app.router.add_get("/", root)
     app.router.add_get("/ui", to_overview)
     for name, path, _ in NAV:
         app.router.add_get(path, _ui_page(name))

@@ -254,3 +254,32 @@ async def wait_for(predicate: Callable[[], bool], turns: int = 2000) -> None:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("condition not reached")
+
+
+async def test_admin_tenants_shows_usage_limit_use_and_routes(sim: Any, proxy: Any) -> None:
+    _, stable = await sim(models=["sim-model"])
+    _, candidate = await sim(models=["sim-model"])
+    handle = await proxy(tenant_rules(stable, candidate, limits="limits: {requests_per_minute: 4}"), env=ENV)
+    search = client(handle, SEARCH)
+    for _ in range(4):
+        await search.chat.completions.create(model="llama-3", messages=MESSAGES, max_tokens=3)
+    with pytest.raises(openai.RateLimitError):
+        await search.chat.completions.create(model="llama-3", messages=MESSAGES, max_tokens=3)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(handle.url("/admin/tenants")) as response:
+            assert response.status == 200
+            page = await response.json()
+        async with session.get(handle.url("/ui/tenants")) as response:
+            assert response.status == 200
+            html = await response.text()
+    assert page["enabled"] and page["pooled"]
+    rows = {row["tenant"]: row for row in page["tenants"]}
+    search_row = rows["search-team"]
+    assert search_row["priority"] == "high" and search_row["routes"] == ["chat"]  # not chat-internal, not embed
+    assert search_row["last_minute"]["requests"] == 5 and search_row["last_minute"]["limited"] == 1
+    assert search_row["last_day"]["requests"] == 5
+    assert search_row["last_minute"]["tokens"] > 0
+    assert search_row["limit_use"]["requests_per_minute"] == 1.0  # 4 admitted of 4
+    assert search_row["limits"]["requests_per_minute"] == 4
+    assert rows["batch"]["last_minute"]["requests"] == 0 and rows["batch"]["routes"] == ["chat", "embed"]
+    assert 'data-tenant="search-team"' in html and SEARCH not in html

@@ -23,7 +23,7 @@ from proxy.pipeline.cost import Estimate, predicted_seconds
 from proxy.pipeline.deadlines import Deadlines
 from proxy.pipeline.dispatch import Dispatcher
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.queue import WaitQueue
+from proxy.upstream.queue import NORMAL, WaitQueue
 from proxy.upstream.state import BackendState, BackendStates, Lease
 
 NOW = 1000.0  # the fake backend clock's time unless a test moves it
@@ -76,7 +76,7 @@ class Bench:
         deadlines = Deadlines(self.route.timeouts, asyncio.get_running_loop().time())
         return await self.dispatcher._acquire(
             self.snapshot, self.route, self.pools[pool], EST, [self.state(n) for n in tried], deadlines,
-            queue_timeout, self.clock,
+            queue_timeout, self.clock, NORMAL,
         )
 
     def waiter(self, pool: str = "p") -> asyncio.Task[Lease]:
