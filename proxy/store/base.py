@@ -1,4 +1,4 @@
-"""The `Store` protocol: the four operations the request path may ask of shared key/value state.
+"""The `Store` protocol: the nine operations the request path may ask of shared state (keys, counts, quotas).
 
 Implementations: `store/memory.py` (embedded, one process) and `store/redis.py` (shared by replicas).
 Callers (split assignment, the result cache, rollout state) see only `Store`; `OwnedStore` adds the lifecycle that
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Protocol
+
+from proxy.store.quota import QuotaBatch, Verdict
 
 
 class Store(Protocol):
@@ -50,6 +52,13 @@ class Store(Protocol):
 
     async def read_counts(self, keys: Sequence[str]) -> list[dict[str, float]]:
         """Each key's fields and numbers (`{}` when absent), in one round trip."""
+        ...
+
+    async def quota(self, batch: QuotaBatch) -> list[Verdict]:
+        """Apply the adjusts, releases and renewals, then each claim in order, atomically (one round trip).
+
+        One Verdict per claim, in order; the rules (GCRA rates, leased slots) are in `store/quota.py`.
+        Every replica on the same store shares the limits; a claim takes all its limits or none."""
         ...
 
 

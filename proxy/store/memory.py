@@ -12,6 +12,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
+from proxy.store.quota import QuotaBatch, QuotaTable, Verdict
+
 # Enough for ~100k sticky subjects at a few hundred bytes each; the oldest-used entries go first.
 DEFAULT_MAX_ENTRIES = 100_000
 
@@ -19,7 +21,7 @@ DEFAULT_MAX_ENTRIES = 100_000
 class MemoryStore:
     """`Store` in a dict. `clock` (default `time.monotonic`) is injectable so tests can expire keys."""
 
-    __slots__ = ("_entries", "_counts", "_max_entries", "_max_bytes", "_bytes", "_clock")
+    __slots__ = ("_entries", "_counts", "_quotas", "_max_entries", "_max_bytes", "_bytes", "_clock")
 
     def __init__(
         self,
@@ -31,6 +33,7 @@ class MemoryStore:
             raise ValueError("max_entries must be >= 1")
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (value, expires_at)
         self._counts: OrderedDict[str, tuple[dict[str, float], float]] = OrderedDict()  # add_counts hashes
+        self._quotas = QuotaTable(max_entries, clock)  # rate and slot keys, bounded like the entries
         self._max_entries = max_entries
         self._max_bytes = max_bytes  # None: bounded by count only (small values such as sticky variants)
         self._bytes = 0
@@ -124,10 +127,14 @@ class MemoryStore:
         self._counts.move_to_end(key)
         return entry[0]
 
+    async def quota(self, batch: QuotaBatch) -> list[Verdict]:
+        return self._quotas.apply(batch)
+
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
         self._entries.clear()
         self._counts.clear()
+        self._quotas.clear()
         self._bytes = 0
