@@ -10,7 +10,7 @@ import fnmatch
 from collections.abc import Sequence
 from functools import cache
 
-from proxy.config.model import Route
+from proxy.config.model import Route, Tenant
 from proxy.config.yamlread import Errors, Loc
 
 def _glob_tokens(pattern: str) -> tuple[str, ...]:
@@ -79,10 +79,13 @@ def _route_covers(earlier: Route, later: Route) -> bool:
     return all(any(glob_covers(glob, model) for glob in earlier.models) for model in later.models)
 
 
-def check_shadowing(routes: Sequence[tuple[Route, Loc]], errors: Errors) -> None:
+def check_shadowing(routes: Sequence[tuple[Route, Loc]], errors: Errors, tenants: Sequence[Tenant] = ()) -> None:
+    """Report each route an earlier one always takes first. A tenant the earlier route does not serve but
+    the later one does (`match.tenants`, the tenant's `routes`) still reaches it: then it is no error."""
     for position, (later, loc) in enumerate(routes):
         for earlier, _ in routes[:position]:
-            if _route_covers(earlier, later):
+            if _route_covers(earlier, later) and not any(
+                    later.serves(tenant) and not earlier.serves(tenant) for tenant in tenants):
                 errors.add(loc, f"route {later.name!r} can never match: route {earlier.name!r} "
                                 f"({earlier.source}) matches every model it matches")
                 break

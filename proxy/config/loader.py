@@ -167,7 +167,7 @@ def _resolve(sections: _Sections, env: Mapping[str, str], errors: Errors, root: 
     ctx = RouteContext(pools=pools, timeouts=timeouts, balance=balance, errors=errors, tenants=tenant_names)
     built = [(build_route(entry, ctx), entry.loc) for entry in sections.routes]
     routes = [(route, loc) for route, loc in built if route is not None]
-    check_shadowing(routes, errors)
+    check_shadowing(routes, errors, tenants.all)
     check_tenant_routes(sections.tenants, tenants, [route for route, _ in routes], errors)
     if not sections.routes and not sections.unreadable:
         errors.add(Loc(root), "no routes defined in any rule file")
