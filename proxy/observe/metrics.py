@@ -7,18 +7,23 @@ error reason, token kind) — never a client-supplied string.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from importlib import metadata
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector, disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
+import proxy
 from proxy.errors import SplitstreamError
 
 if TYPE_CHECKING:
-    from proxy.config.model import Route, Snapshot, Variant
+    from proxy.config.model import Pool, Route, Snapshot, Variant
     from proxy.config.reloader import ReloadOutcome
     from proxy.observe.compare import Comparison
 
@@ -38,10 +43,24 @@ SIMILARITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1
 DELTA_BUCKETS = (-512, -128, -32, -8, -1, 0, 1, 8, 32, 128, 512)
 
 REQUEST_LABELS = ("route", "variant", "backend")
+RELOAD_RESULTS = ("success", "error")  # splitstream_rules_reloads_total{result}: both exist from the start
+FLUSH_RESULTS = ("ok", "dropped")  # splitstream_stats_flushes_total{result}: likewise
+MAX_TENANT_CHILDREN = 4096  # cached (tenant, route, status) children of tenant_requests_total
 
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx"
+
+
+def build_version() -> str:
+    """`proxy.__version__` when the package declares one, else what the installer recorded (metadata)."""
+    version = getattr(proxy, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        return metadata.version("splitstream")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
@@ -123,7 +142,8 @@ class Metrics:
             buckets=PROBE_BUCKETS, registry=r,
         )
         self.rollout_step = Gauge(
-            "splitstream_rollout_step", "Candidate's share of its route's traffic (%) as this replica applies it.",
+            "splitstream_rollout_step",
+            "Deprecated (removed in the next release): splitstream_rollout_step_ratio, the same share as 0..1.",
             ("route",), registry=r,
         )
         self.rollout_transitions_total = Counter(
@@ -145,6 +165,48 @@ class Metrics:
         )
         self._panics = PoolPanics()  # splitstream_upstream_panic_total{pool}
         r.register(self._panics)
+        self._register_operator_metrics(r)
+        # Tenants (`tenants:` in the rules): label values are tenant names from the rules, never a key.
+        self.tenant_requests_total = Counter(
+            "splitstream_tenant_requests_total", "Client requests per tenant by route and HTTP status code.",
+            ("tenant", "route", "code"), registry=r,
+        )
+        self.tenant_tokens_total = Counter(
+            "splitstream_tenant_tokens_total", "Tokens reported by backends per tenant (prompt, completion).",
+            ("tenant", "kind"), registry=r,
+        )
+        self.ratelimited_total = Counter(
+            "splitstream_ratelimited_total", "Requests refused (429) because a tenant was over a limit, by limit.",
+            ("tenant", "limit"), registry=r,
+        )
+        self.tenant_limit_fallbacks_total = Counter(
+            "splitstream_tenant_limit_fallbacks_total",
+            "Tenant-limit admissions decided in-process because the shared store did not answer (limits then "
+            "hold per replica).", registry=r,
+        )
+        self._tenant_children: dict[tuple[str, str, int], Counter] = {}
+
+    def _register_operator_metrics(self, r: CollectorRegistry) -> None:
+        """What operators' standard tools expect: build_info; the process_* and python_info series, which
+        prometheus_client puts on its global registry only (these collectors read /proc when scraped, so
+        each app's registry has its own); both reload and flush results at 0 from the start, so `increase()`
+        sees the first refusal and a store down since startup still has ok flushes to compare with;
+        rollout_step's unit-named twin (predicted_load's is in `BackendGauges`); and healthy backends per
+        pool (no backend series says which pools a backend serves)."""
+        self.build_info = Gauge(
+            "splitstream_build_info", "Always 1: the splitstream version and Python version this process runs.",
+            ("version", "python"), registry=r,
+        )
+        self.build_info.labels(build_version(), platform.python_version()).set(1)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        for result in RELOAD_RESULTS:
+            self.rules_reloads_total.labels(result)
+        for result in FLUSH_RESULTS:
+            self.stats_flushes_total.labels(result)
+        r.register(RolloutStepRatio(self.rollout_step))  # splitstream_rollout_step_ratio{route}
+        self._pool_health = PoolHealth()  # splitstream_pool_healthy_backends{pool}
+        r.register(self._pool_health)
 
     def for_request(self, route: str, variant: str, backend: str) -> RequestMetrics:
         """The labelled children for one (route, variant, backend): looked up once, reused per request."""
@@ -157,6 +219,7 @@ class Metrics:
     def watch_backends(self, sample: Callable[[], Iterable[BackendSample]]) -> None:
         """Serve the upstream gauges from live backend state at scrape time: no per-request cost."""
         self.registry.register(BackendGauges(sample))
+        self._pool_health.sample = sample
 
     def watch_rules(self, current: Callable[[], Snapshot], depths: Callable[[], Mapping[str, int]],
                     variants: Callable[[Route], Sequence[Variant]] | None = None) -> None:
@@ -164,6 +227,24 @@ class Metrics:
         `variants` gives a route's variants with the weights in force (a rollout's), default the rules'."""
         self.registry.register(RuleGauges(current, depths, variants or _configured_variants))
         self._panics.pools = lambda: [pool.name for pool in current().pools]
+        self._pool_health.pools = lambda: current().pools
+
+    def count_tenant(self, tenant: str, route: str, status: int, prompt: int | None, completion: int | None) -> None:
+        """One finished request of a tenant; children cached per label set (this runs per request)."""
+        key = (tenant, route, status)
+        child = self._tenant_children.get(key)
+        if child is None:
+            if len(self._tenant_children) >= MAX_TENANT_CHILDREN:  # statuses are few, but bound the map anyway
+                self._tenant_children.clear()
+            child = self._tenant_children[key] = self.tenant_requests_total.labels(tenant, route, str(status))
+        child.inc()
+        if prompt:
+            self.tenant_tokens_total.labels(tenant, "prompt").inc(prompt)
+        if completion:
+            self.tenant_tokens_total.labels(tenant, "completion").inc(completion)
+
+    def count_ratelimited(self, tenant: str, limit: str) -> None:
+        self.ratelimited_total.labels(tenant, limit).inc()
 
     def count_assignment(self, route: str, variant: str, source: str) -> None:
         """One split decision; children cached per label set (this runs on every split request)."""
@@ -249,7 +330,8 @@ BackendSample = tuple[str, int, float, bool]
 
 
 class BackendGauges:
-    """A custom collector: upstream_inflight / _predicted_load / _healthy read from state when scraped."""
+    """A custom collector: upstream_inflight / _predicted_load_seconds / _healthy read from state when scraped.
+    `_predicted_load` (no unit in its name) is served beside `_seconds` for one release, then removed."""
 
     def __init__(self, sample: Callable[[], Iterable[BackendSample]]) -> None:
         self._sample = sample
@@ -258,22 +340,28 @@ class BackendGauges:
         return list(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        inflight, load, healthy = self._families()
+        inflight, load, healthy, load_seconds = self._families()
         for name, n, predicted, is_healthy in self._sample():
             inflight.add_metric([name], n)
             load.add_metric([name], predicted)
             healthy.add_metric([name], 1.0 if is_healthy else 0.0)
-        yield from (inflight, load, healthy)
+            load_seconds.add_metric([name], predicted)
+        yield from (inflight, load, healthy, load_seconds)
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         return (
             GaugeMetricFamily("splitstream_upstream_inflight", "Requests in flight per backend.", labels=["backend"]),
             GaugeMetricFamily(
-                "splitstream_upstream_predicted_load", "Predicted cost of in-flight work per backend.",
+                "splitstream_upstream_predicted_load",
+                "Deprecated (removed in the next release): splitstream_upstream_predicted_load_seconds.",
                 labels=["backend"],
             ),
             GaugeMetricFamily("splitstream_upstream_healthy", "1 when the backend takes traffic.", labels=["backend"]),
+            GaugeMetricFamily(
+                "splitstream_upstream_predicted_load_seconds",
+                "Predicted seconds of in-flight work per backend (what least_cost balances on).", labels=["backend"],
+            ),
         )
 
 
@@ -345,6 +433,60 @@ class PoolPanics:
         return CounterMetricFamily(
             "splitstream_upstream_panic",
             "Requests routed disregarding health, because too few of their pool's backends were healthy.",
+            labels=["pool"],
+        )
+
+
+class RolloutStepRatio:
+    """A custom collector: rollout_step_ratio, the candidate's share as a ratio (0..1, the base unit), read
+    from the `rollout_step` gauge (percent) when scraped, so the controller keeps setting one gauge and the
+    two can never disagree."""
+
+    def __init__(self, percent: Gauge) -> None:
+        self._percent = percent
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for source in self._percent.collect():
+            for sample in source.samples:
+                family.add_metric([sample.labels["route"]], sample.value / 100)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "splitstream_rollout_step_ratio",
+            "Candidate's share of its route's traffic (0..1) as this replica applies it.", labels=["route"],
+        )
+
+
+class PoolHealth:
+    """A custom collector: pool_healthy_backends, per pool of the running rules the backends that take
+    traffic (healthy, not ejected), read from the rules and backend state when scraped. `pools` and `sample`
+    are set by `Metrics.watch_rules` and `watch_backends` (`app.py` calls both); no pools named, no series."""
+
+    def __init__(self) -> None:
+        self.pools: Callable[[], Iterable[Pool]] = lambda: ()
+        self.sample: Callable[[], Iterable[BackendSample]] = lambda: ()
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        healthy = {name for name, _, _, is_healthy in self.sample() if is_healthy}
+        for pool in self.pools():
+            family.add_metric([pool.name], sum(1 for backend in pool.backends if backend.name in healthy))
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "splitstream_pool_healthy_backends",
+            "Backends of each pool that take traffic (healthy, not ejected), as this replica sees them.",
             labels=["pool"],
         )
 

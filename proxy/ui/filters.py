@@ -28,6 +28,24 @@ def seconds(value: float | None) -> str:
     return f"{minutes}m {rest:02d}s"
 
 
+def latency(value: float | None) -> str:
+    """A request latency: under a second in milliseconds with three significant digits (0.42 ms, 4.25 ms,
+    12.3 ms, 250 ms), since a proxy's answers from cache or a local runtime take well under a millisecond and
+    "0 s" or "420 µs" reads as nothing or as a different unit; a second and up as `seconds` does."""
+    if value is None:
+        return DASH
+    if value >= 1:
+        return seconds(value)
+    ms = value * 1000
+    if ms < 0.01:
+        return "0 ms" if ms <= 0 else "< 0.01 ms"
+    digits = 2 if ms < 10 else 1 if ms < 100 else 0
+    text = f"{ms:.{digits}f}"
+    if float(text) >= 1000:  # 999.96 ms rounds up to a second
+        return seconds(1.0)
+    return f"{text} ms"
+
+
 def percent(value: float | None) -> str:
     if value is None:
         return DASH
@@ -74,6 +92,6 @@ def signed(value: int | None) -> str:
 
 
 FILTERS: dict[str, Callable[..., Any]] = {
-    "seconds": seconds, "percent": percent, "number": number, "rate": rate, "ratio": ratio, "size": size,
-    "signed": signed, "compact": compact,
+    "seconds": seconds, "latency": latency, "percent": percent, "number": number, "rate": rate, "ratio": ratio,
+    "size": size, "signed": signed, "compact": compact,
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import re
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import proxy as package
 from tests import grafana
 from tests.processes import free_port
 
@@ -120,10 +122,16 @@ class Processes:
 class Stack:
     prometheus: str  # base URL
     proxies: list[str]  # base URLs of the replicas
+    started: float  # wall-clock time before the replicas started
     loads: list[dict[str, Any]] = field(default_factory=list)  # `splitstream load` summaries
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         return list(self.api(f"/api/v1/query?{urllib.parse.urlencode({'query': expr})}")["result"])
+
+    def query_range(self, expr: str, start: float) -> list[dict[str, Any]]:
+        """`expr` every second from `start` to now, as a Grafana panel or annotation asks for it."""
+        query = urllib.parse.urlencode({"query": expr, "start": start, "end": time.time(), "step": 1})
+        return list(self.api(f"/api/v1/query_range?{query}")["result"])
 
     def api(self, path: str) -> Any:
         try:
@@ -193,6 +201,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pytest.fail("prometheus is not installed: run .ci/run, or apt-get install prometheus")
     directory = tmp_path_factory.mktemp("dashboards")
     procs = Processes(directory)
+    started = time.time()
     try:
         ports = {name: free_port() for name in ("stable", "canary", "next")}
         sims = {"stable": ("--ttft-ms", "0", "--tokens-per-second", "0"),
@@ -226,7 +235,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         procs.start("prometheus", binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'tsdb'}",
                     f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn")
         procs.wait_http("prometheus", f"http://127.0.0.1:{port}/-/ready")
-        stack = Stack(f"http://127.0.0.1:{port}", proxies)
+        stack = Stack(f"http://127.0.0.1:{port}", proxies, started)
 
         # Warm-up: every series exists and has been scraped once, so the main load shows up in rate().
         send_load(stack, count=40, rate=0, seed=1)
@@ -279,7 +288,11 @@ def test_the_load_reached_both_variants_and_the_canary_failed(stack: Stack) -> N
     assert stack.query('sum(splitstream_cache_requests_total{result="hit"}) > 0'), "no cache hits"
 
 
-def test_template_variables_find_the_rule_names(variable_values: dict[str, dict[str, str]]) -> None:
+def test_template_variables_find_the_rule_names(stack: Stack, variable_values: dict[str, dict[str, str]]) -> None:
+    replicas = sorted(regex_value(p.removeprefix("http://")) for p in stack.proxies)
+    for board in ("split", "backends"):
+        assert variable_values[board]["job"] == "(splitstream)"
+        assert variable_values[board]["instance"] == "(" + "|".join(replicas) + ")"
     assert variable_values["split"]["route"] == "(chat)"
     assert variable_values["split"]["variant"] == "(canary|stable)"
     assert variable_values["backends"]["backend"] == "(" + "|".join(sorted(BACKENDS)) + ")"
@@ -295,12 +308,39 @@ def test_panel_query_returns_data(stack: Stack, variable_values: dict[str, dict[
     assert has_finite_value(result), f"only NaN/Inf: {expr} -> {result}"
 
 
-@pytest.mark.parametrize("rule", grafana.rules(), ids=lambda r: r.get("alert") or r["record"])
+def annotation_queries() -> list[tuple[str, str, str]]:
+    return [(name, annotation["name"], annotation["expr"])
+            for name, board in grafana.dashboards().items() for annotation in board["annotations"]["list"]]
+
+
+def group_rules(group: str) -> list[dict[str, Any]]:
+    [rules] = [g["rules"] for g in grafana.rule_groups() if g["name"] == group]
+    return list(rules)
+
+
+@pytest.mark.parametrize("rule", group_rules("splitstream-rollout"), ids=lambda r: r.get("alert") or r["record"])
 def test_rule_expression_returns_data(stack: Stack, rule: dict[str, Any]) -> None:
     result = stack.query(rule["expr"])
     assert has_finite_value(result), f"no data: {rule['expr']} -> {result}"
     if "alert" in rule:  # the canary is worse on both counts; stable must never be the one flagged
         assert {(r["metric"]["route"], r["metric"]["variant"]) for r in result} == {("chat", "canary")}
+
+
+@pytest.mark.parametrize("rule", group_rules("splitstream-operations"), ids=lambda r: r["alert"])
+def test_operational_alerts_stay_quiet_on_a_healthy_fleet(stack: Stack, rule: dict[str, Any]) -> None:
+    """Every replica up, every pool healthy, no reload, no queue, the embedded store: nothing to page about
+    (a failing canary is the rollout group's business). tests/integration/test_alerts.py makes each fire."""
+    assert stack.query(rule["expr"]) == []
+
+
+@pytest.mark.parametrize(("board", "name", "expr"), annotation_queries(), ids=lambda v: str(v).replace(" ", "-"))
+def test_annotation_query_is_valid_and_marks_the_rollout_start(stack: Stack, variable_values: dict[str, dict[str, str]],
+                                                                 board: str, name: str, expr: str) -> None:
+    """Over the stack's life, as Grafana asks (a range query): the rollout's `start`, the first transition of
+    its series (which increase() alone cannot see), is marked; no rules changed, so nothing else is."""
+    result = stack.query_range(grafana.substitute(expr, variable_values[board]), stack.started)
+    marked = {(r["metric"].get("route"), r["metric"].get("action")) for r in result}
+    assert marked == ({("chat", "start")} if name == "Rollout transitions" else set()), (name, result)
 
 
 def test_prometheus_loaded_the_rules_and_the_canary_alerts_are_pending(stack: Stack) -> None:
@@ -309,19 +349,20 @@ def test_prometheus_loaded_the_rules_and_the_canary_alerts_are_pending(stack: St
     assert set(loaded) == {rule.get("alert") or rule["record"] for rule in grafana.rules()}
 
     def alerting() -> set[tuple[str, str, str]]:
-        return {(a["labels"]["alertname"], a["labels"]["variant"], a["state"])
+        return {(a["labels"]["alertname"], a["labels"].get("variant", "-"), a["state"])
                 for a in stack.api("/api/v1/alerts")["alerts"]}
 
     wanted = {("SplitstreamCanaryErrorRate", "canary", "pending"), ("SplitstreamCanaryLatencyP95", "canary", "pending")}
     stack.wait_for(f"alerts {wanted}", lambda: alerting() == wanted)  # `for: 5m`: pending, and only the canary
-    assert all(rule["health"] == "ok" for rule in stack.api("/api/v1/rules")["groups"][0]["rules"])
+    assert all(rule["health"] == "ok" for group in stack.api("/api/v1/rules")["groups"] for rule in group["rules"])
 
 
 def test_exposition_matches_the_metric_contract(stack: Stack) -> None:
     contract = grafana.metric_contract()
     rule_names = {"route": {"chat"}, "variant": set(VARIANTS), "backend": set(BACKENDS),
-                  "pool": {"stable", "canary", "next"}}
-    extra = {"route": {"none"}, "variant": {"none"}, "backend": {"none", "cache"}, "pool": set()}
+                  "pool": {"stable", "canary", "next"}, "version": {package.__version__},
+                  "python": {platform.python_version()}, "tenant": set(), "code": set()}
+    extra = {"route": {"none"}, "variant": {"none"}, "backend": {"none", "cache"}}
     for proxy in stack.proxies:
         families = {}
         for family in text_string_to_metric_families(stack.scrape(proxy)):
@@ -332,14 +373,15 @@ def test_exposition_matches_the_metric_contract(stack: Stack) -> None:
         for name, metric in contract.items():
             family = families[name]
             assert family.type == metric.type, name
-            assert family.samples, f"{name}: no samples after the mixed load"
+            # The stack has no `tenants:` (each request is its own client): per-tenant families have no series.
+            assert bool(family.samples) != ("tenant" in metric.labels), f"{name}: samples after the mixed load?"
             for sample in family.samples:
                 labels = dict(sample.labels)
                 if metric.type == "histogram" and sample.name.endswith("_bucket"):
                     assert labels.pop("le")
                 assert tuple(sorted(labels)) == tuple(sorted(metric.labels)), (sample.name, labels)
                 for label, value in labels.items():
-                    allowed = metric.closed.get(label) or rule_names[label] | extra[label]
+                    allowed = metric.closed.get(label) or rule_names[label] | extra.get(label, set())
                     assert value in allowed, (name, label, value)
 
 

@@ -21,7 +21,7 @@ from tests.conftest import backend_url
 from tests.integration.conftest import RedisServer, Served, ServedFactory
 
 TOKEN = "fleet-admin-token"
-KEYS = {"SPLITSTREAM_API_KEYS": "k1,k2", "SPLITSTREAM_ADMIN_TOKEN": TOKEN}
+KEYS = {"ONE_KEYS": "k1", "TWO_KEYS": "k2", "SPLITSTREAM_ADMIN_TOKEN": TOKEN}  # two tenants, one key each
 OWN_ID = re.compile(r"[0-9a-f]{32}")
 JOIN_DEADLINE = 10.0  # seconds for a batched join to reach Redis (it is flushed every 0.5 s)
 
@@ -32,7 +32,9 @@ class Replica(Protocol):
     def url(self, path: str) -> str: ...
 
 
-def rules(stable: Any, canary: Any) -> str:
+def rules(stable: Any, canary: Any, tenants: bool = True) -> str:
+    """Two tenants (`one`: key k1, `two`: key k2), or none: an open API."""
+    block = "tenants:\n  one: {keys_env: ONE_KEYS}\n  two: {keys_env: TWO_KEYS}\n" if tenants else ""
     return f"""
 backends:
   stable-1: {{url: "{backend_url(stable)}", kind: vllm}}
@@ -40,7 +42,7 @@ backends:
 pools:
   stable: {{backends: [stable-1], model: sim-model}}
   canary: {{backends: [canary-1], model: sim-model}}
-routes:
+{block}routes:
   - name: chat
     match: {{model: my-model}}
     split:
@@ -221,7 +223,7 @@ async def test_one_replica_without_redis_applies_the_same_rules(sim: Any, proxy:
     may be scored by whoever has its id, and one made with a key only by that key (or the admin token)."""
     _, stable = await sim()
     _, canary = await sim()
-    replica = await proxy(rules(stable, canary), admin_token=TOKEN)
+    replica = await proxy(rules(stable, canary, tenants=False), admin_token=TOKEN)
     async with aiohttp.ClientSession() as session:
         anonymous = (await ask(session, replica, None))["x-splitstream-request-id"]
         keyed = await ask(session, replica, "someone")

@@ -25,12 +25,22 @@ from aiohttp.test_utils import TestServer
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 
 from proxy.auth import CSRF_COOKIE
-from tests.conftest import ProxyHandle, backend_url
+from proxy.observe.stats import STATS
+from tests.conftest import Gate, ProxyHandle, backend_url
 
 CHROMIUM = os.environ.get("SPLITSTREAM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MESSAGES = [{"role": "user", "content": "status pages"}]
+# Per URL cell of the backends table: its text, how many line boxes it takes, whether it lies inside the
+# visible part of its scroll box, and whether that box scrolls sideways at all.
+URL_LAYOUT = """() => [...document.querySelectorAll('td[data-field="url"]')].map(cell => {
+  const box = cell.closest('.scroll'), seen = box.getBoundingClientRect(), range = document.createRange();
+  range.selectNodeContents(cell);
+  const text = range.getBoundingClientRect();
+  return {url: cell.textContent.trim(), lines: range.getClientRects().length,
+          visible: text.left >= seen.left && text.right <= seen.right, scrolls: box.scrollWidth > box.clientWidth};
+})"""
 TOKEN = "s3cret-admin-token"
 T = TypeVar("T")
 
@@ -408,3 +418,113 @@ routes:
             assert await phone.evaluate("document.documentElement.scrollWidth") <= 320, path
     finally:
         await phone.close()
+
+
+async def test_root_redirects_to_the_status_pages(sim: Any, proxy: Any, tab: Tab) -> None:
+    _, a = await sim()
+    _, b = await sim()
+    handle = await proxy(split_rules(a, b), watch_rules=False)
+    status, _, headers = await fetch(handle, "/")
+    assert status == 302 and headers["Location"] == "/ui/"  # not permanent: browsers would keep it for good
+    assert await tab.goto(handle.url("/")) == 200
+    assert (await tab.url()).endswith("/ui/") and await tab.count("#generation") == 1
+
+    guarded = await proxy(split_rules(a, b), admin_token=TOKEN, watch_rules=False)
+    status, _, headers = await fetch(guarded, "/")  # the redirect itself shows nothing; the page asks to log in
+    assert status == 302 and headers["Location"] == "/ui/"
+    assert await tab.goto(guarded.url("/")) == 200 and (await tab.url()).endswith("/ui/login?next=/ui/")
+
+
+async def test_sub_millisecond_latencies_read_in_milliseconds(sim: Any, proxy: Any, tab: Tab) -> None:
+    """A cache hit or a loopback runtime answers in well under a millisecond. Real requests cannot be made to
+    take a chosen time without timing thresholds, so the latencies go in through the recorder's own door
+    (`RequestStats.record`, where every finished request goes), and the page reads them back pooled."""
+    _, a = await sim()
+    _, b = await sim()
+    handle = await proxy(split_rules(a, b), watch_rules=False)
+    stats = handle.server.app[STATS]
+    for _ in range(4):  # all in the first bucket, [0, 1 ms]: p50 reads 0.5 ms, p95 its upper bound
+        stats.record("chat", "stable", 0.0004, 0.0002, False, 5, 3)
+    stats.record("chat", "canary", 0.25, 0.0421, False, 5, 3)
+    await tab.goto(handle.url("/ui/"))
+    stable, canary = row("chat", "stable"), row("chat", "canary")
+    assert await tab.cell(stable, "requests") == "4"
+    assert (await tab.cell(stable, "latency_p50"), await tab.cell(stable, "latency_p95")) == ("0.50 ms", "1.00 ms")
+    assert await tab.cell(stable, "ttft_p50") == "0.50 ms"
+    for field in ("latency_p50", "latency_p95", "ttft_p50", "ttft_p95"):  # 250 ms and 42 ms, read from buckets
+        assert (await tab.cell(canary, field)).endswith(" ms"), field
+
+
+async def test_the_shadow_page_waits_for_the_first_comparison(sim: Any, proxy: Any, tab: Tab) -> None:
+    _, live = await sim()
+    gate = Gate()  # the shadow runtime holds its answer until the test opens the gate
+    _, candidate = await sim(pacer=gate)
+    handle = await proxy(f"""
+backends:
+  live: {{url: "{backend_url(live)}", kind: vllm}}
+  candidate: {{url: "{backend_url(candidate)}", kind: vllm}}
+pools:
+  main: {{backends: [live], model: sim-model}}
+  next: {{backends: [candidate], model: sim-model}}
+routes:
+  - name: chat
+    match: {{model: my-model}}
+    pool: main
+    shadow: [{{pool: next, sample: 1.0}}]
+""", watch_rules=False)
+    await tab.goto(handle.url("/ui/shadow"))  # configured, nothing sent yet
+    assert await tab.count("#no-shadow") == 0 and await tab.count("#no-comparison") == 1
+    assert await tab.cell('tr[data-route="chat"][data-pool="next"]', "compared") == "0"
+
+    answer = await client(handle).chat.completions.with_raw_response.create(
+        model="my-model", messages=MESSAGES, max_tokens=2
+    )
+    await asyncio.wait_for(gate.wait_reached(0), 30)  # the copy is at the shadow runtime, in flight
+    await tab.reload()
+    assert (await tab.text("#no-comparison")).startswith("No comparison finished yet")
+    assert await tab.count("#no-shadow") == 0
+    assert "Add " not in await tab.text("main") and "shadow: [" not in await tab.text("main")
+
+    gate.open_all()
+    request_id = answer.headers["x-request-id"]
+    while not any(c.request_id == request_id for c in handle.shadows.recent):
+        await asyncio.wait_for(handle.shadows.compared.wait(), 30)
+        handle.shadows.compared.clear()
+    await tab.reload()
+    assert await tab.count("#no-comparison") == 0
+    assert await tab.cell(f"tr[data-request-id={quoted(request_id)}]", "status") == "200 / 200"
+
+    bare = await proxy(split_rules(live, candidate), watch_rules=False)  # no shadow anywhere: say how to add one
+    await tab.goto(bare.url("/ui/shadow"))
+    assert "shadow: [{pool: …}]" in await tab.text("#no-shadow")
+
+
+async def test_backend_urls_stay_whole_and_visible_at_1280_px(sim: Any, proxy: Any, tab: Tab) -> None:
+    """The widest realistic table: an ejected backend (status with its countdown), errors by reason, a
+    backend in two pools. Every URL is on one line, inside the visible part of the table, which does not
+    scroll at all at 1280 px."""
+    _, live = await sim()
+    _, failing = await sim(fail_rate=1.0)
+    handle = await proxy(f"""
+backends:
+  gpu-node-01: {{url: "{backend_url(live)}", kind: vllm, max_inflight: 32}}
+  gpu-node-02: {{url: "{backend_url(failing)}", kind: vllm}}
+pools:
+  llama-stable: {{backends: [gpu-node-01, gpu-node-02], model: sim-model}}
+  llama-canary: {{backends: [gpu-node-01], model: sim-model}}
+health: {{failures: 1, ejection: 10m, panic_threshold: 0}}
+routes:
+  - name: chat
+    match: {{model: my-model}}
+    pool: llama-stable
+    balance: round_robin
+    retry: {{attempts: 2}}
+""", watch_rules=False)
+    for _ in range(2):  # one of them lands on the failing runtime first, which is ejected; retried on the live one
+        await client(handle).chat.completions.create(model="my-model", messages=MESSAGES, max_tokens=2)
+    await tab.goto(handle.url("/ui/backends"))
+    assert (await tab.cell('tr[data-backend="gpu-node-02"]', "status")).startswith("ejected")
+    layout = await tab.evaluate(URL_LAYOUT)
+    assert {cell["url"] for cell in layout} == {backend_url(live), backend_url(failing)}
+    for cell in layout:
+        assert cell == {"url": cell["url"], "lines": 1, "visible": True, "scrolls": False}, cell

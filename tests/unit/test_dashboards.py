@@ -4,6 +4,7 @@ queries return data is tests/integration/test_dashboards.py."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -12,6 +13,45 @@ import pytest
 from tests import grafana
 
 BOARDS = grafana.dashboards()
+README = (grafana.DASHBOARDS / "README.md").read_text()
+ROLLOUT_ALERTS = {"SplitstreamCanaryErrorRate", "SplitstreamCanaryLatencyP95"}
+OPERATIONS_ALERTS = {"SplitstreamTargetDown", "SplitstreamNoHealthyBackend", "SplitstreamRulesReloadRefused",
+                     "SplitstreamQueueSaturated", "SplitstreamOverloaded", "SplitstreamRolloutRolledBack",
+                     "SplitstreamStoreUnavailable"}
+# A series selector of a splitstream or process metric, with its matchers if it has any.
+SELECTOR = re.compile(r"(?<![\w:])((?:splitstream|process)_[a-z0-9_]+)(?![\w:])(\{[^}]*\})?")
+SCOPE = {"job": 'job=~"$job"', "instance": 'instance=~"$instance"'}
+
+
+def board_annotations(board: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(board.get("annotations", {}).get("list", []))
+
+
+def board_expressions(board: dict[str, Any]) -> list[tuple[str, str]]:
+    """(what, expression) of every panel target, query variable and annotation of a dashboard."""
+    found = [(f"panel {panel['title']!r} {target['refId']}", target["expr"])
+             for panel in board["panels"] for target in panel["targets"]]
+    found += [(f"variable {v['name']}", grafana.variable_query(v)) for v in grafana.variables(board)
+              if v["type"] == "query"]
+    found += [(f"annotation {a['name']!r}", a["expr"]) for a in board_annotations(board)]
+    return found
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def readme_sections() -> dict[str, str]:
+    """Anchor -> body of every `##`/`###` section of dashboards/README.md."""
+    parts = re.split(r"^#{2,3} (.+)$", README, flags=re.MULTILINE)
+    return {anchor(title): body for title, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def deprecated_names() -> dict[str, str]:
+    """The README's deprecated metric names and their successors."""
+    section = README.split("### Deprecated names", 1)[1]
+    return dict(re.findall(r"^\| `(splitstream_\w+)` \| `(splitstream_\w+)` \|", section, flags=re.MULTILINE))
 
 
 def walk(node: Any, key: str) -> list[Any]:
@@ -67,10 +107,44 @@ def test_every_panel_and_target_uses_the_datasource_variable(name: str) -> None:
 def test_every_variable_used_is_defined(name: str) -> None:
     board = BOARDS[name]
     defined = {v["name"] for v in grafana.variables(board)} | set(grafana.BUILTIN_VARIABLES)
-    used = {m for q in grafana.panel_queries() if q.dashboard == name for m in grafana.VARIABLE.findall(q.expr)}
-    used |= {m for v in grafana.variables(board) if v["type"] == "query"
-             for m in grafana.VARIABLE.findall(grafana.variable_query(v))}
+    used = {m for _, expr in board_expressions(board) for m in grafana.VARIABLE.findall(expr)}
     assert used <= defined, used - defined
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_job_and_instance_variables_scope_every_query(name: str) -> None:
+    """One Prometheus may scrape several fleets: every selector of every panel, variable and annotation
+    keeps to the selected jobs and instances (the job variable lists them all; instance, the jobs')."""
+    board = BOARDS[name]
+    by_name = {v["name"]: v for v in grafana.variables(board)}
+    assert grafana.variable_query(by_name["job"]) == "label_values(splitstream_build_info, job)"
+    assert grafana.variable_query(by_name["instance"]) == 'label_values(splitstream_build_info{job=~"$job"}, instance)'
+    for key in ("job", "instance"):
+        assert by_name[key]["multi"] and by_name[key]["includeAll"]
+        assert by_name[key]["datasource"] == grafana.DATASOURCE
+    names = [v["name"] for v in grafana.variables(board)]
+    assert names.index("job") < names.index("instance") < min(
+        names.index(v) for v in by_name if v not in ("datasource", "job", "instance"))  # scoped ones come after
+    for what, expr in board_expressions(board):
+        selectors = SELECTOR.findall(expr)
+        assert selectors, what
+        exempt = {"variable job": set(SCOPE), "variable instance": {"instance"}}.get(what, set())
+        for metric, matchers in selectors:
+            for key, matcher in SCOPE.items():
+                assert key in exempt or matcher in matchers, f"{what}: {metric}{matchers} lacks {matcher}"
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_annotations_mark_rule_reloads_and_rollout_transitions(name: str) -> None:
+    found = {a["name"]: a for a in board_annotations(BOARDS[name])}
+    assert set(found) == {"Rule reloads", "Refused rule reloads", "Rollout transitions"}
+    assert "splitstream_rules_generation" in found["Rule reloads"]["expr"]
+    assert 'splitstream_rules_reloads_total{' in found["Refused rule reloads"]["expr"]
+    assert 'result="error"' in found["Refused rule reloads"]["expr"]
+    assert "splitstream_rollout_transitions_total" in found["Rollout transitions"]["expr"]
+    for annotation in found.values():
+        assert annotation["datasource"] == grafana.DATASOURCE and annotation["enable"]
+        assert annotation["titleFormat"] and annotation["iconColor"]
 
 
 def test_split_dashboard_selects_route_and_variant_from_label_values() -> None:
@@ -128,11 +202,53 @@ def test_the_contract_table_lists_the_design_contract() -> None:
     assert contract["splitstream_cache_requests_total"].closed["result"] == {"hit", "miss", "bypass", "coalesced"}
 
 
+def alerts_of(group: str) -> dict[str, dict[str, Any]]:
+    [rules] = [g["rules"] for g in grafana.rule_groups() if g["name"] == group]
+    return {rule["alert"]: rule for rule in rules if "alert" in rule}
+
+
 def test_alerts_compare_variants_and_say_what_to_do() -> None:
-    alerts = {rule["alert"]: rule for rule in grafana.rules() if "alert" in rule}
-    assert set(alerts) == {"SplitstreamCanaryErrorRate", "SplitstreamCanaryLatencyP95"}
+    alerts = alerts_of("splitstream-rollout")
+    assert set(alerts) == ROLLOUT_ALERTS
     for rule in alerts.values():
         assert "variant" in rule["expr"] and "on (route)" in rule["expr"]
         assert rule["labels"]["severity"] and rule["for"]
         assert "{{ $labels.variant }}" in rule["annotations"]["summary"]
         assert rule["annotations"]["description"]
+
+
+def test_operational_alerts_name_the_replica_and_say_what_happened() -> None:
+    alerts = alerts_of("splitstream-operations")
+    assert set(alerts) == OPERATIONS_ALERTS
+    assert {g["name"] for g in grafana.rule_groups()} == {"splitstream-rollout", "splitstream-operations"}
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        assert "{{ $labels.instance }}" in rule["annotations"]["summary"] + rule["annotations"]["description"], name
+    assert alerts["SplitstreamNoHealthyBackend"]["for"] == "1m"  # the issue's "for 1 m"
+    assert "splitstream_pool_healthy_backends" in alerts["SplitstreamNoHealthyBackend"]["expr"]
+    assert alerts["SplitstreamTargetDown"]["expr"].startswith("up{")
+
+
+@pytest.mark.parametrize("rule", [r for r in grafana.rules() if "alert" in r], ids=lambda r: r["alert"])
+def test_every_alert_links_its_runbook(rule: dict[str, Any]) -> None:
+    """runbook_url: a section of dashboards/README.md named after the alert, that says what to check and do."""
+    url = rule["annotations"]["runbook_url"]
+    assert url == f"dashboards/README.md#{anchor(rule['alert'])}"
+    body = readme_sections().get(url.split("#", 1)[1])
+    assert body is not None, f"no section {url} in dashboards/README.md"
+    assert "**Check**" in body and "**Do**" in body, rule["alert"]
+
+
+def test_deprecated_names_have_unit_named_successors_that_everything_uses() -> None:
+    contract = grafana.metric_contract()
+    deprecated = deprecated_names()
+    assert deprecated == {"splitstream_upstream_predicted_load": "splitstream_upstream_predicted_load_seconds",
+                          "splitstream_rollout_step": "splitstream_rollout_step_ratio"}
+    for old, new in deprecated.items():
+        assert contract[old].labels == contract[new].labels and contract[old].type == contract[new].type
+    expressions = [expr for board in BOARDS.values() for _, expr in board_expressions(board)]
+    expressions += [rule["expr"] for rule in grafana.rules()]
+    used = set().union(*(grafana.metrics_in(expr, contract) for expr in expressions))
+    assert not used & set(deprecated), used & set(deprecated)
+    assert {"splitstream_upstream_predicted_load_seconds", "splitstream_rollout_step_ratio",
+            "splitstream_pool_healthy_backends", "splitstream_build_info"} <= used

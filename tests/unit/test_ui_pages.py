@@ -50,6 +50,11 @@ def test_clocks_convert_loop_time_to_wall_time() -> None:
         ("ratio", 1.5, "1.50×"), ("size", 512, "512 B"), ("size", 1536, "1.5 KiB"), ("size", None, "–"),
         ("signed", 3, "+3"), ("signed", -2, "-2"), ("signed", 0, "+0"), ("compact", 90.0, "90"),
         ("compact", 0.5, "0.5"),
+        # latencies: under a second always in ms, three significant digits; never "0 s" nor µs
+        ("latency", None, "–"), ("latency", 0.0, "0 ms"), ("latency", 0.000004, "< 0.01 ms"),
+        ("latency", 0.00042, "0.42 ms"), ("latency", 0.0005, "0.50 ms"), ("latency", 0.00425, "4.25 ms"),
+        ("latency", 0.0123, "12.3 ms"), ("latency", 0.25, "250 ms"), ("latency", 0.9994, "999 ms"),
+        ("latency", 0.99996, "1.00 s"), ("latency", 1.234, "1.23 s"), ("latency", 185.0, "3m 05s"),
     ],
 )
 def test_filters(name: str, value: object, text: str) -> None:
