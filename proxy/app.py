@@ -146,8 +146,7 @@ def build_app(
     app.cleanup_ctx.append(_upstream(client, shadows, cache, access_log))
     app.cleanup_ctx.append(_background("splitstream-health", health.run))
     app.cleanup_ctx.append(_store_lifecycle(owned))
-    if shared:  # limit batches to the store while it is open; the last settlements before it closes
-        app.cleanup_ctx.append(_limits(limiter))
+    app.cleanup_ctx.append(_limits(limiter, shared))  # while the store is open; the last settlements before it closes
     app.cleanup_ctx.append(_pooled_stats(pooled))  # flushes while the store is open, once more at the end
     app.cleanup_ctx.append(_background("splitstream-tenant-usage", usage.run))
     app.cleanup_ctx.append(_rollouts(rollouts, webhooks))  # after the store: runs while it is open
@@ -226,17 +225,20 @@ def _feedback_joins(writer: JoinWriter) -> Lifecycle:
     return lifecycle
 
 
-def _limits(limiter: Limiter) -> Lifecycle:
+def _limits(limiter: Limiter, shared: bool) -> Lifecycle:
+    """Lease renewals always (an embedded lease runs out too); batches to the store only when there is one."""
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(limiter.run(), name="splitstream-limits"),
-                 asyncio.create_task(limiter.renew(), name="splitstream-lease-renewals")]
+        tasks = [asyncio.create_task(limiter.renew(), name="splitstream-lease-renewals")]
+        if shared:
+            tasks.append(asyncio.create_task(limiter.run(), name="splitstream-limits"))
         yield
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await limiter.drain()
+        if shared:
+            await limiter.drain()
 
     return lifecycle
 

@@ -148,7 +148,7 @@ class Limiter:
 
     def __init__(self, store: Store | None, metrics: Metrics, local: QuotaTable | None = None) -> None:
         self._store = store
-        self._local = local or QuotaTable()
+        self._local = local if local is not None else QuotaTable()  # (an empty table is falsy)
         self._metrics = metrics
         self._pending: list[tuple[Claim, asyncio.Future[tuple[Verdict, bool]]]] = []
         self._adjusts: list[Adjust] = []
@@ -213,12 +213,16 @@ class Limiter:
         """Renew the live leases every RENEW_SECONDS until cancelled, so only a dead replica's run out."""
         while True:
             await asyncio.sleep(RENEW_SECONDS)
-            local = tuple((key, lease, LEASE_TTL) for lease, (key, shared) in self._live.items() if not shared)
-            if local:
-                self._local.apply(QuotaBatch(renewals=local))
-            self._renewals += [(key, lease, LEASE_TTL) for lease, (key, shared) in self._live.items() if shared]
-            if self._renewals:
-                self._wake.set()
+            self.renew_now()
+
+    def renew_now(self) -> None:
+        """Renew every lease of a request still running: in-process ones at once, the store's in the next batch."""
+        local = tuple((key, lease, LEASE_TTL) for lease, (key, shared) in self._live.items() if not shared)
+        if local:
+            self._local.apply(QuotaBatch(renewals=local))
+        self._renewals += [(key, lease, LEASE_TTL) for lease, (key, shared) in self._live.items() if shared]
+        if self._renewals:
+            self._wake.set()
 
     async def drain(self) -> None:
         """Send what is queued, batch after batch, until nothing is left."""

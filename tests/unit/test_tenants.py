@@ -225,3 +225,30 @@ def test_limit_headers_follow_openai() -> None:
 ])
 def test_durations_are_written_as_openai_writes_them(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
+
+
+async def test_a_running_request_keeps_its_lease_past_the_lease_ttl_and_a_dead_one_loses_it() -> None:
+    """Embedded store: leases live LEASE_TTL unless renewed; renewal keeps a long stream's slot taken, and a
+    lease nobody renews (its replica died) runs out."""
+    from proxy.observe.metrics import Metrics
+    from proxy.pipeline.limits import LEASE_TTL, Limiter
+    from proxy.store.quota import QuotaTable
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    limiter = Limiter(None, Metrics(), QuotaTable(clock=clock))
+    one = Tenant("t", limits=TenantLimits(max_concurrent=1))
+    running = await limiter.admit(one, Estimate(1.0, 1.0), None, record())
+    for _ in range(3):  # three lease lifetimes, renewed every third of one
+        clock.advance(LEASE_TTL / 3)
+        limiter.renew_now()
+        clock.advance(LEASE_TTL / 3)
+        with pytest.raises(Exception) as caught:
+            await limiter.admit(one, Estimate(1.0, 1.0), None, record())
+        assert "max_concurrent" in str(caught.value)
+    limiter.settle(running, record(backend="b1", status=200, prompt_tokens=1, completion_tokens=1))
+    after = await limiter.admit(one, Estimate(1.0, 1.0), None, record())  # released: the slot is free
+    # `after` is never settled nor renewed (as if its replica died): its slot frees itself after LEASE_TTL
+    assert after.slot is not None
+    clock.advance(LEASE_TTL + 1)
+    await limiter.admit(one, Estimate(1.0, 1.0), None, record())
