@@ -25,6 +25,7 @@ import itertools
 import logging
 import math
 import os
+import secrets
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -53,11 +54,10 @@ REQUESTS, TOKENS_MINUTE, TOKENS_DAY, CONCURRENT = (
 class Ticket:
     """An admitted request's claim: what to settle and release when it ends, and where (store or local)."""
 
-    __slots__ = ("tenant", "token_rates", "slot", "prompt_estimate", "reserved", "shared")
+    __slots__ = ("token_rates", "slot", "prompt_estimate", "reserved", "shared")
 
-    def __init__(self, tenant: Tenant, token_rates: tuple[Rate, ...], slot: Slot | None, prompt_estimate: float,
-                 reserved: float, shared: bool) -> None:
-        self.tenant = tenant
+    def __init__(self, token_rates: tuple[Rate, ...], slot: Slot | None, prompt_estimate: float, reserved: float,
+                 shared: bool) -> None:
         self.token_rates = token_rates
         self.slot = slot
         self.prompt_estimate = prompt_estimate
@@ -144,7 +144,7 @@ class Limiter:
     this process alone, decided in-process without awaiting)."""
 
     __slots__ = ("_store", "_local", "_metrics", "_pending", "_adjusts", "_releases", "_renewals", "_wake",
-                 "_live", "_down", "_leases")
+                 "_live", "_down", "_leases", "_nonce")
 
     def __init__(self, store: Store | None, metrics: Metrics, local: QuotaTable | None = None) -> None:
         self._store = store
@@ -158,12 +158,14 @@ class Limiter:
         self._live: dict[str, tuple[str, bool]] = {}  # lease -> (slot key, shared): renewed while it runs
         self._down = False
         self._leases = itertools.count()
+        self._nonce = secrets.token_hex(6)
 
     async def admit(self, tenant: Tenant, est: Estimate, max_tokens: int | None, record: RequestRecord) -> Ticket:
         """Claim the request's share of every limit of `tenant`; raises `TenantLimitError` when one is
         spent. Sets the x-ratelimit-* headers of the answer (refused or not) on `record`."""
         tokens = reservation(est, max_tokens)
-        lease = f"{os.getpid()}.{next(self._leases)}" if tenant.limits.max_concurrent else ""
+        # unique across the fleet: replicas on different hosts may share a pid, forked workers share the nonce
+        lease = f"{self._nonce}.{os.getpid()}.{next(self._leases)}" if tenant.limits.max_concurrent else ""
         claim, names = claim_for(tenant, tokens, lease)
         if self._store is None:
             verdict, shared = self._local.apply(QuotaBatch(claims=(claim,)))[0], False
@@ -180,7 +182,7 @@ class Limiter:
         if claim.slot is not None:
             self._live[lease] = (claim.slot.key, shared)
         token_rates = tuple(rate for rate, name in zip(claim.rates, names) if name != REQUESTS)
-        return Ticket(tenant, token_rates, claim.slot, est.prompt_tokens, tokens, shared)
+        return Ticket(token_rates, claim.slot, est.prompt_tokens, tokens, shared)
 
     def settle(self, ticket: Ticket, record: RequestRecord) -> None:
         """The request ended: charge what it used instead of the estimate, release its lease. Never waits."""

@@ -283,3 +283,18 @@ async def test_admin_tenants_shows_usage_limit_use_and_routes(sim: Any, proxy: A
     assert search_row["limits"]["requests_per_minute"] == 4
     assert rows["batch"]["last_minute"]["requests"] == 0 and rows["batch"]["routes"] == ["chat", "embed"]
     assert 'data-tenant="search-team"' in html and SEARCH not in html
+
+
+async def test_the_cache_is_per_tenant_so_a_rotated_key_keeps_it(sim: Any, proxy: Any) -> None:
+    runtime, stable = await sim(models=["sim-model"])
+    _, candidate = await sim(models=["sim-model"])
+    rules = tenant_rules(stable, candidate).replace("    pool: stable\n  - name: embed",
+                                                    "    pool: stable\n    cache: {ttl: 10m}\n  - name: embed")
+    handle = await proxy(rules, env=ENV)
+    outcomes = []
+    for key in (SEARCH, "search-key-2", BATCH):  # two keys of search-team, then another tenant
+        raw = await client(handle, key).chat.completions.with_raw_response.create(
+            model="llama-3", messages=MESSAGES, temperature=0, max_tokens=3)
+        outcomes.append(raw.headers["x-splitstream-cache"])
+    assert outcomes == ["miss", "hit", "miss"]
+    assert runtime.stats.requests == 2

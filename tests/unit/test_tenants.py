@@ -186,7 +186,7 @@ def test_the_reservation_is_prompt_plus_max_tokens_or_the_usual_completion() -> 
 
 
 def ticket() -> Ticket:
-    return Ticket(LIMITED, (), None, prompt_estimate=100.0, reserved=600.0, shared=False)
+    return Ticket((), None, prompt_estimate=100.0, reserved=600.0, shared=False)
 
 
 def record(**fields: object) -> RequestRecord:
