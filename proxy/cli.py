@@ -1,33 +1,39 @@
 """Command line: `splitstream serve | check | sim-backend | load | demo | rollout` (also `python -m proxy`).
 
-Parses arguments and runs the matching coroutine on uvloop; the work itself lives in `app.py`,
-`config/loader.py` and `sim/runtime.py`. `serve` drains on SIGTERM: it stops accepting, lets requests
-and streams in flight finish up to `server.drain_timeout`, then exits 0. SIGHUP reloads the rules.
+Parses arguments (`serve`'s also from SPLITSTREAM_* variables; the command line wins) and runs the matching
+coroutine on uvloop; the work itself lives in `app.py`, `config/loader.py` and `sim/runtime.py`. Exit codes:
+0 ok, 1 invalid rules or a failure at run time, 2 usage. `serve` drains on SIGTERM: it stops accepting, lets
+requests and streams in flight finish up to `server.drain_timeout`, then exits 0. SIGHUP reloads the rules.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
+import re
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+import tempfile
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
 from aiohttp import web
 
+from proxy import __version__
 from proxy.app import build_app
-from proxy.config.loader import RulesError, load_rules
+from proxy.config.loader import RULE_SUFFIXES, RulesError, load_rules
 from proxy.config.model import RULES
 from proxy.config.reloader import RELOADER
 from proxy.config.yamlread import redact
 from proxy.delivery import client as rollout_client
 from proxy.delivery.state import OPERATOR_ACTIONS
-from proxy.observe.logs import configure_logging
+from proxy.observe.logs import AccessLog, configure_logging
 from proxy.pipeline.connections import HeadDeadlineRunner
 from proxy.sim import load
 from proxy.sim.runtime import SimConfig
@@ -36,77 +42,198 @@ from proxy.store.redis import RedisStore
 
 log = logging.getLogger("splitstream")
 
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2  # 1: invalid rules or a failure at run time; 2: usage
+
 GC_GEN0_THRESHOLD = 10_000
 
-DEMO_BACKENDS = (
-    (9101, ("llama-3.1-8b-instruct", "sim-embed")),
-    (9102, ("llama-3.2-3b-instruct", "sim-embed")),
-)
+DEMO_PORTS = (9101, 9102)  # the ports rules/demo.yaml names (`demo --backend-ports` moves them)
+DEMO_MODELS = (("llama-3.1-8b-instruct", "sim-embed"), ("llama-3.2-3b-instruct", "sim-embed"))
 
-
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# `serve`'s options from the environment (containers, systemd units); a command-line option wins.
+RULES_ENV = "SPLITSTREAM_RULES"
+HOST_ENV = "SPLITSTREAM_HOST"
+PORT_ENV = "SPLITSTREAM_PORT"
 REDIS_URL_ENV = "SPLITSTREAM_REDIS_URL"  # the Redis URL without putting its password on the command line
+LOG_LEVEL_ENV = "SPLITSTREAM_LOG_LEVEL"
+NO_WATCH_ENV = "SPLITSTREAM_NO_WATCH"
+LOG_PROBES_ENV = "SPLITSTREAM_LOG_PROBES"
+FLAG_VALUES = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+# `check --skip-env`: what each environment variable holds, named after it: non-empty, one key for a tenant's
+# keys_env, and different per variable (two tenants' keys_env must not look like one shared key).
+SKIPPED_ENV_VALUE = "splitstream-check-skip-env-{name}"
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitstream", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where there is nothing to show (None, an unset flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+class _EnvText(str):
+    """An option's default as read from the environment: a conversion error names the variable."""
+
+    variable = ""
+
+
+class _EnvFlag(argparse.Action):
+    """A flag whose default may be an environment variable's text (`1`, `true`, `0`, ...): argparse converts
+    a text default with `type` only when the flag is absent, so a bad value there is a usage error."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, default: object = False,
+                 help: str | None = None) -> None:  # `help`: the keyword argparse passes
+        super().__init__(option_strings, dest, nargs=0, default=default, type=_flag, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, True)
+
+
+def _invalid(text: str, problem: str) -> argparse.ArgumentTypeError:
+    source = f"${text.variable}=" if isinstance(text, _EnvText) else ""
+    return argparse.ArgumentTypeError(f"{source}{str(text)!r} {problem}")
+
+
+def _flag(text: str) -> bool:
+    if text.strip().lower() not in FLAG_VALUES:
+        raise _invalid(text, f"is not one of {', '.join(FLAG_VALUES)}")
+    return FLAG_VALUES[text.strip().lower()]
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or not 0 < int(text) < 65536:
+        raise _invalid(text, "is not a port number (1-65535)")
+    return int(text)
+
+
+def _ports(text: str) -> tuple[int, int]:
+    ports = tuple(_port(part) for part in text.split(","))
+    if len(ports) != 2 or ports[0] == ports[1]:
+        raise _invalid(text, "is not two different ports, e.g. 9101,9102")
+    return ports[0], ports[1]
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise _invalid(text, f"is not one of {', '.join(LOG_LEVELS)}")
+    return text.lower()
+
+
+def _parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    """The command line. Defaults read from `env` are text that argparse converts (and checks) only when the
+    option is absent: the command line wins, and a bad variable is a usage error naming the option."""
+
+    def from_env(name: str, default: Any) -> Any:
+        if not env.get(name):
+            return default
+        text = _EnvText(env[name])
+        text.variable = name
+        return text
+
+    level = argparse.ArgumentParser(add_help=False)  # --log-level after the command too (wins over the one before)
+    level.add_argument("--log-level", type=_log_level, choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                       help=f"what is logged on stderr [env {LOG_LEVEL_ENV}] (default: info)")
+    parser = argparse.ArgumentParser(prog="splitstream", description=__doc__.splitlines()[0],
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", type=_log_level, choices=LOG_LEVELS, default=from_env(LOG_LEVEL_ENV, "info"),
+                        help=f"what is logged on stderr [env {LOG_LEVEL_ENV}]")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--rules", default="rules", help="directory of *.yaml rule files")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--redis", default=None,
-                       help=f"redis://host:port/db (default: ${REDIS_URL_ENV}, else the embedded store); a URL "
-                            f"with a password belongs in ${REDIS_URL_ENV}, which `ps` does not show")
-    serve.add_argument("--no-watch", action="store_true",
-                       help="do not watch the rules directory; reload only on SIGHUP or POST /admin/reload")
+    def command(name: str, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=description or help_text, parents=[level],
+                                   formatter_class=_HelpFormatter)
 
-    check = commands.add_parser("check", help="validate a rules directory and exit 0 (valid) or 1")
-    check.add_argument("rules")
+    serve = command("serve", "run the proxy",
+                    "Run the proxy. Every option can also come from the environment variable named in its help; "
+                    "an option on the command line wins over the variable.")
+    serve.add_argument("--rules", default=from_env(RULES_ENV, "rules"),
+                       help=f"directory of *.yaml rule files [env {RULES_ENV}]")
+    serve.add_argument("--host", default=from_env(HOST_ENV, "127.0.0.1"),
+                       help=f"address to listen on (0.0.0.0: every interface) [env {HOST_ENV}]")
+    serve.add_argument("--port", type=_port, default=from_env(PORT_ENV, "8080"),
+                       help=f"port to listen on [env {PORT_ENV}]")
+    serve.add_argument("--redis", default=None, metavar="URL",
+                       help=f"redis://host:port/db shared by replicas (default: ${REDIS_URL_ENV}, else the embedded "
+                            f"store); a URL with a password belongs in ${REDIS_URL_ENV}, which `ps` does not show")
+    serve.add_argument("--no-watch", action=_EnvFlag, default=from_env(NO_WATCH_ENV, False),
+                       help="do not watch the rules directory; reload only on SIGHUP or POST /admin/reload "
+                            f"[env {NO_WATCH_ENV}=1]")
+    serve.add_argument("--log-probes", action=_EnvFlag, default=from_env(LOG_PROBES_ENV, False),
+                       help="also write access-log lines for /healthz, /readyz and /metrics (probes and scrapes) "
+                            f"[env {LOG_PROBES_ENV}=1]")
 
-    sim = commands.add_parser("sim-backend", help="run a simulated OpenAI-compatible runtime")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, required=True)
+    check = command("check", "validate a rules directory and exit 0 (valid) or 1")
+    check.add_argument("rules", nargs="?", default=from_env(RULES_ENV, "rules"),
+                       help=f"the rules directory [env {RULES_ENV}]")
+    check.add_argument("--skip-env", action="store_true",
+                       help="take every environment variable the rules name (api_key_env, keys_env) as set: "
+                            "for a CI job without the secrets")
+
+    sim = command("sim-backend", "run a simulated OpenAI-compatible runtime")
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sim.add_argument("--port", type=_port, required=True, help="port to listen on")
     sim.add_argument("--model", required=True, help="model name(s), comma-separated")
-    sim.add_argument("--tokens-per-second", type=float, default=50.0)
-    sim.add_argument("--ttft-ms", type=float, default=20.0)
-    sim.add_argument("--max-batch", type=int, default=16)
-    sim.add_argument("--fail-rate", type=float, default=0.0)
-    sim.add_argument("--stream-fail-rate", type=float, default=0.0)
+    sim.add_argument("--tokens-per-second", type=float, default=50.0, help="decode speed of each sequence")
+    sim.add_argument("--ttft-ms", type=float, default=20.0, help="time to the first token")
+    sim.add_argument("--max-batch", type=int, default=16, help="sequences decoded at once; more wait")
+    sim.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
+    sim.add_argument("--stream-fail-rate", type=float, default=0.0, help="share of streams cut after a token")
 
-    clients = commands.add_parser("load", help="send a mixed client load (dashboards demo); prints counts only")
+    clients = command("load", "send a mixed client load (dashboards demo); prints counts only")
     clients.add_argument("--url", action="append", required=True,
                          help="OpenAI base URL, e.g. http://127.0.0.1:8080/v1 (repeat to take turns)")
-    clients.add_argument("--model", required=True)
-    clients.add_argument("--count", type=int, default=0, help="requests to send (default 0: until stopped)")
+    clients.add_argument("--model", required=True, help="the model clients ask for")
+    clients.add_argument("--count", type=int, default=0, help="requests to send (0: until stopped)")
     clients.add_argument("--rate", type=float, default=5.0, help="requests per second (0: as fast as possible)")
-    clients.add_argument("--concurrency", type=int, default=8)
+    clients.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
     clients.add_argument("--users", type=int, default=50, help="distinct x-user-id subjects (0: none)")
-    clients.add_argument("--stream-share", type=float, default=0.5)
+    clients.add_argument("--stream-share", type=float, default=0.5, help="share of streamed requests")
     clients.add_argument("--repeat-share", type=float, default=0.2, help="share of repeated temperature-0 prompts")
-    clients.add_argument("--max-tokens", type=int, default=16)
-    clients.add_argument("--seed", type=int, default=None)
+    clients.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request")
+    clients.add_argument("--seed", type=int, default=None, help="random seed (default: a new one each run)")
 
-    rollout = commands.add_parser("rollout", help="show or steer a route's rollout via the admin API")
+    rollout = command("rollout", "show or steer a route's rollout via the admin API")
     rollout.add_argument("action", choices=("status", *OPERATOR_ACTIONS))
     rollout.add_argument("route", nargs="?", help="the route (status without one: every rollout)")
-    rollout.add_argument("--url", default=rollout_client.DEFAULT_URL, help="the proxy (default %(default)s)")
+    rollout.add_argument("--url", default=from_env(rollout_client.URL_ENV, rollout_client.DEFAULT_URL),
+                         help=f"the proxy [env {rollout_client.URL_ENV}]")
     rollout.add_argument("--token", default=None, help="admin token (default: $SPLITSTREAM_ADMIN_TOKEN)")
     rollout.add_argument("--json", action="store_true", help="print the admin API's JSON")
 
-    demo = commands.add_parser("demo", help="two simulated runtimes and the proxy on the demo rules")
-    demo.add_argument("--rules", default="rules")
-    demo.add_argument("--port", type=int, default=8080)
+    demo = command("demo", "two simulated runtimes and the proxy on the demo rules")
+    demo.add_argument("--rules", default="rules", help="the rules directory")
+    demo.add_argument("--port", type=_port, default=8080, help="the proxy's port")
+    demo.add_argument("--backend-ports", type=_ports, default=DEMO_PORTS, metavar="A,B",
+                      help="the simulated runtimes' ports; other than the default, the proxy serves a temporary "
+                           "copy of the rules whose 127.0.0.1:9101 and :9102 URLs name them")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run a command; a reader that stops reading stdout early (`| head`) ends it quietly with 0."""
+    try:
+        try:
+            return _run(_parser().parse_args(argv))
+        finally:
+            sys.stdout.flush()  # here, not at exit: a closed pipe raises where it can be caught
+    except BrokenPipeError:
+        # What is still buffered goes nowhere, so the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     if args.command == "check":
-        return check(args.rules)
+        return check(args.rules, skip_env=args.skip_env)
     if args.command == "serve":
-        return uvloop.run(serve(args.rules, args.host, args.port, watch=not args.no_watch, redis_url=args.redis or os.environ.get(REDIS_URL_ENV) or None))
+        return uvloop.run(serve(args.rules, args.host, args.port, watch=not args.no_watch,
+                                redis_url=args.redis or os.environ.get(REDIS_URL_ENV) or None,
+                                log_probes=args.log_probes))
     if args.command == "sim-backend":
         config = SimConfig(
             models=tuple(m.strip() for m in args.model.split(",") if m.strip()),
@@ -126,37 +253,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "rollout":
         return rollout_client.run(args.action, args.route, args.url, args.token, args.json)
     if args.command == "demo":
-        return uvloop.run(demo(args.rules, args.port))
+        return uvloop.run(demo(args.rules, args.port, args.backend_ports))
     raise AssertionError(args.command)
 
 
-def check(rules_dir: str) -> int:
+class _EveryVariable(Mapping[str, str]):
+    """An environment in which every variable is set (to SKIPPED_ENV_VALUE): `check --skip-env` validates
+    rules that name secrets (`api_key_env`, a tenant's `keys_env`) without having them, and without the
+    loader knowing about it."""
+
+    def __getitem__(self, name: str) -> str:
+        return SKIPPED_ENV_VALUE.format(name=name)
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def check(rules_dir: str, skip_env: bool = False) -> int:
+    unchecked = "; environment variables were not checked (--skip-env)" if skip_env else ""
     try:
-        snapshot = load_rules(rules_dir)
+        snapshot = load_rules(rules_dir, env=_EveryVariable() if skip_env else None)
     except RulesError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
-        print(f"{rules_dir}: {len(exc.errors)} error(s)", file=sys.stderr)
-        return 1
+        print(f"{rules_dir}: {len(exc.errors)} error(s){unchecked}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"{rules_dir}: ok ({len(snapshot.routes)} routes, {len(snapshot.pools)} pools, "
-          f"{len(snapshot.backends)} backends)")
-    return 0
+          f"{len(snapshot.backends)} backends){unchecked}")
+    return EXIT_OK
 
 
 async def serve(rules_dir: str, host: str, port: int, ready: asyncio.Event | None = None, watch: bool = True,
-                redis_url: str | None = None) -> int:
+                redis_url: str | None = None, log_probes: bool = False) -> int:
     try:
         snapshot = load_rules(rules_dir, generation=1)
     except RulesError as exc:
         for line in exc.errors:
             log.error("invalid rules: %s", line)
-        return 2
+        return EXIT_FAILURE
     try:
         store = RedisStore(redis_url) if redis_url else None  # connects lazily; None = embedded store
     except ValueError as exc:
         log.error("invalid --redis URL: %s", redact(str(exc)))
-        return 2
-    app = build_app(snapshot, rules_dir=rules_dir, watch_rules=watch, store=store)
+        return EXIT_USAGE
+    app = build_app(snapshot, rules_dir=rules_dir, watch_rules=watch, store=store,
+                    access_log=AccessLog(log_probes=log_probes))
     rules = app[RULES]
     runner = HeadDeadlineRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=snapshot.server.drain_timeout,
@@ -173,20 +320,22 @@ async def serve(rules_dir: str, host: str, port: int, ready: asyncio.Event | Non
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         await runner.cleanup()
         loop.remove_signal_handler(signal.SIGHUP)
-        return 2
-    settle_garbage_collector()
-    log.info("splitstream listening on http://%s:%d (rules %s, generation %d)", host, port, rules_dir,
-             snapshot.generation)
-    if ready is not None:
-        ready.set()
-    await _wait_for_signal()
+        return EXIT_FAILURE
+    # Signals are ours before "listening" is said: whoever stops us on seeing it gets a drain, not a kill.
+    with _stop_signals() as stop:
+        settle_garbage_collector()
+        log.info("splitstream listening on http://%s:%d (rules %s, generation %d)", host, port, rules_dir,
+                 snapshot.generation)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
     # The drain timeout is the one the process started with (the runner holds it): reloads do not change it.
     log.info("draining: no new connections; waiting up to %.0fs for requests in flight",
              snapshot.server.drain_timeout)
     await runner.cleanup()
     loop.remove_signal_handler(signal.SIGHUP)  # only now: a SIGHUP while draining must not end the process
     log.info("stopped")
-    return 0
+    return EXIT_OK
 
 
 def settle_garbage_collector() -> None:
@@ -202,11 +351,37 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
 
 
-async def demo(rules_dir: str, port: int) -> int:
-    readiness = [asyncio.Event() for _ in DEMO_BACKENDS]
+async def demo(rules_dir: str, port: int, backend_ports: tuple[int, int] = DEMO_PORTS) -> int:
+    """Two simulated runtimes and the proxy. Runtimes moved off the ports the demo rules name get a copy of
+    the rules that names theirs (in a temporary directory, removed at exit): rules/ itself stays as shipped."""
+    if backend_ports == DEMO_PORTS or not os.path.isdir(rules_dir):
+        return await _demo(rules_dir, rules_dir, port, backend_ports)
+    with tempfile.TemporaryDirectory(prefix="splitstream-demo-rules-") as copy:
+        copy_moving_ports(Path(rules_dir), Path(copy), dict(zip(DEMO_PORTS, backend_ports, strict=True)))
+        return await _demo(rules_dir, copy, port, backend_ports)
+
+
+_LOOPBACK_PORT = re.compile(r"(//(?:127\.0\.0\.1|localhost):)(\d+)\b")
+
+
+def copy_moving_ports(source: Path, target: Path, moved: Mapping[int, int]) -> None:
+    """The rule files of `source` into `target`, with loopback URLs on a port in `moved` rewritten to its
+    new port. One pass over the text, so swapped ports (9102,9101) stay swapped; nothing else changes."""
+
+    def move(match: re.Match[str]) -> str:
+        return match.group(1) + str(moved.get(int(match.group(2)), match.group(2)))
+
+    for path in sorted(source.iterdir()):
+        if path.name.endswith(RULE_SUFFIXES) and not path.name.startswith(".") and path.is_file():
+            text = path.read_text(encoding="utf-8")
+            (target / path.name).write_text(_LOOPBACK_PORT.sub(move, text), encoding="utf-8")
+
+
+async def _demo(shown_rules: str, rules_dir: str, port: int, backend_ports: tuple[int, int]) -> int:
+    readiness = [asyncio.Event() for _ in backend_ports]
     sims = [
         asyncio.create_task(serve_sim(SimConfig(models=models, tokens_per_second=40.0, ttft_ms=80.0), "127.0.0.1", p, up))
-        for (p, models), up in zip(DEMO_BACKENDS, readiness, strict=True)
+        for p, models, up in zip(backend_ports, DEMO_MODELS, readiness, strict=True)
     ]
     # The proxy probes backends at start: let the runtimes listen first, as a deployment's would.
     if not await _all_listening(readiness, sims):
@@ -214,13 +389,16 @@ async def demo(rules_dir: str, port: int) -> int:
             task.cancel()
         results = await asyncio.gather(*sims, return_exceptions=True)
         log.error("simulated runtimes failed to start: %s", [str(r) for r in results if isinstance(r, Exception)])
-        return 2
+        return EXIT_FAILURE
     ready = asyncio.Event()
     proxy = asyncio.create_task(serve(rules_dir, "127.0.0.1", port, ready))
     waiting = asyncio.create_task(ready.wait())
     await asyncio.wait({proxy, waiting}, return_when=asyncio.FIRST_COMPLETED)
     if ready.is_set():
-        _print_demo_help(port)
+        where = (f"rules in {shown_rules} (edit them: they reload live)" if shown_rules == rules_dir else
+                 f"rules: a copy of {shown_rules} naming these ports in {rules_dir} (edits there reload live; "
+                 "removed at exit)")
+        _print_demo_help(port, backend_ports, where)
     code = await proxy
     waiting.cancel()
     for task in sims:
@@ -242,33 +420,40 @@ async def _all_listening(readiness: list[asyncio.Event], sims: list[asyncio.Task
     return True
 
 
-def _print_demo_help(port: int) -> None:
+def _print_demo_help(port: int, backend_ports: tuple[int, int], rules: str) -> None:
     base = f"http://127.0.0.1:{port}/v1"
     print(f"""
 splitstream demo is running: base_url = {base}
-  simulated runtimes on 127.0.0.1:9101 and :9102; rules in rules/ (edit them: they reload live)
+  simulated runtimes on 127.0.0.1:{backend_ports[0]} and :{backend_ports[1]}; {rules}
   status pages: http://127.0.0.1:{port}/ui/   metrics: http://127.0.0.1:{port}/metrics
 
   curl -sN {base}/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "llama-3.1-8b", "stream": true, "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='none'); \\
+  pip install openai; python -c "from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='none'); \\
 print(c.chat.completions.create(model='llama-3.1-8b', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
 
 Ctrl-C (or SIGTERM) stops it.
 """, flush=True)
 
 
-async def _wait_for_signal() -> None:
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[asyncio.Event]:
+    """An event SIGTERM and SIGINT set while inside (outside, their default actions end the process)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _wait_for_signal() -> None:
+    with _stop_signals() as stop:
+        await stop.wait()
 
 
 async def _run_until_signal(coro: Coroutine[Any, Any, None]) -> int:
@@ -278,7 +463,7 @@ async def _run_until_signal(coro: Coroutine[Any, Any, None]) -> int:
     for pending in (task, stopper):
         pending.cancel()
     await asyncio.gather(task, stopper, return_exceptions=True)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

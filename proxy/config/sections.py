@@ -34,6 +34,10 @@ from proxy.config.yamlread import Entry, Errors, Reader, Seq, read_mapping, show
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+# Backend names the proxy uses itself: `cache` is the backend of answers from the result cache
+# (`pipeline/handler.py`), so a real backend of that name would merge with them in every metric.
+RESERVED_BACKEND_NAMES = frozenset({"cache"})
+
 # ----------------------------------------------------------------------------- server and defaults
 
 
@@ -198,6 +202,10 @@ def _api_key(reader: Reader, env: Mapping[str, str]) -> str | None:
 
 def build_backend(entry: Entry, env: Mapping[str, str], errors: Errors) -> Backend | None:
     label = f"backend {entry.name!r}"
+    is_reserved = entry.name in RESERVED_BACKEND_NAMES
+    if is_reserved:
+        errors.add(entry.loc, f"{label}: the name is reserved (it labels answers from the result cache in "
+                              "x-splitstream-backend and the metrics); rename the backend")
     reader = read_mapping(entry.value, label, entry.loc, errors, " with at least 'url'")
     if reader is None:
         return None
@@ -208,7 +216,7 @@ def build_backend(entry: Entry, env: Mapping[str, str], errors: Errors) -> Backe
     max_inflight = reader.integer("max_inflight", 0, minimum=0)
     concurrency = reader.integer("concurrency", 1, minimum=1)
     api_key = _api_key(reader, env)
-    if url is None or reader.failed:
+    if url is None or reader.failed or is_reserved:
         return None
     return Backend(name=entry.name, url=url.url, host=url.host, port=url.port, base_path=url.base_path,
                    kind=kind, weight=weight, max_inflight=max_inflight, concurrency=concurrency,

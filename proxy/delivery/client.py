@@ -1,9 +1,10 @@
 """`splitstream rollout status|pause|resume|promote|abort [ROUTE]`: the operators' client of /admin/rollouts.
 
 Blocking HTTP (urllib) against a running proxy's admin API, so it needs no event loop; prints one summary
-line per rollout and its recent decisions (names and numbers), or the raw JSON with `--json`. Exit codes:
-0 done, 1 refused by the proxy (its OpenAI-shaped error is printed), 2 proxy unreachable. Called by `cli.py`.
-Every request carries `X-Splitstream-Admin: 1`, which the admin guard wants on POSTs (no plain form sends it).
+line per rollout and its recent decisions (names and numbers), or the raw JSON with `--json`. Exit codes
+are the CLI's: 0 done, 1 refused by the proxy (its OpenAI-shaped error is printed) or proxy unreachable
+(the URL tried and how to change it are printed), 2 usage. Called by `cli.py`. Every request carries
+`X-Splitstream-Admin: 1`, which the admin guard wants on POSTs (no plain form sends it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, TextIO
 from proxy.auth import ADMIN_MARKER
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+URL_ENV = "SPLITSTREAM_URL"  # the proxy's URL when `--url` is not given (the CLI reads it)
 TIMEOUT = 10.0
 DECISIONS_SHOWN = 5
 HEADERS = {"Accept": "application/json", ADMIN_MARKER: "1"}
@@ -47,12 +49,16 @@ def run(action: str, route: str | None, url: str = DEFAULT_URL, token: str | Non
         print(f"{exc.code}: {_error_message(exc.read())}", file=err)
         return 1
     except (urllib.error.URLError, OSError) as exc:
-        print(f"cannot reach {url}: {getattr(exc, 'reason', exc)}", file=err)
-        return 2
+        print(f"cannot reach splitstream at {url}: {getattr(exc, 'reason', exc)}\n"
+              f"  (give the proxy's URL with --url or ${URL_ENV})", file=err)
+        return 1
     if as_json:
         print(json.dumps(document, indent=2), file=out)
         return 0
-    for rollout in document.get("rollouts", [document]):
+    rollouts = document.get("rollouts", [document])
+    if not rollouts:
+        print(f"no rollouts: no route of the rules at {url} has a `rollout:` block", file=out)
+    for rollout in rollouts:
         print(summary(rollout), file=out)
         for decision in rollout["history"][-DECISIONS_SHOWN:]:
             print("  " + decision_line(decision), file=out)
