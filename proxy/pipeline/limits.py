@@ -27,6 +27,7 @@ import math
 import os
 import secrets
 from collections.abc import Sequence
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -183,6 +184,24 @@ class Limiter:
             self._live[lease] = (claim.slot.key, shared)
         token_rates = tuple(rate for rate, name in zip(claim.rates, names) if name != REQUESTS)
         return Ticket(token_rates, claim.slot, est.prompt_tokens, tokens, shared)
+
+    async def use(self, tenants: Sequence[Tenant]) -> dict[str, dict[str, float]]:
+        """How much of each rate limit every limited tenant has spent right now, fleet-wide (0 to 1; above 1
+        is a debt being repaid): GCRA's own state, read by claims that take nothing."""
+        probes = [(tenant, *claim_for(tenant, 0.0, "")) for tenant in tenants if tenant.limits.any]
+        batch = QuotaBatch(claims=tuple(Claim(tuple(replace(rate, cost=0.0) for rate in claim.rates))
+                                        for _, claim, _ in probes))
+        verdicts: list[Verdict] = []
+        if self._store is not None:
+            try:
+                verdicts = await self._store.quota(batch)
+            except StoreUnavailableError:
+                pass  # what this replica counted meanwhile
+        if not verdicts:
+            verdicts = self._local.apply(batch)
+        return {tenant.name: {name: verdict.reset[index] / claim.rates[index].period
+                              for index, name in enumerate(names)}
+                for (tenant, claim, names), verdict in zip(probes, verdicts, strict=True)}
 
     def settle(self, ticket: Ticket, record: RequestRecord) -> None:
         """The request ended: charge what it used instead of the estimate, release its lease. Never waits."""

@@ -80,6 +80,7 @@ class TenantNumbers:
 
     minute: Mapping[str, Usage]
     day: Mapping[str, Usage]
+    use: Mapping[str, Mapping[str, float]]  # tenant -> rate limit -> share spent now (GCRA state)
 
 
 PageBuilder = Callable[[Sources, Clocks], dict[str, Any]]
@@ -335,8 +336,8 @@ LIMITS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_con
 
 
 def tenants(sources: Sources, clocks: Clocks) -> dict[str, Any]:
-    """Every tenant of the rules: priority, the routes it may use, its limits, and the fleet's usage over the
-    last minute and day with the share of each limit it used (None when the store did not answer)."""
+    """Every tenant of the rules: priority, the routes it may use, its limits, the fleet's usage over the last
+    minute and day (None when the store did not answer), and how much of each rate limit is spent right now."""
     snapshot = sources.rules.current
     numbers = sources.tenants
     rows = []
@@ -344,11 +345,7 @@ def tenants(sources: Sources, clocks: Clocks) -> dict[str, Any]:
         limits = tenant.limits
         minute = numbers.minute.get(tenant.name, Usage()) if numbers is not None else None
         day = numbers.day.get(tenant.name, Usage()) if numbers is not None else None
-        use = None
-        if minute is not None and day is not None:
-            use = {"requests_per_minute": _share(minute.requests - minute.limited, limits.requests_per_minute or 0),
-                   "tokens_per_minute": _share(minute.tokens, limits.tokens_per_minute or 0),
-                   "tokens_per_day": _share(day.tokens, limits.tokens_per_day or 0)}
+        use = numbers.use.get(tenant.name, {}) if numbers is not None else None
         rows.append({
             "tenant": tenant.name,
             "priority": tenant.priority_name,

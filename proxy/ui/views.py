@@ -34,6 +34,7 @@ from proxy.delivery.weights import WEIGHTS
 from proxy.errors import AdminAuthError, AdminForbiddenError, BodyTooLargeError, StoreUnavailableError
 from proxy.observe.metrics import METRICS
 from proxy.observe.pooled import POOLED
+from proxy.pipeline.limits import LIMITER
 from proxy.pipeline.result_cache import CACHE
 from proxy.pipeline.shadow import SHADOWS
 from proxy.ui.filters import FILTERS
@@ -66,12 +67,12 @@ async def _sources(app: web.Application, name: str) -> Sources:
 
 async def _tenant_usage(app: web.Application) -> TenantNumbers | None:
     """Every tenant's pooled usage (last minute, last day); None when the store does not answer."""
-    names = [tenant.name for tenant in app[RULES].current.tenants.all]
+    tenants = app[RULES].current.tenants.all
     try:
-        minute, day = await app[USAGE].read(names)
+        minute, day = await app[USAGE].read([tenant.name for tenant in tenants])
     except StoreUnavailableError:
         return None
-    return TenantNumbers(minute, day)
+    return TenantNumbers(minute, day, await app[LIMITER].use(tenants))
 
 
 async def _fleet(app: web.Application) -> FleetNumbers | None:

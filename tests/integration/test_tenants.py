@@ -279,7 +279,9 @@ async def test_admin_tenants_shows_usage_limit_use_and_routes(sim: Any, proxy: A
     assert search_row["last_minute"]["requests"] == 5 and search_row["last_minute"]["limited"] == 1
     assert search_row["last_day"]["requests"] == 5
     assert search_row["last_minute"]["tokens"] > 0
-    assert search_row["limit_use"]["requests_per_minute"] == 1.0  # 4 admitted of 4
+    # 4 admitted of 4: all spent, less what refilled since (1/15 a second: the test takes far less)
+    assert 0.75 < search_row["limit_use"]["requests_per_minute"] <= 1.0
+    assert rows["batch"]["limit_use"] == {}  # no limits: nothing to spend
     assert search_row["limits"]["requests_per_minute"] == 4
     assert rows["batch"]["last_minute"]["requests"] == 0 and rows["batch"]["routes"] == ["chat", "embed"]
     assert 'data-tenant="search-team"' in html and SEARCH not in html
