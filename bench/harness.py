@@ -68,12 +68,13 @@ def tail(path: Path, lines: int = 15, scan_bytes: int = 512 * 1024) -> str:
 class Proc:
     """One subprocess with stdout+stderr redirected to a file (never a pipe nobody reads)."""
 
-    def __init__(self, name: str, args: list[str], tmp: Path) -> None:
+    def __init__(self, name: str, args: list[str], tmp: Path, env: Mapping[str, str] | None = None) -> None:
+        """`env`: variables added to this process's environment for the child (None: inherit it as is)."""
         self.name = name
         self.log = tmp / f"{name}.log"
         self._file = self.log.open("wb")
         self.popen = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._file,
-                                      stderr=subprocess.STDOUT)
+                                      stderr=subprocess.STDOUT, env=None if env is None else {**os.environ, **env})
         self.pid = self.popen.pid
 
     def check(self) -> None:

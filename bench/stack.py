@@ -13,6 +13,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,10 @@ def start_sim(name: str, log_dir: Path, *, tps: float, ttft_ms: float, max_batch
     return proc, port
 
 
-def start_proxy(name: str, log_dir: Path, rules_dir: Path, redis_url: str | None = None) -> tuple[Proc, int]:
+def start_proxy(name: str, log_dir: Path, rules_dir: Path, redis_url: str | None = None,
+                env: Mapping[str, str] | None = None) -> tuple[Proc, int]:
     """`proxy serve` on a free port with the rules in `rules_dir` (and `--redis` if given), once /healthz answers.
+    `env`: variables added to its environment (a tenant's `keys_env`).
 
     Start the runtimes first: the proxy probes its backends at start, as in a deployment.
     """
@@ -72,7 +75,7 @@ def start_proxy(name: str, log_dir: Path, rules_dir: Path, redis_url: str | None
             "--port", str(port)]
     if redis_url is not None:
         args += ["--redis", redis_url]
-    proc = Proc(name, args, log_dir)
+    proc = Proc(name, args, log_dir, env)
     _ready_or_stop(proc, f"http://127.0.0.1:{port}/healthz")
     return proc, port
 
