@@ -9,8 +9,9 @@ ends (`settle`), the reported usage replaces the estimate — a short answer or 
 back, a longer one is charged (a debt later requests wait out) — and the lease is released.
 
 Round trips. A claim waits for the store; settlements, releases and lease renewals never make a request
-wait (they ride the next batch). One task (`run`) sends batches: whatever arrived while one was in flight
-goes in the next, so at low load a request costs one round trip and under load many share one EVALSHA.
+wait: they ride the next claim's batch, or go on their own after SETTLE_SECONDS. One task (`run`) sends
+batches: whatever arrived while one was in flight goes in the next, so at low load a request costs one
+round trip and under load many share one EVALSHA.
 
 Store down. The same claims go to an in-process `QuotaTable`: limits then hold per replica (the fleet may
 admit up to replicas × limit), counted in splitstream_tenant_limit_fallbacks_total and logged once per
@@ -31,7 +32,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from proxy.config.model import Tenant, TenantLimits
+from proxy.config.model import Tenant
 from proxy.errors import StoreUnavailableError, TenantLimitError
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, NONE, RequestRecord
@@ -50,6 +51,12 @@ RENEW_SECONDS = 10.0  # live leases are renewed this often: three chances before
 CUT_STREAM_BYTES_PER_TOKEN = 160.0
 REQUESTS, TOKENS_MINUTE, TOKENS_DAY, CONCURRENT = (
     "requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent")
+_HEADERS = {name: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+            for name, kind in ((REQUESTS, "requests"), (TOKENS_MINUTE, "tokens"), (TOKENS_DAY, "tokens"))}
+# Settlements and lease releases wait at most this long for a claim to ride with (one round trip, not two,
+# per request at low load); a claim right after a release on this replica sees it (releases go first).
+SETTLE_SECONDS = 0.05
+MAX_PLANS = 4096
 
 
 class Ticket:
@@ -66,23 +73,44 @@ class Ticket:
         self.shared = shared
 
 
-def claim_for(tenant: Tenant, tokens: float, lease: str) -> tuple[Claim, tuple[str, ...]]:
-    """The claim of one request of `tenant` estimated at `tokens`, and the limit name of each rate."""
-    limits = tenant.limits
-    base = f"{KEY_PREFIX}{tenant.name}:"
-    rates: list[Rate] = []
-    names: list[str] = []
-    if limits.requests_per_minute:
-        rates.append(Rate(base + "rpm", MINUTE, limits.requests_per_minute, 1.0))
-        names.append(REQUESTS)
-    if limits.tokens_per_minute:
-        rates.append(Rate(base + "tpm", MINUTE, limits.tokens_per_minute, min(tokens, limits.tokens_per_minute)))
-        names.append(TOKENS_MINUTE)
-    if limits.tokens_per_day:
-        rates.append(Rate(base + "tpd", DAY, limits.tokens_per_day, min(tokens, limits.tokens_per_day)))
-        names.append(TOKENS_DAY)
-    slot = Slot(base + "inflight", limits.max_concurrent, lease, LEASE_TTL) if limits.max_concurrent else None
-    return Claim(tuple(rates), slot), tuple(names)
+class Plan:
+    """One tenant's limits as its claims are built: made once per tenant and rules snapshot, so a request
+    only fills in its token cost and its lease (and the answer's header values)."""
+
+    __slots__ = ("tenant", "names", "_request_rate", "_token_limits", "_slot_key", "_slot_limit", "_headers")
+
+    def __init__(self, tenant: Tenant) -> None:
+        self.tenant = tenant
+        limits = tenant.limits
+        base = f"{KEY_PREFIX}{tenant.name}:"
+        rpm = limits.requests_per_minute
+        self._request_rate = Rate(base + "rpm", MINUTE, rpm, 1.0) if rpm else None
+        self._token_limits = tuple((base + suffix, period, limit, name) for suffix, period, limit, name in (
+            ("tpm", MINUTE, limits.tokens_per_minute, TOKENS_MINUTE), ("tpd", DAY, limits.tokens_per_day, TOKENS_DAY))
+            if limit)
+        self.names = ((REQUESTS,) if rpm else ()) + tuple(name for *_, name in self._token_limits)
+        self._slot_key = base + "inflight" if limits.max_concurrent else ""
+        self._slot_limit = limits.max_concurrent or 0
+        # The requests limit, and the token limit with the shorter window: (header names, rate index, limit)
+        shown = [REQUESTS] if rpm else []
+        shown += [name for name in (TOKENS_MINUTE, TOKENS_DAY) if name in self.names][:1]
+        self._headers = tuple((_HEADERS[name], self.names.index(name), str(getattr(limits, name))) for name in shown)
+
+    def claim(self, tokens: float, lease: str) -> Claim:
+        """One request estimated at `tokens` (capped at each limit: one request always fits an idle window)."""
+        rates = tuple(Rate(key, period, limit, min(tokens, limit)) for key, period, limit, _ in self._token_limits)
+        if self._request_rate is not None:
+            rates = (self._request_rate, *rates)
+        slot = Slot(self._slot_key, self._slot_limit, lease, LEASE_TTL) if self._slot_key else None
+        return Claim(rates, slot)
+
+    def headers(self, verdict: Verdict) -> tuple[tuple[str, str], ...]:
+        """OpenAI's x-ratelimit-* headers for an answer with this verdict."""
+        headers: tuple[tuple[str, str], ...] = ()
+        for (limit_name, remaining_name, reset_name), index, limit in self._headers:
+            headers += ((limit_name, limit), (remaining_name, str(int(verdict.remaining[index]))),
+                        (reset_name, go_duration(verdict.reset[index])))
+        return headers
 
 
 def reservation(est: Estimate, max_tokens: int | None) -> float:
@@ -104,21 +132,6 @@ def tokens_used(record: RequestRecord, ticket: Ticket) -> float:
     if record.error is None:
         return ticket.reserved  # answered without reporting usage: the estimate is all there is
     return 0.0  # the runtime failed before answering
-
-
-def limit_headers(limits: TenantLimits, claim: Claim, names: Sequence[str],
-                  verdict: Verdict) -> tuple[tuple[str, str], ...]:
-    """OpenAI's x-ratelimit-* headers: the request limit, and the tighter-windowed token limit."""
-    headers: list[tuple[str, str]] = []
-    for kind, wanted in (("requests", (REQUESTS,)), ("tokens", (TOKENS_MINUTE, TOKENS_DAY))):
-        index = next((names.index(name) for name in wanted if name in names), None)
-        if index is None:
-            continue
-        rate = claim.rates[index]
-        headers += [(f"x-ratelimit-limit-{kind}", str(int(rate.limit))),
-                    (f"x-ratelimit-remaining-{kind}", str(int(verdict.remaining[index]))),
-                    (f"x-ratelimit-reset-{kind}", go_duration(verdict.reset[index]))]
-    return tuple(headers)
 
 
 def go_duration(seconds: float) -> str:
@@ -145,7 +158,7 @@ class Limiter:
     this process alone, decided in-process without awaiting)."""
 
     __slots__ = ("_store", "_local", "_metrics", "_pending", "_adjusts", "_releases", "_renewals", "_wake",
-                 "_live", "_down", "_leases", "_nonce")
+                 "_live", "_down", "_leases", "_nonce", "_plans", "_settle_timer")
 
     def __init__(self, store: Store | None, metrics: Metrics, local: QuotaTable | None = None) -> None:
         self._store = store
@@ -160,6 +173,8 @@ class Limiter:
         self._down = False
         self._leases = itertools.count()
         self._nonce = secrets.token_hex(6)
+        self._plans: dict[str, Plan] = {}  # tenant name -> plan of its current Tenant (names come from the rules)
+        self._settle_timer: asyncio.TimerHandle | None = None
 
     async def admit(self, tenant: Tenant, est: Estimate, max_tokens: int | None, record: RequestRecord) -> Ticket:
         """Claim the request's share of every limit of `tenant`; raises `TenantLimitError` when one is
@@ -167,7 +182,8 @@ class Limiter:
         tokens = reservation(est, max_tokens)
         # unique across the fleet: replicas on different hosts may share a pid, forked workers share the nonce
         lease = f"{self._nonce}.{os.getpid()}.{next(self._leases)}" if tenant.limits.max_concurrent else ""
-        claim, names = claim_for(tenant, tokens, lease)
+        plan = self.plan(tenant)
+        claim, names = plan.claim(tokens, lease), plan.names
         if self._store is None:
             verdict, shared = self._local.apply(QuotaBatch(claims=(claim,)))[0], False
         else:
@@ -175,7 +191,7 @@ class Limiter:
             self._pending.append((claim, future))
             self._wake.set()
             verdict, shared = await future
-        record.limit_headers = limit_headers(tenant.limits, claim, names, verdict)
+        record.limit_headers = plan.headers(verdict)
         if not verdict.admitted:
             name = names[verdict.refused] if verdict.refused < len(names) else CONCURRENT
             self._metrics.count_ratelimited(tenant.name, name)
@@ -188,7 +204,8 @@ class Limiter:
     async def use(self, tenants: Sequence[Tenant]) -> dict[str, dict[str, float]]:
         """How much of each rate limit every limited tenant has spent right now, fleet-wide (0 to 1; above 1
         is a debt being repaid): GCRA's own state, read by claims that take nothing."""
-        probes = [(tenant, *claim_for(tenant, 0.0, "")) for tenant in tenants if tenant.limits.any]
+        plans = [self.plan(tenant) for tenant in tenants if tenant.limits.any]
+        probes = [(plan.tenant, plan.claim(0.0, ""), plan.names) for plan in plans]
         batch = QuotaBatch(claims=tuple(Claim(tuple(replace(rate, cost=0.0) for rate in claim.rates))
                                         for _, claim, _ in probes))
         verdicts: list[Verdict] = []
@@ -202,6 +219,14 @@ class Limiter:
         return {tenant.name: {name: verdict.reset[index] / claim.rates[index].period
                               for index, name in enumerate(names)}
                 for (tenant, claim, names), verdict in zip(probes, verdicts, strict=True)}
+
+    def plan(self, tenant: Tenant) -> Plan:
+        plan = self._plans.get(tenant.name)
+        if plan is None or plan.tenant is not tenant:  # new, or its rules were reloaded
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[tenant.name] = Plan(tenant)
+        return plan
 
     def settle(self, ticket: Ticket, record: RequestRecord) -> None:
         """The request ended: charge what it used instead of the estimate, release its lease. Never waits."""
@@ -220,8 +245,12 @@ class Limiter:
             return
         self._adjusts += adjusts
         self._releases += releases
-        if adjusts or releases:
-            self._wake.set()
+        if (adjusts or releases) and self._settle_timer is None:
+            self._settle_timer = asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._settle_due)
+
+    def _settle_due(self) -> None:
+        self._settle_timer = None
+        self._wake.set()
 
     async def run(self) -> None:
         """Send batches to the store until cancelled (`app.py` drains once more after cancelling)."""
@@ -249,6 +278,9 @@ class Limiter:
         """Send what is queued, batch after batch, until nothing is left."""
         while self._pending or self._adjusts or self._releases or self._renewals:
             pending, self._pending = self._pending, []
+            if self._settle_timer is not None:  # the settlements waiting for a claim go with this batch
+                self._settle_timer.cancel()
+                self._settle_timer = None
             batch = QuotaBatch(claims=tuple(claim for claim, _ in pending), adjusts=tuple(self._adjusts),
                                releases=tuple(self._releases), renewals=tuple(self._renewals))
             self._adjusts, self._releases, self._renewals = [], [], []

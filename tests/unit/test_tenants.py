@@ -16,15 +16,7 @@ from proxy.config.model import Tenant, TenantLimits
 from proxy.errors import ClientAuthError
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
 from proxy.pipeline.cost import Estimate
-from proxy.pipeline.limits import (
-    CUT_STREAM_BYTES_PER_TOKEN,
-    Ticket,
-    claim_for,
-    go_duration,
-    limit_headers,
-    reservation,
-    tokens_used,
-)
+from proxy.pipeline.limits import CUT_STREAM_BYTES_PER_TOKEN, Plan, Ticket, go_duration, reservation, tokens_used
 from proxy.store.quota import Verdict
 from tests.unit.test_loader import BASE, load_errors, write
 
@@ -171,13 +163,14 @@ LIMITED = Tenant("t", limits=TenantLimits(requests_per_minute=60, tokens_per_min
 
 
 def test_a_claim_takes_one_request_the_tokens_capped_at_each_limit_and_a_lease() -> None:
-    claim, names = claim_for(LIMITED, 5000.0, "lease-1")
+    plan = Plan(LIMITED)
+    claim, names = plan.claim(5000.0, "lease-1"), plan.names
     assert names == ("requests_per_minute", "tokens_per_minute", "tokens_per_day")
     assert [(r.period, r.limit, r.cost) for r in claim.rates] == [(60, 60, 1), (60, 1000, 1000), (86400, 50000, 5000)]
     assert claim.slot is not None and (claim.slot.limit, claim.slot.lease) == (4, "lease-1")
     assert len({r.key for r in claim.rates} | {claim.slot.key}) == 4
-    unlimited, names = claim_for(Tenant("u"), 10.0, "")
-    assert unlimited.rates == () and unlimited.slot is None and names == ()
+    nothing = Plan(Tenant("u"))
+    assert nothing.claim(10.0, "").rates == () and nothing.claim(10.0, "").slot is None and nothing.names == ()
 
 
 def test_the_reservation_is_prompt_plus_max_tokens_or_the_usual_completion() -> None:
@@ -210,14 +203,17 @@ def test_what_a_request_is_charged_when_it_ends(fields: dict[str, object], used:
 
 
 def test_limit_headers_follow_openai() -> None:
-    claim, names = claim_for(LIMITED, 300.0, "l")
     verdict = Verdict(True, -1, 0.0, remaining=(59.0, 700.0, 49_700.0), reset=(1.0, 18.0, 259.2), in_use=1)
-    assert dict(limit_headers(LIMITED.limits, claim, names, verdict)) == {
+    assert dict(Plan(LIMITED).headers(verdict)) == {
         "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
         "x-ratelimit-reset-requests": "1s",
         "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "700",
         "x-ratelimit-reset-tokens": "18s",
     }
+    daily = Plan(Tenant("d", limits=TenantLimits(tokens_per_day=9000)))  # the only token limit: it is shown
+    verdict = Verdict(True, -1, 0.0, remaining=(8000.0,), reset=(9600.0,), in_use=0)
+    assert dict(daily.headers(verdict)) == {"x-ratelimit-limit-tokens": "9000", "x-ratelimit-remaining-tokens": "8000",
+                                            "x-ratelimit-reset-tokens": "2h40m0s"}
 
 
 @pytest.mark.parametrize(("seconds", "text"), [
