@@ -185,6 +185,7 @@ class Metrics:
             "hold per replica).", registry=r,
         )
         self._tenant_children: dict[tuple[str, str, int], Counter] = {}
+        self._tenant_token_children: dict[str, tuple[Counter, Counter]] = {}
 
     def _register_operator_metrics(self, r: CollectorRegistry) -> None:
         """What operators' standard tools expect: build_info; the process_* and python_info series, which
@@ -238,10 +239,17 @@ class Metrics:
                 self._tenant_children.clear()
             child = self._tenant_children[key] = self.tenant_requests_total.labels(tenant, route, str(status))
         child.inc()
-        if prompt:
-            self.tenant_tokens_total.labels(tenant, "prompt").inc(prompt)
-        if completion:
-            self.tenant_tokens_total.labels(tenant, "completion").inc(completion)
+        if prompt or completion:
+            tokens = self._tenant_token_children.get(tenant)
+            if tokens is None:
+                if len(self._tenant_token_children) >= MAX_TENANT_CHILDREN:
+                    self._tenant_token_children.clear()
+                tokens = self._tenant_token_children[tenant] = (self.tenant_tokens_total.labels(tenant, "prompt"),
+                                                                self.tenant_tokens_total.labels(tenant, "completion"))
+            if prompt:
+                tokens[0].inc(prompt)
+            if completion:
+                tokens[1].inc(completion)
 
     def count_ratelimited(self, tenant: str, limit: str) -> None:
         self.ratelimited_total.labels(tenant, limit).inc()
