@@ -183,8 +183,8 @@ class TenantLimits:
 
     @property
     def any(self) -> bool:
-        return (self.requests_per_minute or self.tokens_per_minute or self.tokens_per_day
-                or self.max_concurrent) is not None
+        return any(limit is not None for limit in (self.requests_per_minute, self.tokens_per_minute,
+                                                   self.tokens_per_day, self.max_concurrent))
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,8 @@
 inference: tenant (key) → read body → parse (once) → route → variant (split) → tenant limits → cache
 lookup → dispatch (backend lease, forward, fail-over) → shadow copies → relay → settle. Each stage lives in
 its own module; this one only sequences them and owns the lifetimes (`finally`): limit reservation, lease,
-connection, cache flight, shadow pairing, so everything is given back however a request ends. `Endpoints` is built once by `app.py` with exactly the
-parts the request path uses; its methods are the route handlers.
+connection, cache flight, shadow pairing, so everything is given back however a request ends. `Endpoints`
+is built once by `app.py` with exactly the parts the request path uses; its methods are the route handlers.
 """
 
 from __future__ import annotations
@@ -87,13 +87,14 @@ class Endpoints:
         view = request_view.parse(request_view.ENDPOINT_BY_PATH[request.path], body)
         route = snapshot.match(view.model, view.endpoint, tenant)
         if route is None:
-            raise UnknownModelError(f"The model `{view.model[:256]}` does not exist or you do not have access to it.")
+            raise UnknownModelError(
+                f"The model `{view.model[:256]}` does not exist or you do not have access to it.")
         variant = await self.splitter.choose(route, request.headers, view)
         pool = variant.pool
         record.route, record.variant, record.stream = route.name, variant.name, view.is_stream
-        est = self.dispatcher.estimate(pool, view)
         if tenant is None or not tenant.limits.any:
-            return await self._answer(request, snapshot, route, pool, view, record, est, tenant)
+            return await self._answer(request, snapshot, route, pool, view, record, None, tenant)
+        est = self.dispatcher.estimate(pool, view)  # priced once: the reservation and the balancer share it
         ticket = await self.limiter.admit(tenant, est, view.max_tokens, record)
         try:
             return await self._answer(request, snapshot, route, pool, view, record, est, tenant)
@@ -102,9 +103,10 @@ class Endpoints:
 
     async def _answer(
         self, request: web.Request, snapshot: Snapshot, route: Route, pool: Pool, view: RequestView,
-        record: RequestRecord, est: Estimate, tenant: Tenant | None,
+        record: RequestRecord, est: Estimate | None, tenant: Tenant | None,
     ) -> web.StreamResponse:
-        """From the cache (hit, or following an identical request in flight) or from a backend."""
+        """From the cache (hit, or following an identical request in flight) or from a backend. `est`: the
+        request's size when the limits already priced it (else dispatch does, and a cache hit never)."""
         priority = tenant.priority if tenant is not None else NORMAL
         if route.cache is None:
             return await self._forward(request, snapshot, route, pool, view, record, None, est, priority)
@@ -134,7 +136,7 @@ class Endpoints:
 
     async def _forward(
         self, request: web.Request, snapshot: Snapshot, route: Route, pool: Pool, view: RequestView,
-        record: RequestRecord, flight: Flight | None, est: Estimate, priority: int,
+        record: RequestRecord, flight: Flight | None, est: Estimate | None, priority: int,
     ) -> web.StreamResponse:
         """Upstream: dispatch (with fail-over), mirror to shadows, relay; the answer also fills `flight` if given."""
         deadlines = Deadlines(route.timeouts, record.started)

@@ -104,6 +104,10 @@ class Plan:
         slot = Slot(self._slot_key, self._slot_limit, lease, LEASE_TTL) if self._slot_key else None
         return Claim(rates, slot)
 
+    def probe(self) -> Claim:
+        """A claim of every rate that takes nothing: its verdict says how much of each is spent."""
+        return Claim(tuple(replace(rate, cost=0.0) for rate in self.claim(0.0, "").rates))
+
     def headers(self, verdict: Verdict) -> tuple[tuple[str, str], ...]:
         """OpenAI's x-ratelimit-* headers for an answer with this verdict."""
         headers: tuple[tuple[str, str], ...] = ()
@@ -205,9 +209,8 @@ class Limiter:
         """How much of each rate limit every limited tenant has spent right now, fleet-wide (0 to 1; above 1
         is a debt being repaid): GCRA's own state, read by claims that take nothing."""
         plans = [self.plan(tenant) for tenant in tenants if tenant.limits.any]
-        probes = [(plan.tenant, plan.claim(0.0, ""), plan.names) for plan in plans]
-        batch = QuotaBatch(claims=tuple(Claim(tuple(replace(rate, cost=0.0) for rate in claim.rates))
-                                        for _, claim, _ in probes))
+        probes = [(plan.tenant, plan.probe(), plan.names) for plan in plans]
+        batch = QuotaBatch(claims=tuple(claim for _, claim, _ in probes))
         verdicts: list[Verdict] = []
         if self._store is not None:
             try:
