@@ -20,6 +20,7 @@ event after). Nothing else builds an error body.
     │   ├── UnknownRolloutError           404 ... / rollout_not_found  (no such route, or it has no rollout)
     │   ├── RolloutConflictError          409 ... / rollout_conflict  (e.g. resume a rollout that is not paused)
     │   ├── InvalidFeedbackError          400 ... / invalid_feedback
+    │   ├── ContextLengthError            400 ... / context_length_exceeded  (a runtime's; falls back, see dispatch)
     │   └── UnknownRequestError           404 ... / request_not_found  (feedback for an id this process forgot)
     ├── ClientAuthError                   401 authentication_error / invalid_api_key
     ├── AdminAuthError                    401 authentication_error / invalid_admin_token
@@ -33,6 +34,7 @@ event after). Nothing else builds an error body.
     ├── StoreUnavailableError             internal: the caller falls back; never reaches a client
     └── UpstreamError                     502 api_error / upstream_error
         ├── BackendConnectError           502 ... / backend_unreachable     reason=connect
+        │   └── BackendTlsError           502 ... / backend_tls_error       reason=tls  (handshake, certificate)
         ├── BackendStatusError            502 ... / backend_error           reason=status_5xx
         ├── BackendResetError             502 ... / backend_reset           reason=reset
         ├── BackendProtocolError          502 ... / backend_protocol_error  reason=protocol
@@ -149,6 +151,14 @@ class InvalidFeedbackError(InvalidRequestError):
     code = "invalid_feedback"
 
 
+class ContextLengthError(InvalidRequestError):
+    """A runtime said the prompt (and max_tokens) do not fit its context. Raised by `pipeline/dispatch.py`
+    only while a route's fallback pool is left to try, which may have a longer context; with none left the
+    runtime's own answer is relayed. The client's request, not the backend's failure: never an ejection."""
+
+    code = "context_length_exceeded"
+
+
 class UnknownRequestError(InvalidRequestError):
     status = 404
     code = "request_not_found"
@@ -235,6 +245,14 @@ class UpstreamError(SplitstreamError):
 class BackendConnectError(UpstreamError):
     code = "backend_unreachable"
     reason = "connect"
+
+
+class BackendTlsError(BackendConnectError):
+    """The TLS handshake with an https:// backend failed (most often its certificate did not verify): a
+    connect failure, but one an operator fixes in the rules or the certificate, not by restarting anything."""
+
+    code = "backend_tls_error"
+    reason = "tls"
 
 
 class BackendStatusError(UpstreamError):

@@ -45,6 +45,19 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Tls:
+    """How an https:// backend is verified (`upstream/tls.py` turns it into an `ssl.SSLContext`).
+
+    Default: the system trust store, hostname verification against the URL's host. `ca_file`: trust these
+    CAs instead (a private CA); `server_name`: the name sent in SNI and checked in the certificate when it
+    is not the URL's host (a runtime reached by IP); `verify: false` accepts any certificate."""
+
+    ca_file: str | None = None
+    verify: bool = True
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     """One runtime endpoint. `identity` decides whether live state carries over a reload."""
 
@@ -53,11 +66,17 @@ class Backend:
     host: str
     port: int
     base_path: str  # '' or '/prefix' without trailing slash; request paths are appended
+    authority: str = ""  # the Host header: host, [v6 host], with :port unless the scheme's default
+    tls: Tls | None = None  # set for https:// URLs
     kind: str = "openai"
     weight: float = 1.0
     max_inflight: int = 0  # 0 = unlimited
     concurrency: int = 1  # requests the runtime decodes at once at full speed (vLLM max_num_seqs, llama.cpp --parallel)
     api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.authority:  # built by hand (tests, tools): the loader always sets it
+            object.__setattr__(self, "authority", f"{self.host}:{self.port}")
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -239,6 +258,9 @@ class Route:
     rollout: Rollout | None = None  # weights come from the rollout's state while it exists
     feedback: FeedbackRule = FeedbackRule()  # score range, and how long any replica can join a score
     tenants: frozenset[str] = frozenset()  # match.tenants: only these tenants' requests match; empty = all
+    # Pools tried in order when the chosen variant's pool cannot answer before a byte reached the client.
+    fallback: tuple[Pool, ...] = ()
+    max_tokens: int | None = None  # cap on a request's max_tokens / max_completion_tokens (set when absent)
 
     def matches(self, model: str, endpoint: str) -> bool:
         if self.endpoints and endpoint not in self.endpoints:

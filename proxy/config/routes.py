@@ -250,12 +250,35 @@ def build_route(entry: Entry, ctx: RouteContext) -> Route | None:
     cache_rule = _cache_rule(reader.mapping("cache"))
     rollout = _rollout(reader, variants)
     feedback = _feedback_rule(reader.mapping("feedback"))
+    fallback = _fallback(reader, ctx)
+    max_tokens = reader.integer("max_tokens", 0, minimum=1) if reader.has("max_tokens") else None
     if reader.failed or name is None or not models or not variants:
         return None
     return Route(name=name, models=models, model_pattern=_compile_models(models), endpoints=endpoints,
                  variants=variants, timeouts=timeouts, balance=balance, source=str(entry.loc),
                  retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky, shadows=shadows,
-                 cache=cache_rule, rollout=rollout, feedback=feedback, tenants=tenants)
+                 cache=cache_rule, rollout=rollout, feedback=feedback, tenants=tenants, fallback=fallback,
+                 max_tokens=max_tokens)
+
+
+def _fallback(reader: Reader, ctx: RouteContext) -> tuple[Pool, ...]:
+    """`fallback: [pool, ...]`: defined pools, each once (a pool already tried is skipped at request time, so
+    listing a variant's own pool is allowed: it rescues the other variants)."""
+    if not reader.has("fallback"):
+        return ()
+    raw = reader.get("fallback")
+    if not isinstance(raw, Seq) or not raw or not all(isinstance(n, str) and n for n in raw):
+        reader.fail("fallback", f"fallback must be a non-empty list of pool names, got {show(raw)}")
+        return ()
+    pools: list[Pool] = []
+    for position, name in enumerate(raw):
+        if name in raw[:position]:
+            reader.fail("fallback", f"pool {name!r} is listed twice in fallback")
+        elif reference(reader, "fallback", "pool", name, ctx.pools):
+            pool = ctx.pools[name]
+            if pool is not None:
+                pools.append(pool)
+    return tuple(pools)
 
 
 def _rollout(reader: Reader, variants: tuple[Variant, ...]) -> Rollout | None:

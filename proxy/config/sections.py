@@ -8,6 +8,7 @@ Called by `config/loader.py`; routes are `config/routes.py`.
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import SplitResult, urlsplit
@@ -20,6 +21,7 @@ from proxy.config.keys import (
     POOL_KEYS,
     SERVER_KEYS,
     TIMEOUT_KEYS,
+    TLS_KEYS,
 )
 from proxy.config.model import (
     BACKEND_KINDS,
@@ -29,6 +31,7 @@ from proxy.config.model import (
     Pool,
     ServerSettings,
     Timeouts,
+    Tls,
 )
 from proxy.config.yamlread import Entry, Errors, Reader, Seq, read_mapping, show, suggest
 
@@ -130,25 +133,28 @@ def timeouts_from(reader: Reader | None, base: Timeouts) -> Timeouts:
 # ------------------------------------------------------------------------------------------ backends
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 @dataclass(frozen=True, slots=True)
 class _Url:
     url: str
     host: str
     port: int
     base_path: str
+    authority: str
+    secure: bool
 
 
 def _parse_url(raw: object) -> _Url:
-    """The parts of an http:// backend URL; ValueError says what is wrong with it."""
+    """The parts of an http:// or https:// backend URL; ValueError says what is wrong with it."""
     if not isinstance(raw, str) or not raw.strip():
         raise ValueError(f"must be a string like 'http://127.0.0.1:8000', got {show(raw)}")
     text = raw.strip()
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
-    if scheme == "https":
-        raise ValueError(f"{text!r} uses https, which is not supported yet (use http://)")
-    if scheme != "http" or not text.lower().startswith("http://"):
-        raise ValueError(f"{text!r} must start with http://")
+    if scheme not in DEFAULT_PORTS or not text.lower().startswith(f"{scheme}://"):
+        raise ValueError(f"{text!r} must start with http:// or https://")
     if any(c.isspace() for c in text):
         raise ValueError(f"{text!r} must not contain spaces")
     if "?" in text or "#" in text:
@@ -157,17 +163,21 @@ def _parse_url(raw: object) -> _Url:
         raise ValueError(f"{text!r} must not contain credentials (use api_key_env)")
     if not parts.hostname:
         raise ValueError(f"{text!r} has no host")
-    return _Url(url=text.rstrip("/"), host=parts.hostname, port=_url_port(parts, text),
-                base_path=parts.path.rstrip("/"))
+    host = parts.hostname
+    port = _url_port(parts, text, DEFAULT_PORTS[scheme])
+    name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets in Host
+    authority = name if port == DEFAULT_PORTS[scheme] else f"{name}:{port}"
+    return _Url(url=text.rstrip("/"), host=host, port=port, base_path=parts.path.rstrip("/"),
+                authority=authority, secure=scheme == "https")
 
 
-def _url_port(parts: SplitResult, text: str) -> int:
+def _url_port(parts: SplitResult, text: str, default: int) -> int:
     try:
         port = parts.port  # a property that raises on a non-numeric or out-of-range port
     except ValueError:
         port = 0
     if port is None:
-        return 80
+        return default
     if not 0 < port < 65536:
         raise ValueError(f"{text!r} has an invalid port")
     return port
@@ -200,6 +210,31 @@ def _api_key(reader: Reader, env: Mapping[str, str]) -> str | None:
     return env[name].strip()
 
 
+def _tls(reader: Reader, url: _Url | None) -> Tls | None:
+    """`tls:` of an https:// backend (its defaults when absent); refused on an http:// one, where it would
+    silently do nothing. A `ca_file` must be a readable PEM file of certificates now: a rule file naming a
+    missing or broken one never replaces a good snapshot."""
+    block = reader.mapping("tls")
+    if url is None:
+        return None
+    if not url.secure:
+        if block is not None:
+            reader.fail("tls", "tls needs an https:// url")
+        return None
+    if block is None:
+        return Tls()
+    block.check_keys(TLS_KEYS)
+    ca_file = block.text("ca_file", required=False)
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            block.fail("ca_file", f"tls.ca_file {ca_file!r} cannot be used: {exc}")
+    verify = block.boolean("verify", default=True)
+    server_name = block.text("server_name", required=False)
+    return Tls(ca_file=ca_file, verify=verify, server_name=server_name)
+
+
 def build_backend(entry: Entry, env: Mapping[str, str], errors: Errors) -> Backend | None:
     label = f"backend {entry.name!r}"
     is_reserved = entry.name in RESERVED_BACKEND_NAMES
@@ -216,11 +251,12 @@ def build_backend(entry: Entry, env: Mapping[str, str], errors: Errors) -> Backe
     max_inflight = reader.integer("max_inflight", 0, minimum=0)
     concurrency = reader.integer("concurrency", 1, minimum=1)
     api_key = _api_key(reader, env)
+    tls = _tls(reader, url)
     if url is None or reader.failed or is_reserved:
         return None
     return Backend(name=entry.name, url=url.url, host=url.host, port=url.port, base_path=url.base_path,
-                   kind=kind, weight=weight, max_inflight=max_inflight, concurrency=concurrency,
-                   api_key=api_key)
+                   authority=url.authority, tls=tls, kind=kind, weight=weight, max_inflight=max_inflight,
+                   concurrency=concurrency, api_key=api_key)
 
 
 # --------------------------------------------------------------------------------------------- pools

@@ -70,6 +70,7 @@ def _variant(numbers: VariantTotals | None, confidence: float) -> dict[str, Any]
     return {
         "requests": requests,
         "errors": errors,
+        "rescued": round(numbers.rescued),  # of the errors: answered by the route's fallback pool
         "error_rate": None if interval is None else {
             "value": errors / requests, "low": interval[0], "high": interval[1]},
         "latency": _distribution(numbers.latency, numbers.latency_sum, numbers.latency_squares, confidence),

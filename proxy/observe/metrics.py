@@ -125,6 +125,11 @@ class Metrics:
         self.upstream_errors_total = Counter(
             "splitstream_upstream_errors_total", "Backend failures by reason.", ("backend", "reason"), registry=r
         )
+        self.fallbacks_total = Counter(
+            "splitstream_fallbacks_total",
+            "Requests a route's fallback pool served after the chosen pool could not (reason: its error code).",
+            ("route", "from_pool", "to_pool", "reason"), registry=r,
+        )
         self.rules_reloads_total = Counter(
             "splitstream_rules_reloads_total", "Rule loads by result.", ("result",), registry=r
         )
@@ -297,6 +302,10 @@ class Metrics:
         """A backend of `pool` was picked in panic (too few of the pool healthy, so health was disregarded);
         called by the dispatcher once per pick, so a retried request counts once per attempt."""
         self._panics.counts[pool] = self._panics.counts.get(pool, 0) + 1
+
+    def count_fallback(self, route: str, from_pool: str, to_pool: str, exc: SplitstreamError) -> None:
+        """A request moved from `from_pool` to `to_pool` after `exc` (rare: no child cache)."""
+        self.fallbacks_total.labels(route, from_pool, to_pool, exc.code).inc()
 
     def count_upstream_error(self, backend: str, exc: SplitstreamError) -> None:
         if exc.reason is not None:

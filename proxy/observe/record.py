@@ -27,7 +27,7 @@ class RequestRecord:
         "request_id", "method", "path", "started", "route", "variant", "backend", "status",
         "bytes_in", "bytes_out", "prompt_tokens", "completion_tokens", "ttft", "stream", "error", "attempts",
         "cache", "splitstream_id", "owner", "tenant", "client",
-        "limit_headers",
+        "limit_headers", "fallback",
     )
 
     def __init__(self, request_id: str, method: str, path: str, started: float) -> None:
@@ -54,6 +54,9 @@ class RequestRecord:
         self.error: str | None = None  # error code, never a message that could echo client text
         self.attempts = 0
         self.cache: str | None = None  # hit | miss | bypass | coalesced, on routes with a cache
+        # The route's fallback pool that took the request when its variant's pool could not answer: the
+        # client was rescued, the variant still failed (`stats.record(rescued=)`).
+        self.fallback: str | None = None
 
 
 def is_evidence(record: RequestRecord) -> bool:
@@ -85,8 +88,10 @@ class Recorder:
         duration = now - record.started
         if record.route is not NONE:
             if is_evidence(record):
+                rescued = record.fallback is not None
                 self.stats.record(record.route, record.variant, duration, record.ttft,
-                                  is_variant_error(record.error), record.prompt_tokens, record.completion_tokens)
+                                  rescued or is_variant_error(record.error), record.prompt_tokens,
+                                  record.completion_tokens, rescued)
             self.feedback.remember(record.splitstream_id, record.route, record.variant, record.owner)
             children = self.metrics.for_request(record.route, record.variant, record.backend)
             children.count(record.status)
@@ -133,5 +138,6 @@ class Recorder:
                 "duration_ms": round(duration * 1000, 3),
                 "attempts": record.attempts,
                 "cache": record.cache,
+                "fallback": record.fallback,
                 "error": record.error,
             })

@@ -41,12 +41,13 @@ Span = tuple[float, float]  # [start, end] in wall-clock seconds (the fleet's cl
 Fields = dict[str, float]
 
 # Field codes after `{variant}|`: requests, upstream-attributable errors, prompt and completion tokens; sums and
-# sums of squares of successful requests' latency and TTFT; feedback count, sum and sum of squares. `l{i}` and
-# `t{i}` count successful requests in latency and TTFT bucket i (`observe/histogram.py`).
-_CODES = ("n", "e", "p", "c", "ls", "lq", "ts", "tq", "fn", "fs", "fq")
+# sums of squares of successful requests' latency and TTFT; feedback count, sum and sum of squares; rescued
+# requests (errors a route's fallback pool answered for the client). `l{i}` and `t{i}` count successful
+# requests in latency and TTFT bucket i (`observe/histogram.py`).
+_CODES = ("n", "e", "p", "c", "ls", "lq", "ts", "tq", "fn", "fs", "fq", "r")
 _ATTRIBUTE = dict(zip(_CODES, ("requests", "errors", "prompt_tokens", "completion_tokens", "latency_sum",
                                "latency_squares", "ttft_sum", "ttft_squares", "feedback_count", "feedback_sum",
-                               "feedback_squares")))
+                               "feedback_squares", "rescued")))
 
 
 def is_variant_error(error: str | None) -> bool:
@@ -84,6 +85,7 @@ class VariantTotals:
     feedback_count: float = 0.0
     feedback_sum: float = 0.0
     feedback_squares: float = 0.0
+    rescued: float = 0.0  # of `errors`: answered by a route's fallback pool instead
 
     def add(self, code: str, value: float) -> None:
         """Add one stored field (its code after `{variant}|`); codes this version does not know are skipped."""
@@ -204,13 +206,14 @@ def keys_of(routes: Iterable[str], buckets: Iterable[tuple[int, int]]) -> list[s
 class _Batch:
     """One (route, variant)'s requests in one fine bucket, not flushed yet. Histograms are sparse dicts."""
 
-    __slots__ = ("bucket", "requests", "errors", "prompt", "completion", "latency", "latency_sum",
+    __slots__ = ("bucket", "requests", "errors", "rescued", "prompt", "completion", "latency", "latency_sum",
                  "latency_squares", "ttft", "ttft_sum", "ttft_squares")
 
     def __init__(self, bucket: int) -> None:
         self.bucket = bucket
         self.requests = 0
         self.errors = 0
+        self.rescued = 0
         self.prompt = 0
         self.completion = 0
         self.latency: dict[int, int] = {}
@@ -223,7 +226,7 @@ class _Batch:
     def fields(self, variant: str) -> Fields:
         prefix = f"{variant}|"
         numbers: Fields = {prefix + "n": float(self.requests)}
-        for code, value in (("e", self.errors), ("p", self.prompt), ("c", self.completion),
+        for code, value in (("e", self.errors), ("r", self.rescued), ("p", self.prompt), ("c", self.completion),
                             ("ls", self.latency_sum), ("lq", self.latency_squares), ("ts", self.ttft_sum),
                             ("tq", self.ttft_squares)):
             if value:
@@ -252,7 +255,9 @@ class RequestStats:
         self._closed: Drained = []
 
     def record(self, route: str, variant: str, latency: float, ttft: float | None, is_error: bool,
-               prompt_tokens: int | None, completion_tokens: int | None) -> None:
+               prompt_tokens: int | None, completion_tokens: int | None, rescued: bool = False) -> None:
+        """One request of `variant`. A rescued one (its pool failed, a fallback pool answered) is an error:
+        the client was served, the variant was not up to it; its timings are the fallback's, so not kept."""
         bucket = int(self._clock() // FINE)
         variants = self._open.get(route)
         if variants is None:
@@ -265,6 +270,8 @@ class RequestStats:
         batch.requests += 1
         if is_error:
             batch.errors += 1
+            if rescued:
+                batch.rescued += 1
         else:
             index = bisect_left(BOUNDS, latency)
             batch.latency[index] = batch.latency.get(index, 0) + 1

@@ -13,12 +13,14 @@ Policies come from `balancer.py`, `cost.py` and `upstream/ejection.py`; state fr
 from __future__ import annotations
 
 import asyncio
+import re
 
 from aiohttp import web
 
 from proxy.config.model import HealthSettings, Pool, Route, Snapshot
 from proxy.errors import (
     BackendThrottledError,
+    ContextLengthError,
     NoHealthyBackendError,
     OverloadedError,
     UpstreamError,
@@ -37,6 +39,16 @@ from proxy.upstream.connection import UpstreamConnection
 from proxy.upstream.ejection import record_failure, record_success, record_throttle
 from proxy.upstream.queue import NORMAL, WaitQueue
 from proxy.upstream.state import BackendState, BackendStates, Lease, ModelStats
+
+
+# What makes a request move to a route's next fallback pool (`Dispatcher.call`).
+FALLBACK_ERRORS = (UpstreamError, OverloadedError, ContextLengthError)
+CONTEXT_STATUSES = frozenset({400, 413, 422})  # how runtimes answer a prompt longer than their context
+CONTEXT_EXCEEDED = re.compile(
+    rb"context_length_exceeded|maximum context length|exceed_context_size|context (?:length|size|window)"
+    rb"|prompt is too long|input is too long|tokens \+ `max_new_tokens` must be <="
+)
+MAX_ERROR_SCAN = 4096
 
 
 class Attempt:
@@ -95,12 +107,52 @@ class Dispatcher:
         queue_timeout: float,
         priority: int = NORMAL,
         est: Estimate | None = None,
+        fallback: tuple[Pool, ...] = (),
     ) -> Attempt:
-        """The committed exchange with a backend of `pool`, after at most `attempts` tries.
+        """The committed exchange with a backend of `pool` — or, when `pool` cannot answer, of the first of
+        `fallback` that can.
 
-        `queue_timeout`: how long to wait in the pool's queue while every backend is full (0: never wait —
+        `queue_timeout`: how long to wait in a pool's queue while every backend is full (0: never wait —
         shadow copies must not stand in line with client requests); `priority`: the request's class there
-        (a tenant's). `est`: the request's size if the caller already priced it (`estimate`)."""
+        (a tenant's). `est`: the request's size if the caller already priced it (`estimate`). `fallback`:
+        pools tried in order, one already tried skipped, when a pool had no healthy backend, its queue was
+        full or timed out, every try failed before the first byte, or a runtime said the prompt does not
+        fit its context; each move is counted and `record.fallback` names the pool that answers."""
+        remaining = [p for p in fallback if p.name != pool.name]
+        tried = {pool.name}
+        while True:
+            try:
+                return await self._call_pool(snapshot, route, pool, view, path, record, deadlines, attempts,
+                                             queue_timeout, priority, est, bool(remaining))
+            except FALLBACK_ERRORS as exc:
+                nxt = next((p for p in remaining if p.name not in tried), None)
+                loop_time = asyncio.get_running_loop().time
+                if nxt is None or loop_time() >= deadlines.total:
+                    raise
+                self.metrics.count_fallback(route.name, pool.name, nxt.name, exc)
+                remaining.remove(nxt)
+                tried.add(nxt.name)
+                pool = nxt
+                record.fallback = nxt.name
+
+    async def _call_pool(
+        self,
+        snapshot: Snapshot,
+        route: Route,
+        pool: Pool,
+        view: RequestView,
+        path: str,
+        record: RequestRecord,
+        deadlines: Deadlines,
+        attempts: int,
+        queue_timeout: float,
+        priority: int,
+        est: Estimate | None,
+        may_fall_back: bool,
+    ) -> Attempt:
+        """`call` within one pool: at most `attempts` tries on its backends. `may_fall_back`: a runtime's
+        context-length refusal raises `ContextLengthError` (another pool may hold it) instead of being the
+        answer."""
         loop_time = asyncio.get_running_loop().time
         clock = self._clock or loop_time
         stats = self._stats(pool)
@@ -120,7 +172,7 @@ class Dispatcher:
                     raise last_error from None  # the failure the client should hear about is the backend's
                 raise
             state = lease.state
-            record.backend, record.attempts = state.backend.name, attempt_number
+            record.backend, record.attempts = state.backend.name, record.attempts + 1
             started = loop_time()
             request_bytes = build_request(state.backend, path, payload, record.request_id, view.is_stream)
             conn: UpstreamConnection | None = None
@@ -140,6 +192,9 @@ class Dispatcher:
                             f"The backend '{state.backend.name}' is rate limiting.",
                             retry_after_of(conn.headers, snapshot.health.max_ejection),
                         )
+                    if may_fall_back and conn.status in CONTEXT_STATUSES and says_context_exceeded(attempt.body):
+                        raise ContextLengthError(
+                            f"The prompt does not fit the context of pool '{pool.name}'.")
                 committed = True
                 return attempt
             except UpstreamError as exc:
@@ -148,6 +203,9 @@ class Dispatcher:
                 _note_failure(snapshot.health, state, exc, clock())
                 last_error = exc
                 tried.append(state)
+            except ContextLengthError:
+                record_success(state)  # the runtime is fine; the request is too long for this pool
+                raise
             finally:
                 if not committed:
                     if conn is not None:
@@ -243,6 +301,14 @@ class Dispatcher:
             if left <= 0 or not await queue.wait(pool.name, left, since, priority):
                 raise OverloadedError(f"Every backend of pool '{pool.name}' stayed busy for "
                                       f"{route.timeouts.queue:g}s.", retry_after=route.timeouts.queue)
+
+
+def says_context_exceeded(body: bytes) -> bool:
+    """Whether a runtime's error body says the prompt (plus max_tokens) exceeds its context: OpenAI's
+    `context_length_exceeded`, vLLM's "maximum context length", llama.cpp's `exceed_context_size_error`,
+    TGI's "must be <= N" validation, Anthropic-style "prompt is too long". Read from an error body already
+    bounded by `server.max_upstream_body_bytes`; only its start is searched."""
+    return CONTEXT_EXCEEDED.search(body[:MAX_ERROR_SCAN].lower()) is not None
 
 
 def _note_failure(health: HealthSettings, state: BackendState, exc: UpstreamError, now: float) -> None:

@@ -89,6 +89,7 @@ class Endpoints:
         if route is None:
             raise UnknownModelError(
                 f"The model `{view.model[:256]}` does not exist or you do not have access to it.")
+        view.apply_cap(route.max_tokens)  # before anything prices or forwards the request
         variant = await self.splitter.choose(route, request.headers, view)
         pool = variant.pool
         record.route, record.variant, record.stream = route.name, variant.name, view.is_stream
@@ -132,7 +133,9 @@ class Endpoints:
             ok = record.error is None and record.status != CLIENT_CLOSED
             return response
         finally:
-            self.cache.end(lookup.key, flight, ok, route.cache)
+            # A fallback pool's answer serves the requests that followed this one, but is not kept as the
+            # variant's (its model answered).
+            self.cache.end(lookup.key, flight, ok, route.cache if record.fallback is None else None)
 
     async def _forward(
         self, request: web.Request, snapshot: Snapshot, route: Route, pool: Pool, view: RequestView,
@@ -142,7 +145,7 @@ class Endpoints:
         deadlines = Deadlines(route.timeouts, record.started)
         attempt = await self.dispatcher.call(snapshot, route, pool, view, request.path, record, deadlines,
                                              attempts=route.retry_attempts, queue_timeout=route.timeouts.queue,
-                                             priority=priority, est=est)
+                                             priority=priority, est=est, fallback=route.fallback)
         mirror: Mirror | None = None
         if route.shadows:
             mirror = self.shadows.mirror(snapshot, route, view, request.path, record.request_id, attempt)

@@ -24,6 +24,7 @@ HOP_HEADERS = frozenset({
     "proxy-connection", "te", "trailer", "upgrade", "content-encoding",
 })
 CACHE_HEADER = "x-splitstream-cache"
+FALLBACK_HEADER = "x-splitstream-fallback"
 REQUEST_ID_HEADER = "x-splitstream-request-id"
 
 H = TypeVar("H", bound=MutableMapping[str, str])
@@ -40,6 +41,8 @@ def routing_headers(record: RequestRecord, headers: H) -> H:
         headers["x-splitstream-route"] = record.route
         headers["x-splitstream-variant"] = record.variant
         headers["x-splitstream-backend"] = record.backend
+        if record.fallback is not None:
+            headers[FALLBACK_HEADER] = record.fallback
     if record.cache is not None:  # a coalesced answer is a hit to the client: it did not wait for its own
         headers[CACHE_HEADER] = "hit" if record.cache == "coalesced" else record.cache
     for name, value in record.limit_headers:  # a limited tenant's x-ratelimit-* (`pipeline/limits.py`)

@@ -24,12 +24,14 @@ ENDPOINT_BY_PATH = {
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
 }
+GENERATING_ENDPOINTS = frozenset({"chat", "completions"})  # those a route's `max_tokens` cap applies to
+TOKEN_LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 
 
 class RequestView:
     """What the pipeline needs to know about one client request; `body` is kept for untouched forwarding."""
 
-    __slots__ = ("endpoint", "body", "data", "model", "is_stream", "wants_usage", "max_tokens")
+    __slots__ = ("endpoint", "body", "data", "model", "is_stream", "wants_usage", "max_tokens", "cap")
 
     def __init__(self, endpoint: str, body: bytes, data: dict[str, Any], model: str) -> None:
         self.endpoint = endpoint
@@ -41,22 +43,47 @@ class RequestView:
         self.wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
         self.max_tokens = max_tokens if type(max_tokens) is int and max_tokens > 0 else None
+        self.cap: int | None = None  # a route's max_tokens cap the upstream body must apply
+
+    def apply_cap(self, cap: int | None) -> None:
+        """A route's `max_tokens` cap: a larger max_tokens / max_completion_tokens is lowered to it, and one is
+        set when the client gave neither (the runtime's own default may be its whole context). A value that is
+        not a positive integer is left for the runtime to refuse. `max_tokens` (the cost model's) is capped."""
+        if cap is None or self.endpoint not in GENERATING_ENDPOINTS:
+            return
+        data = self.data
+        if any(_exceeds(data.get(key), cap) for key in TOKEN_LIMIT_KEYS) or not any(k in data for k in TOKEN_LIMIT_KEYS):
+            self.cap = cap
+            self.max_tokens = cap if self.max_tokens is None else min(self.max_tokens, cap)
 
     def upstream_body(self, pool_model: str | None) -> bytes:
-        """Bytes for the runtime: the model renamed, usage requested for streams, nothing else touched."""
+        """Bytes for the runtime: the model renamed, usage requested for streams, the route's max_tokens cap
+        applied, nothing else touched."""
         rename = pool_model is not None and pool_model != self.model
         add_usage = self.is_stream and not self.wants_usage
-        if not rename and not add_usage:
+        cap = self.cap
+        if not rename and not add_usage and cap is None:
             return self.body
         data = dict(self.data)
         if rename:
             data["model"] = pool_model
+        if cap is not None:
+            present = [key for key in TOKEN_LIMIT_KEYS if key in data]
+            for key in present:
+                if _exceeds(data[key], cap):
+                    data[key] = cap
+            if not present:
+                data["max_tokens"] = cap
         if add_usage:
             options = self.data.get("stream_options")
             data["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {
                 "include_usage": True
             }
         return orjson.dumps(data)
+
+
+def _exceeds(value: Any, cap: int) -> bool:
+    return type(value) is int and value > cap
 
 
 def parse(endpoint: str, body: bytes) -> RequestView:

@@ -98,6 +98,19 @@ def completion_prompt_tokens(prompt: Any) -> int:
     raise invalid("`prompt` must be a string or a non-empty list of strings")
 
 
+def context_exceeded(context: int, prompt_tokens: int, max_tokens: int) -> BadRequest:
+    """vLLM's refusal of a request longer than the model's context (message as vLLM words it; the code is
+    OpenAI's `context_length_exceeded`)."""
+    return BadRequest(
+        400,
+        f"This model's maximum context length is {context} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
+        "Please reduce the length of the messages or completion.",
+        "invalid_request_error",
+        "context_length_exceeded",
+    )
+
+
 def max_tokens_of(body: dict[str, Any], default: int) -> int:
     n = body.get("max_tokens")
     if n is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class SimConfig:
     fail_rate: float = 0.0  # share of requests answered 500 with an OpenAI error body
     stream_fail_rate: float = 0.0  # share of streams cut mid-way (transport aborted after some chunks)
     default_max_tokens: int = 32  # completion length when the request has no max_tokens
+    max_context: int = 0  # prompt + max_tokens above this is refused as vLLM does (400); 0 = no limit
     embedding_dim: int = 8
     seed: int | None = None  # RNG seed for failure draws and non-deterministic text
 
@@ -226,6 +228,8 @@ class SimRuntime:
             source = body.get("prompt")
             prompt_tokens = wire.completion_prompt_tokens(source)
         n = wire.max_tokens_of(body, self.config.default_max_tokens)
+        if 0 < self.config.max_context < prompt_tokens + n:
+            raise wire.context_exceeded(self.config.max_context, prompt_tokens, n)
         model: str = body["model"]
         rng = wire.seeded_rng(model, source, n) if body.get("temperature") == 0 else self._rng
         self._seq += 1
@@ -369,12 +373,14 @@ class SimRuntime:
 # ---- response bodies
 
 
-async def serve(config: SimConfig, host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    """Serve one simulated runtime until cancelled; `ready` is set once it accepts connections."""
+async def serve(config: SimConfig, host: str, port: int, ready: asyncio.Event | None = None,
+                ssl_context: ssl.SSLContext | None = None) -> None:
+    """Serve one simulated runtime until cancelled (over TLS with `ssl_context`, as a runtime behind an
+    https:// URL); `ready` is set once it accepts connections."""
     runner = web.AppRunner(SimRuntime(config).build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         if ready is not None:
             ready.set()
         await asyncio.Event().wait()

@@ -162,6 +162,7 @@ def _variant_numbers(served: VariantTotals | None, recent: VariantTotals | None,
         "requests": requests,
         "share": _share(requests, route_requests),
         "errors": round(served.errors),
+        "rescued": round(served.rescued),  # of the errors: a fallback pool answered the client
         "prompt_tokens": round(served.prompt_tokens),
         "completion_tokens": round(served.completion_tokens),
         "rps": window_requests / window,

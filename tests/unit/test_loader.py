@@ -238,19 +238,19 @@ BROKEN: list[tuple[str, dict[str, str], str]] = [
         "(did you mean 'vllm'?)",
     ),
     (
-        "https url",
-        {"c.yaml": "backends:\n  x: {url: 'https://h:1'}\n"},
-        "c.yaml:2: backend 'x': url 'https://h:1' uses https, which is not supported yet (use http://)",
+        "tls on an http url",
+        {"c.yaml": "backends:\n  x: {url: 'http://h:1', tls: {verify: false}}\n"},
+        "c.yaml:2: backend 'x': tls needs an https:// url",
     ),
     (
         "other scheme",
         {"c.yaml": "backends:\n  x: {url: 'ftp://h:1'}\n"},
-        "c.yaml:2: backend 'x': url 'ftp://h:1' must start with http://",
+        "c.yaml:2: backend 'x': url 'ftp://h:1' must start with http:// or https://",
     ),
     (
         "url without scheme",
         {"c.yaml": "backends:\n  x: {url: '127.0.0.1:8000'}\n"},
-        "c.yaml:2: backend 'x': url '127.0.0.1:8000' must start with http://",
+        "c.yaml:2: backend 'x': url '127.0.0.1:8000' must start with http:// or https://",
     ),
     (
         "url with query",
@@ -641,7 +641,7 @@ def test_many_errors_reported_together_and_sorted(tmp_path: Path) -> None:
     rules = write(tmp_path / "rules", {
         "a.yaml": """\
             backends:
-              x: {url: 'https://h:1', weight: abc}
+              x: {url: 'ftp://h:1', weight: abc}
             pools:
               p: {backends: [x, ghost]}
             """,
@@ -658,7 +658,7 @@ def test_many_errors_reported_together_and_sorted(tmp_path: Path) -> None:
     })
     errors = load_errors(rules)
     assert errors == (
-        f"{rules}/a.yaml:2: backend 'x': url 'https://h:1' uses https, which is not supported yet (use http://)",
+        f"{rules}/a.yaml:2: backend 'x': url 'ftp://h:1' must start with http:// or https://",
         f"{rules}/a.yaml:2: backend 'x': weight must be a number > 0, got 'abc'",
         f"{rules}/a.yaml:4: pool 'p': backend 'ghost' is not defined",
         f"{rules}/b.yaml:3: route 'chat': match.endpoints: unknown endpoint 'chats' (did you mean 'chat'?), "
@@ -670,9 +670,9 @@ def test_many_errors_reported_together_and_sorted(tmp_path: Path) -> None:
 
 
 def test_invalid_backend_does_not_cascade_into_undefined_errors(tmp_path: Path) -> None:
-    rules = write(tmp_path / "rules", {"a.yaml": BASE.replace("http://127.0.0.1:8000", "https://h")})
+    rules = write(tmp_path / "rules", {"a.yaml": BASE.replace("http://127.0.0.1:8000", "ftp://h")})
     errors = load_errors(rules)
-    assert len(errors) == 1 and "uses https" in errors[0]
+    assert len(errors) == 1 and "must start with http:// or https://" in errors[0]
 
 
 def test_duplicate_backend_body_is_still_validated(tmp_path: Path) -> None:
