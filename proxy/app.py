@@ -37,8 +37,10 @@ from proxy.pipeline.body import expect_handler
 from proxy.pipeline.dispatch import DISPATCHER, Dispatcher
 from proxy.pipeline.feedback import FeedbackEndpoint, JoinWriter
 from proxy.pipeline.handler import ENDPOINTS, Endpoints, healthz
+from proxy.pipeline.request import ENDPOINT_BY_PATH
 from proxy.pipeline.limits import LIMITER, Limiter
 from proxy.pipeline.middleware import RequestIds, error_middleware
+from proxy.pipeline.affinity import OWNERS, ResponseOwners
 from proxy.pipeline.result_cache import CACHE, ResultCache
 from proxy.pipeline.shadow import SHADOWS, ShadowMirror
 from proxy.store import MemoryStore, OwnedStore
@@ -61,6 +63,7 @@ CACHE_MAX_BYTES = 256 * 1024 * 1024
 ROLLOUT_MAX_ENTRIES = 1024
 # Embedded pooled statistics too: ~700 hashes per route (`observe/stats.py` buckets and TTLs) plus the fleet's.
 STATS_MAX_ENTRIES = 100_000
+RESPONSES_MAX_ENTRIES = 100_000  # embedded: stored Responses answers whose backend is remembered
 USAGE_MAX_ENTRIES = 1024  # embedded tenant usage: 2 h of minute buckets and 25 h of hour buckets
 
 
@@ -126,7 +129,9 @@ def build_app(
     metrics.watch_backends(lambda: backends.samples(clock()))
     metrics.watch_rules(lambda: rules.current, queue.depths, weights.variants_for)
     limiter = Limiter(owned if shared else None, metrics)  # tenant limits: fleet-wide through a shared store
-    endpoints = Endpoints(rules, limiter, splitter, cache, dispatcher, shadows, metrics, clock)
+    # Which backend holds each stored Responses answer: shared by replicas through a shared store.
+    owners = ResponseOwners(owned if shared else MemoryStore(max_entries=RESPONSES_MAX_ENTRIES))
+    endpoints = Endpoints(rules, limiter, splitter, cache, dispatcher, shadows, owners, metrics, clock)
 
     usage = TenantUsage(owned if shared else MemoryStore(max_entries=USAGE_MAX_ENTRIES), rollout_settings.clock)
     recorder = Recorder(metrics, access_log, stats, feedback, usage)
@@ -141,9 +146,10 @@ def build_app(
     app[POOLED] = pooled
     app[LIMITER] = limiter
     app[USAGE] = usage
+    app[OWNERS] = owners
 
     app.cleanup_ctx.append(_rules_reloader(reloader, watch_rules))
-    app.cleanup_ctx.append(_upstream(client, shadows, cache, access_log))
+    app.cleanup_ctx.append(_upstream(client, shadows, cache, owners, access_log))
     app.cleanup_ctx.append(_background("splitstream-health", health.run))
     app.cleanup_ctx.append(_store_lifecycle(owned))
     app.cleanup_ctx.append(_limits(limiter, shared))  # while the store is open; the last settlements before it closes
@@ -153,9 +159,10 @@ def build_app(
     if shared:  # feedback joins for the other replicas; the last ones are written before the store closes
         app.cleanup_ctx.append(_feedback_joins(JoinWriter(feedback, owned, rules)))
 
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+    for path in ENDPOINT_BY_PATH:
         app.router.add_post(path, endpoints.inference, expect_handler=expect_handler)
     app.router.add_get("/v1/models", endpoints.list_models)
+    app.router.add_get("/v1/models/{model:.+}", endpoints.get_model)
     scores = FeedbackEndpoint(feedback, admin_access, rules, owned if shared else None)
     app.router.add_post("/v1/feedback", scores.post, expect_handler=expect_handler)
     app.router.add_get("/healthz", healthz)
@@ -179,12 +186,14 @@ def _rules_reloader(reloader: Reloader, watch: bool) -> Lifecycle:
     return lifecycle
 
 
-def _upstream(client: UpstreamClient, shadows: ShadowMirror, cache: ResultCache, access_log: AccessLog) -> Lifecycle:
+def _upstream(client: UpstreamClient, shadows: ShadowMirror, cache: ResultCache, owners: ResponseOwners,
+              access_log: AccessLog) -> Lifecycle:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         client.open()
         yield
         await shadows.close()  # shadow copies use the client: stop them first
         await cache.close()
+        await owners.close()
         client.close()
         access_log.flush()
 

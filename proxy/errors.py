@@ -21,6 +21,7 @@ event after). Nothing else builds an error body.
     │   ├── RolloutConflictError          409 ... / rollout_conflict  (e.g. resume a rollout that is not paused)
     │   ├── InvalidFeedbackError          400 ... / invalid_feedback
     │   ├── ContextLengthError            400 ... / context_length_exceeded  (a runtime's; falls back, see dispatch)
+    │   ├── PreviousResponseGoneError     404 ... / previous_response_not_found  (its backend left the rules)
     │   └── UnknownRequestError           404 ... / request_not_found  (feedback for an id this process forgot)
     ├── ClientAuthError                   401 authentication_error / invalid_api_key
     ├── AdminAuthError                    401 authentication_error / invalid_admin_token
@@ -31,6 +32,7 @@ event after). Nothing else builds an error body.
     │   └── TenantLimitError              429 ... / rate_limit_exceeded  (a tenant's limit; + x-ratelimit-*)
     ├── RolloutUnavailableError           503 api_error / rollout_store_unavailable  (admin rollout actions)
     ├── StatsUnavailableError             503 api_error / stats_store_unavailable  (the A/B report's pooled numbers)
+    ├── PreviousResponseUnavailableError  503 api_error / previous_response_unavailable  (its backend failed)
     ├── StoreUnavailableError             internal: the caller falls back; never reaches a client
     └── UpstreamError                     502 api_error / upstream_error
         ├── BackendConnectError           502 ... / backend_unreachable     reason=connect
@@ -159,6 +161,14 @@ class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class PreviousResponseGoneError(InvalidRequestError):
+    """A Responses request continues a stored response whose backend is no longer in the route's pools: the
+    state it needs is gone with it (`pipeline/affinity.py`)."""
+
+    status = 404
+    code = "previous_response_not_found"
+
+
 class UnknownRequestError(InvalidRequestError):
     status = 404
     code = "request_not_found"
@@ -178,6 +188,15 @@ class StatsUnavailableError(SplitstreamError):
     status = 503
     type = "api_error"
     code = "stats_store_unavailable"
+
+
+class PreviousResponseUnavailableError(SplitstreamError):
+    """A Responses request continues a stored response whose backend could not answer: no other backend
+    holds that state, so there is nowhere else to send it (`pipeline/affinity.py`)."""
+
+    status = 503
+    type = "api_error"
+    code = "previous_response_unavailable"
 
 
 class ClientAuthError(SplitstreamError):
@@ -306,18 +325,46 @@ class StoreUnavailableError(SplitstreamError):
     code = "store_unavailable"
 
 
-def error_body(exc: SplitstreamError) -> bytes:
-    """The OpenAI error object; the one rendering of every error a client sees (JSON body or SSE event)."""
+# The Anthropic Messages API's error `type` for an HTTP status (its SDK picks the exception class by status).
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                   503: "overloaded_error"}
+
+
+def error_body(exc: SplitstreamError, endpoint: str = "") -> bytes:
+    """The error object in the shape of the client's API — the one rendering of every error a client sees
+    (JSON body or SSE event): OpenAI's `{"error": {message, type, code}}`, or on the Anthropic Messages
+    endpoint (`endpoint == "messages"`) Anthropic's `{"type": "error", "error": {type, message}}`."""
+    if endpoint == "messages":
+        kind = ANTHROPIC_TYPES.get(exc.status) or ("api_error" if exc.status >= 500 else "invalid_request_error")
+        return _dumps({"type": "error", "error": {"type": kind, "message": exc.message}}, exc)
+    return _dumps({"error": {"message": exc.message, "type": exc.type, "code": exc.code}}, exc)
+
+
+def sse_error_event(exc: SplitstreamError, endpoint: str = "") -> bytes:
+    """The SSE event that ends a stream broken after bytes were sent, as the client's API words it: the
+    openai SDK raises APIError on chat's `{"error": ...}`; the Responses API's typed `error` event; the
+    anthropic SDK raises on Anthropic's `event: error`."""
+    if endpoint == "responses":
+        data = _dumps({"type": "error", "code": exc.code, "message": exc.message, "param": None}, exc)
+    else:
+        data = error_body(exc, endpoint)
+    return b"event: error\ndata: " + data + b"\n\n"
+
+
+def _dumps(body: dict[str, object], exc: SplitstreamError) -> bytes:
     try:
-        return orjson.dumps({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
+        return orjson.dumps(body)
     except orjson.JSONEncodeError:  # a message quoting a client's undecodable bytes (lone surrogates)
         message = exc.message.encode("utf-8", "backslashreplace").decode("utf-8")
-        return orjson.dumps({"error": {"message": message, "type": exc.type, "code": exc.code}})
+        return orjson.dumps(_replace_message(body, message))
 
 
-def sse_error_event(exc: SplitstreamError) -> bytes:
-    """The SSE event that ends a stream broken after bytes were sent (the openai SDK raises APIError)."""
-    return b"event: error\ndata: " + error_body(exc) + b"\n\n"
+def _replace_message(body: dict[str, object], message: str) -> dict[str, object]:
+    inner = body.get("error")
+    if isinstance(inner, dict):
+        return {**body, "error": {**inner, "message": message}}
+    return {**body, "message": message}
 
 
 def _with_subclasses(root: type[SplitstreamError]) -> list[type[SplitstreamError]]:

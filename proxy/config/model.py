@@ -15,7 +15,7 @@ from aiohttp import web
 
 BACKEND_KINDS = ("vllm", "llamacpp", "ollama", "tgi", "openai")
 BALANCE_POLICIES = ("least_cost", "least_conn", "round_robin")
-ENDPOINTS = ("chat", "completions", "embeddings")
+ENDPOINTS = ("chat", "completions", "embeddings", "responses", "messages", "rerank", "score")
 # rollout.webhooks[].events: one per transition a rollout makes (`delivery/state.py` ACTIONS, past tense)
 WEBHOOK_EVENTS = ("started", "advanced", "held", "promoted", "rolled_back", "paused", "resumed", "aborted")
 DEFAULT_STICKY_TTL = 7 * 86400.0  # split.sticky.ttl when absent
@@ -35,6 +35,9 @@ class Timeouts:
     idle: gap between two chunks of a stream.
     total: the whole exchange.
     queue: how long a request may wait for a free backend slot (all at max_inflight) before a 429.
+    heartbeat: streams only: once the first upstream byte is this late, the client's stream starts with SSE
+        comments (`: keep-alive`) sent this often until it arrives, so idle timeouts on the way (a load
+        balancer's 60 s) do not cut a long prefill. 0 turns it off.
     """
 
     connect: float = 2.0
@@ -42,6 +45,7 @@ class Timeouts:
     idle: float = 30.0
     total: float = 600.0
     queue: float = 5.0
+    heartbeat: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +265,7 @@ class Route:
     # Pools tried in order when the chosen variant's pool cannot answer before a byte reached the client.
     fallback: tuple[Pool, ...] = ()
     max_tokens: int | None = None  # cap on a request's max_tokens / max_completion_tokens (set when absent)
+    forward_headers: tuple[str, ...] = ()  # `headers.forward`: client headers sent on (lower-case names)
 
     def matches(self, model: str, endpoint: str) -> bool:
         if self.endpoints and endpoint not in self.endpoints:

@@ -17,6 +17,7 @@ from proxy.config.keys import (
     CACHE_KEYS,
     DEFAULT_RETRY_ATTEMPTS,
     FEEDBACK_KEYS,
+    HEADERS_KEYS,
     MATCH_KEYS,
     RETRY_KEYS,
     ROLLOUT_DEFAULTS,
@@ -61,6 +62,12 @@ from proxy.config.yamlread import (
 )
 
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+UNFORWARDABLE_HEADERS = frozenset({
+    "authorization", "x-api-key", "cookie", "host", "content-length", "content-type", "transfer-encoding",
+    "connection", "keep-alive", "te", "trailer", "upgrade", "expect", "accept", "accept-encoding",
+    "content-encoding", "x-request-id", "traceparent", "tracestate", "baggage", "anthropic-version",
+    "anthropic-beta",
+})
 
 @dataclass(slots=True)
 class RouteContext:
@@ -252,13 +259,34 @@ def build_route(entry: Entry, ctx: RouteContext) -> Route | None:
     feedback = _feedback_rule(reader.mapping("feedback"))
     fallback = _fallback(reader, ctx)
     max_tokens = reader.integer("max_tokens", 0, minimum=1) if reader.has("max_tokens") else None
+    forward_headers = _forward_headers(reader.mapping("headers"))
     if reader.failed or name is None or not models or not variants:
         return None
     return Route(name=name, models=models, model_pattern=_compile_models(models), endpoints=endpoints,
                  variants=variants, timeouts=timeouts, balance=balance, source=str(entry.loc),
                  retry_attempts=attempts, runtime_load=runtime_load, sticky=sticky, shadows=shadows,
                  cache=cache_rule, rollout=rollout, feedback=feedback, tenants=tenants, fallback=fallback,
-                 max_tokens=max_tokens)
+                 max_tokens=max_tokens, forward_headers=forward_headers)
+
+
+def _forward_headers(reader: Reader | None) -> tuple[str, ...]:
+    """`headers.forward`: lower-cased names of client headers to send on. Credentials, hop-by-hop headers and
+    the ones splitstream writes itself are refused: forwarding them would leak a client's key to a runtime
+    or break the upstream exchange."""
+    if reader is None:
+        return ()
+    reader.check_keys(HEADERS_KEYS)
+    raw = reader.get("forward")
+    if not isinstance(raw, Seq) or not raw or not all(isinstance(n, str) and _HEADER_TOKEN.fullmatch(n) for n in raw):
+        reader.fail("forward", f"headers.forward must be a non-empty list of header names, got {show(raw)}")
+        return ()
+    names = tuple(dict.fromkeys(name.lower() for name in raw))
+    refused = [name for name in names if name in UNFORWARDABLE_HEADERS or name.startswith(("proxy-", "x-splitstream-"))]
+    if refused:
+        reader.fail("forward", f"headers.forward cannot include {', '.join(map(repr, refused))} (credentials, "
+                               "hop-by-hop, or headers splitstream sets itself)")
+        return ()
+    return names
 
 
 def _fallback(reader: Reader, ctx: RouteContext) -> tuple[Pool, ...]:

@@ -125,7 +125,8 @@ def timeouts_from(reader: Reader | None, base: Timeouts) -> Timeouts:
         return base
     reader.check_keys(TIMEOUT_KEYS)
     overrides = {
-        key: reader.duration(key, getattr(base, key), positive=True) for key in TIMEOUT_KEYS if reader.has(key)
+        key: reader.duration(key, getattr(base, key), positive=key != "heartbeat")
+        for key in TIMEOUT_KEYS if reader.has(key)
     }
     return replace(base, **overrides)
 

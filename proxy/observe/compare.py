@@ -76,7 +76,8 @@ Output = str | list[float] | None
 
 
 def extract_output(side: Side) -> Output:
-    """The generated text (choices concatenated) or the first embedding vector; None for errors."""
+    """The generated text (choices concatenated; a Responses or Messages answer's text parts), the first
+    embedding vector, or a rerank / score answer's scores in document order; None for errors."""
     if side.status != 200 or not side.output:
         return None
     if side.is_stream:
@@ -93,7 +94,16 @@ def extract_output(side: Side) -> Output:
         if isinstance(vector, str):  # encoding_format=base64 (the openai SDK's default): little-endian float32
             raw = base64.b64decode(vector)
             return list(struct.unpack(f"<{len(raw) // 4}f", raw[: len(raw) // 4 * 4]))
-        return vector if isinstance(vector, list) else None
+        if isinstance(vector, list):
+            return vector
+    if data.get("object") == "response":  # the Responses API: output items, their output_text parts
+        return "".join(_parts_text(item.get("content"), "output_text") for item in data.get("output") or []
+                       if isinstance(item, dict))
+    if data.get("type") == "message":  # Anthropic's Messages API: text content blocks
+        return _parts_text(data.get("content"), "text")
+    scores = _scores(data.get("results") if isinstance(data.get("results"), list) else data.get("data"))
+    if scores is not None:
+        return scores
     return "".join(_choice_text(choice, "message") for choice in data.get("choices") or [])
 
 
@@ -126,10 +136,46 @@ def _stream_text(raw: bytes) -> str | None:
             except orjson.JSONDecodeError:
                 continue
             if isinstance(data, dict):
-                if "error" in data:
+                if "error" in data or data.get("type") == "error":
                     return None
-                parts.extend(_choice_text(choice, "delta") for choice in data.get("choices") or [])
+                parts.append(_event_text(data))
     return "".join(parts)
+
+
+def _event_text(data: dict[str, Any]) -> str:
+    """The text one stream event adds: chat / completion choices, a Responses `output_text.delta`, or a
+    Messages `text_delta`."""
+    kind = data.get("type")
+    if kind == "response.output_text.delta":
+        delta = data.get("delta")
+        return delta if isinstance(delta, str) else ""
+    if kind == "content_block_delta":
+        delta = data.get("delta")
+        text = delta.get("text") if isinstance(delta, dict) else None
+        return text if isinstance(text, str) else ""
+    return "".join(_choice_text(choice, "delta") for choice in data.get("choices") or [])
+
+
+def _parts_text(parts: object, kind: str) -> str:
+    if not isinstance(parts, list):
+        return ""
+    return "".join(part["text"] for part in parts
+                   if isinstance(part, dict) and part.get("type") == kind and isinstance(part.get("text"), str))
+
+
+def _scores(items: object) -> list[float] | None:
+    """Rerank `results` (relevance_score) or score `data` (score), ordered by document index."""
+    if not isinstance(items, list) or not items:
+        return None
+    found: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("index"), int):
+            return None
+        score = item.get("relevance_score", item.get("score"))
+        if not isinstance(score, (int, float)):
+            return None
+        found[item["index"]] = float(score)
+    return [found[i] for i in sorted(found)]
 
 
 def _choice_text(choice: object, key: str) -> str:

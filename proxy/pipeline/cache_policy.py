@@ -15,12 +15,13 @@ from typing import Any
 
 import orjson
 
-from proxy.pipeline.request import RequestView
-from proxy.pipeline.sse import SseRelay
+from proxy.pipeline.request import SCORING_ENDPOINTS, USAGE_OPTION_ENDPOINTS, RequestView
+from proxy.pipeline.sse import SseRelay, ended_normally
 
 FORCE_HEADER = "x-splitstream-cache"
 # Fields that change how an answer is delivered or attributed, never what it says.
 DELIVERY_FIELDS = frozenset({"model", "stream", "stream_options", "user"})
+TYPED_DELIVERY_FIELDS = frozenset({"model"})  # the rest is echoed in the answer (metadata, user)
 ENTRY_VERSION = 1
 
 
@@ -37,21 +38,26 @@ def bypass_reason(view: RequestView, cache_control: str | None, force: str | Non
     data = view.data
     if data.get("n", 1) != 1:
         return "several_choices"
+    if view.endpoint == "responses" and (data.get("store") is not False or "previous_response_id" in data):
+        return "stateful"  # it continues, or is kept for, a conversation the runtime holds (store defaults on)
     if force is not None and force.lower() == "force":
         return None
-    if view.endpoint == "embeddings":
-        return None  # an embedding is a function of its input
+    if view.endpoint in SCORING_ENDPOINTS:
+        return None  # an embedding or a relevance score is a function of its input
     if data.get("temperature") != 0:
         return "not_deterministic"
     return None
 
 
 def cache_key(view: RequestView, upstream_model: str, route: str, tenant: str) -> str:
-    """Hex digest over the canonical body (sorted keys, delivery fields dropped) and what it ran on."""
-    canonical = {k: v for k, v in view.data.items() if k not in DELIVERY_FIELDS}
+    """Hex digest over the canonical body (sorted keys, delivery fields dropped) and what it ran on. Answers of
+    the typed-event APIs (Responses, Messages) are replayed only in the shape they were stored in, so for them
+    `stream` is part of the key."""
+    delivery = DELIVERY_FIELDS if view.endpoint in USAGE_OPTION_ENDPOINTS else TYPED_DELIVERY_FIELDS
+    canonical = {k: v for k, v in view.data.items() if k not in delivery}
     body = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.sha256()
-    for part in (view.endpoint, route, upstream_model, tenant):
+    for part in (view.path or view.endpoint, route, upstream_model, tenant):
         digest.update(part.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     digest.update(body)
@@ -107,6 +113,8 @@ class Entry:
 
 def render(entry: Entry, view: RequestView) -> tuple[bytes, str]:
     """(body, content type) answering `view` from `entry`, in the shape the client asked for."""
+    if view.endpoint not in USAGE_OPTION_ENDPOINTS:  # stored in the shape asked for (`stream` is in the key)
+        return entry.body, entry.content_type
     if view.is_stream:
         sse = entry.body if entry.is_stream else json_to_sse(entry.body, view.endpoint)
         return strip_usage(sse) if not view.wants_usage else sse, "text/event-stream"
@@ -196,6 +204,6 @@ def _events(sse: bytes) -> list[dict[str, Any]]:
     return out
 
 
-def is_complete_stream(sse: bytes) -> bool:
-    """A stream is worth keeping only if it ended normally: `[DONE]` and no error event."""
-    return sse.rstrip().endswith(b"data: [DONE]") and b"event: error" not in sse
+def is_complete_stream(sse: bytes, endpoint: str) -> bool:
+    """A stream is worth keeping only if it ended normally: its endpoint's last event and no error event."""
+    return ended_normally(sse, endpoint) and b"event: error" not in sse

@@ -30,9 +30,9 @@ from proxy.observe.record import CLIENT_CLOSED, RequestRecord
 from proxy.pipeline.balancer import in_panic, pick_backend, takes_requests
 from proxy.pipeline.cost import Estimate, estimate, learn, new_model_stats, predicted_seconds
 from proxy.pipeline.deadlines import Deadlines
-from proxy.pipeline.forward import build_request, open_exchange
+from proxy.pipeline.forward import build_request, for_copy, open_exchange
 from proxy.pipeline.headers import is_event_stream, retry_after_of
-from proxy.pipeline.request import RequestView
+from proxy.pipeline.request import SCORING_ENDPOINTS, RequestView
 from proxy.types import Clock
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.connection import UpstreamConnection
@@ -108,6 +108,8 @@ class Dispatcher:
         priority: int = NORMAL,
         est: Estimate | None = None,
         fallback: tuple[Pool, ...] = (),
+        pinned: str | None = None,
+        copy: bool = False,
     ) -> Attempt:
         """The committed exchange with a backend of `pool` — or, when `pool` cannot answer, of the first of
         `fallback` that can.
@@ -117,13 +119,15 @@ class Dispatcher:
         (a tenant's). `est`: the request's size if the caller already priced it (`estimate`). `fallback`:
         pools tried in order, one already tried skipped, when a pool had no healthy backend, its queue was
         full or timed out, every try failed before the first byte, or a runtime said the prompt does not
-        fit its context; each move is counted and `record.fallback` names the pool that answers."""
-        remaining = [p for p in fallback if p.name != pool.name]
+        fit its context; each move is counted and `record.fallback` names the pool that answers. `pinned`: the
+        one backend of `pool` that may answer (it holds state the request needs); no fallback then. `copy`:
+        a shadow copy (its trace context gets a span id of its own)."""
+        remaining = [p for p in fallback if p.name != pool.name] if pinned is None else []
         tried = {pool.name}
         while True:
             try:
                 return await self._call_pool(snapshot, route, pool, view, path, record, deadlines, attempts,
-                                             queue_timeout, priority, est, bool(remaining))
+                                             queue_timeout, priority, est, bool(remaining), pinned, copy)
             except FALLBACK_ERRORS as exc:
                 nxt = next((p for p in remaining if p.name not in tried), None)
                 loop_time = asyncio.get_running_loop().time
@@ -149,6 +153,8 @@ class Dispatcher:
         priority: int,
         est: Estimate | None,
         may_fall_back: bool,
+        pinned: str | None,
+        copy: bool,
     ) -> Attempt:
         """`call` within one pool: at most `attempts` tries on its backends. `may_fall_back`: a runtime's
         context-length refusal raises `ContextLengthError` (another pool may hold it) instead of being the
@@ -157,8 +163,10 @@ class Dispatcher:
         clock = self._clock or loop_time
         stats = self._stats(pool)
         if est is None:
-            est = estimate(stats, len(view.body), view.max_tokens, view.endpoint == "embeddings")
+            est = estimate(stats, len(view.body), view.max_tokens, view.endpoint in SCORING_ENDPOINTS)
         payload = view.upstream_body(pool.model)
+        passed = for_copy(view.passed) if copy else view.passed
+        anthropic = view.endpoint == "messages"
         tried: list[BackendState] = []
         last_error: UpstreamError | None = None
         for attempt_number in range(1, attempts + 1):
@@ -166,7 +174,7 @@ class Dispatcher:
                 break
             try:
                 lease = await self._acquire(snapshot, route, pool, est, tried, deadlines, queue_timeout, clock,
-                                            priority)
+                                            priority, pinned)
             except (NoHealthyBackendError, OverloadedError):
                 if last_error is not None:
                     raise last_error from None  # the failure the client should hear about is the backend's
@@ -174,7 +182,8 @@ class Dispatcher:
             state = lease.state
             record.backend, record.attempts = state.backend.name, record.attempts + 1
             started = loop_time()
-            request_bytes = build_request(state.backend, path, payload, record.request_id, view.is_stream)
+            request_bytes = build_request(state.backend, path, payload, record.request_id, view.is_stream, passed,
+                                          anthropic)
             conn: UpstreamConnection | None = None
             committed = False
             try:
@@ -217,7 +226,7 @@ class Dispatcher:
 
     def estimate(self, pool: Pool, view: RequestView) -> Estimate:
         """The request's predicted size in tokens, from what the pool's model taught so far."""
-        return estimate(self._stats(pool), len(view.body), view.max_tokens, view.endpoint == "embeddings")
+        return estimate(self._stats(pool), len(view.body), view.max_tokens, view.endpoint in SCORING_ENDPOINTS)
 
     def _stats(self, pool: Pool) -> ModelStats:
         stats = self.model_stats.get(pool.name)
@@ -260,6 +269,7 @@ class Dispatcher:
         queue_timeout: float,
         clock: Clock,
         priority: int,
+        pinned: str | None = None,
     ) -> Lease:
         """A lease on the best backend not tried yet; waits in the pool's queue (by priority class, FIFO
         within one, `upstream/queue.py`) while all are full.
@@ -267,7 +277,7 @@ class Dispatcher:
         Panic (too few of the pool healthy, `balancer.in_panic`) is judged over the whole pool, tried or not,
         and every lease taken in panic is counted for the pool."""
         get = self.backends.get
-        members = [get(b) for b in pool.backends]
+        members = [get(b) for b in pool.backends if pinned is None or b.name == pinned]
         candidates = members
         if tried:  # fail over to backends not tried yet, when there are any
             candidates = [s for s in members if s not in tried] or members

@@ -1,12 +1,17 @@
 """Forward: send the upstream request on a pooled connection and wait for the runtime's answer to begin.
 
-Owns the upstream request bytes (client keys never go out: the backend's own key or none), the retry of
+Owns the upstream request bytes (client keys never go out: the backend's own key or none; of the client's
+headers only trace context and a route's allow-list do), the retry of
 a stale keep-alive connection, and turning runtime 5xx answers into our errors. Called by
 `pipeline/dispatch.py` only, for client requests and shadow copies alike.
 Everything here happens before a byte reaches the client; relaying the body is `pipeline/relay.py`.
 """
 
 from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
 
 from proxy.config.model import Backend
 from proxy.errors import BackendResetError, BackendStatusError, UpstreamError
@@ -17,20 +22,55 @@ from proxy.upstream.connection import UpstreamConnection
 
 # A runtime's error body is read to free the connection; it is not relayed, so it is not read forever.
 MAX_ERROR_BODY_BYTES = 64 * 1024
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")  # W3C trace context, always passed on
+ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")  # the Messages API's protocol version and features
+MAX_PASSED_VALUE = 8192
+TRACEPARENT = re.compile(r"(traceparent: [0-9a-f]{2}-[0-9a-f]{32}-)[0-9a-f]{16}(-[0-9a-f]{2})")
 
 
-def build_request(backend: Backend, path: str, body: bytes, request_id: str, stream: bool) -> bytes:
-    """Request head and body in one buffer. Only these headers go upstream: nothing of the client's."""
-    auth = f"Authorization: Bearer {backend.api_key}\r\n" if backend.api_key else ""
+def passed_headers(headers: Mapping[str, str], allowed: tuple[str, ...], endpoint: str) -> str:
+    """The client's header lines a runtime gets (computed once per request): W3C trace context, Anthropic's
+    protocol headers on the Messages endpoint, and the route's `headers.forward` allow-list (the loader
+    refuses credentials and hop-by-hop names there). Values as sent — aiohttp refused CR/LF — if printable
+    and at most MAX_PASSED_VALUE long; a header the client sent twice passes its first value."""
+    names = TRACE_HEADERS
+    if allowed or endpoint == "messages":
+        names = (*names, *ANTHROPIC_HEADERS, *allowed) if endpoint == "messages" else (*names, *allowed)
+    lines = []
+    for name in names:
+        value = headers.get(name)
+        if value is not None and len(value) <= MAX_PASSED_VALUE and value.isascii() and value.isprintable():
+            lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)
+
+
+def for_copy(passed: str) -> str:
+    """`passed` for a shadow copy: the same trace, a new span id in `traceparent` (the copy is a sibling of
+    the primary's call, not the same one)."""
+    if "traceparent:" not in passed:
+        return passed
+    return TRACEPARENT.sub(lambda m: f"{m.group(1)}{os.urandom(8).hex()}{m.group(2)}", passed, count=1)
+
+
+def build_request(backend: Backend, path: str, body: bytes, request_id: str, stream: bool, passed: str = "",
+                  api_key_header: bool = False) -> bytes:
+    """Request head and body in one buffer. Only these headers go upstream: none of the client's but those in
+    `passed` (`passed_headers`). The backend's own key goes as a Bearer token, and also as `x-api-key` where
+    the API expects it there (`api_key_header`: the Messages endpoint)."""
+    auth = ""
+    if backend.api_key:
+        auth = f"Authorization: Bearer {backend.api_key}\r\n"
+        if api_key_header:
+            auth += f"x-api-key: {backend.api_key}\r\n"
     accept = "text/event-stream" if stream else "application/json"
     head = (
         f"POST {backend.base_path}{path} HTTP/1.1\r\n"
-        f"Host: {backend.host}:{backend.port}\r\n"
+        f"Host: {backend.authority}\r\n"
         f"Content-Type: application/json\r\n"
         f"Accept: {accept}\r\n"
         f"Content-Length: {len(body)}\r\n"
         f"X-Request-Id: {request_id}\r\n"
-        f"{auth}\r\n"
+        f"{passed}{auth}\r\n"
     )
     return head.encode("latin-1") + body
 
@@ -70,7 +110,7 @@ async def _exchange(
     head_deadline = deadlines.first_token(now) if stream else deadlines.total
     phase = "first_token" if stream else "total"
     for attempt in (0, 1):
-        conn, reused = await client.acquire(backend.host, backend.port, deadlines.connect(now))
+        conn, reused = await client.acquire(backend, deadlines.connect(now))
         done = False
         try:
             conn.start(request_bytes)

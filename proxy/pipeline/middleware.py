@@ -21,6 +21,7 @@ from proxy.errors import SplitstreamError, UnknownPathError, error_body
 from proxy.observe.record import CLIENT_CLOSED, NONE, Recorder, RequestRecord
 from proxy.pipeline.cache_policy import owner_of
 from proxy.pipeline.headers import routing_headers
+from proxy.pipeline.request import ENDPOINT_BY_PATH
 from proxy.types import Handler, Middleware
 
 log = logging.getLogger("splitstream")
@@ -69,13 +70,13 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 def error_response(exc: SplitstreamError, record: RequestRecord) -> web.Response:
-    """The error as JSON, with the same routing headers a successful answer would have carried."""
+    """The error as JSON in the shape of the client's API (the path's), with the same routing headers a
+    successful answer would have carried."""
     headers = routing_headers(record, {})
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    response = web.Response(
-        body=error_body(exc), status=exc.status, content_type="application/json", headers=headers
-    )
+    body = error_body(exc, ENDPOINT_BY_PATH.get(record.path, ""))
+    response = web.Response(body=body, status=exc.status, content_type="application/json", headers=headers)
     if exc.closes_connection:
         response.force_close()
     return response

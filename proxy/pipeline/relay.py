@@ -2,7 +2,9 @@
 
 A stream's response head goes out together with its first chunk, so until the first token arrives an
 error can still be a proper JSON error (and, later, a fail-over). After that a failure ends the stream
-with an SSE `error` event — never a silent truncation. Records TTFT, bytes and token usage as it goes.
+with an SSE `error` event in the endpoint's shape — never a silent truncation. A first token later than the
+route's `timeouts.heartbeat` begins the stream early with SSE comments (`Heartbeat`); an error after that is
+an error event too. Records TTFT, bytes and token usage as it goes.
 """
 
 from __future__ import annotations
@@ -10,20 +12,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import orjson
 from aiohttp import web
 
-from proxy.errors import BackendResetError, BackendTimeoutError, UpstreamError, sse_error_event
+from proxy.errors import BackendResetError, BackendTimeoutError, SplitstreamError, UpstreamError, sse_error_event
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
 from proxy.pipeline.deadlines import Deadlines
-from proxy.pipeline.headers import response_headers
+from proxy.pipeline.headers import response_headers, routing_headers
 from proxy.pipeline.request import RequestView
-from proxy.pipeline.sse import DEFAULT_MAX_EVENT_BYTES, SseRelay, find_usage_object
+from proxy.pipeline.sse import DEFAULT_MAX_EVENT_BYTES, TERMINAL_EVENTS, SseRelay, find_usage_object
 from proxy.upstream.connection import UpstreamConnection
 
-# Endpoints whose streams end with `data: [DONE]`: one that ends without it was cut, not finished.
-DONE_ENDPOINTS = frozenset({"chat", "completions"})
 SMALL_WRITE_BYTES = 16 * 1024  # well under any transport's high-water mark
+MAX_RUNTIME_ERROR_BYTES = 64 * 1024
 
 
 def relay_body(conn: UpstreamConnection, body: bytes, record: RequestRecord) -> web.Response:
@@ -47,6 +49,7 @@ async def relay_stream(
     clock: Callable[[], float],
     tee: Callable[[bytes], None] | None = None,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    started: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
     """An SSE answer, relayed as it arrives; the usage chunk is kept or stripped as the client asked.
 
@@ -55,13 +58,15 @@ async def relay_stream(
     it ended cleanly). `tee`, when given (mirrored or cached requests only), is called with every upstream
     chunk as it arrives. The route's total deadline holds for the whole relay, even while data flows, and
     a write the client does not take within the idle timeout ends the request: a client that never reads
-    must not pin a backend.
+    must not pin a backend. `started`: the client's stream when a `Heartbeat` already began it.
     """
-    sse = SseRelay(not view.wants_usage, max_event_bytes)
+    sse = SseRelay(not view.wants_usage, max_event_bytes, view.endpoint)
     chunk = first_chunk
     record.ttft = clock() - record.started
-    response = web.StreamResponse(status=conn.status, headers=response_headers(conn.headers, record))
-    await response.prepare(request)
+    response = started
+    if response is None:
+        response = web.StreamResponse(status=conn.status, headers=response_headers(conn.headers, record))
+        await response.prepare(request)
     writing = False
     failure: UpstreamError | None = None
     try:
@@ -91,8 +96,8 @@ async def relay_stream(
                 await response.write(tail)
                 writing = False
                 record.bytes_out += len(tail)
-        if conn.ended_by_eof and not sse.saw_done and view.endpoint in DONE_ENDPOINTS:
-            raise BackendResetError("backend closed the stream before `data: [DONE]`")
+        if conn.ended_by_eof and not sse.saw_done and view.endpoint in TERMINAL_EVENTS:
+            raise BackendResetError("backend closed the stream before its last event")
     except UpstreamError as exc:
         failure = exc
     except TimeoutError:
@@ -106,13 +111,98 @@ async def relay_stream(
     if failure is not None:
         metrics.count_upstream_error(record.backend, failure)
         record.status, record.error = failure.status, failure.code
-        if not await _write_quietly(response, sse_error_event(failure), grace):
+        if not await _write_quietly(response, sse_error_event(failure, view.endpoint), grace):
             return _client_gone(request, response, record)
     if sse.usage is not None:
         record.prompt_tokens, record.completion_tokens = sse.usage
     if not await _write_quietly(response, None, grace):
         return _client_gone(request, response, record)
     return response
+
+
+class Heartbeat:
+    """SSE comments (`: keep-alive`) to a streaming client while its first upstream byte is late.
+
+    Armed before dispatch with one timer; only when the route's `timeouts.heartbeat` passes without an answer
+    does it begin the client's stream (200, event-stream, the routing headers known then) and write a comment
+    every interval. Dispatch goes on meanwhile — retries and fallback pools included: a comment is not an
+    answer. `stop()` ends the beats and says whether the stream was begun; if it was, whatever follows (the
+    answer, or an error) must be written into that stream (`relay_stream(started=)`, `end_stream`)."""
+
+    __slots__ = ("_request", "_record", "_interval", "_timer", "_task", "_stop", "response")
+
+    COMMENT = b": keep-alive\n\n"
+
+    def __init__(self, request: web.Request, record: RequestRecord, interval: float) -> None:
+        self._request = request
+        self._record = record
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self.response: web.StreamResponse | None = None
+        self._timer = asyncio.get_running_loop().call_later(interval, self._begin)
+
+    def _begin(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        headers = routing_headers(self._record, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = self.response = web.StreamResponse(status=200, headers=headers)
+        try:
+            await response.prepare(self._request)
+            while not self._stop.is_set():
+                await response.write(self.COMMENT)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), self._interval)
+                except TimeoutError:
+                    pass
+        except (ConnectionResetError, OSError):
+            pass  # the client left: the relay finds out on its first write
+
+    def cancel(self) -> None:
+        """The request ends some other way (its client left): no beat may follow."""
+        self._timer.cancel()
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def stop(self) -> web.StreamResponse | None:
+        """End the beats (never mid-write); the client's stream if they began it, else None."""
+        self._timer.cancel()
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        return self.response
+
+
+async def end_stream(response: web.StreamResponse, error: SplitstreamError, view: RequestView,
+                     record: RequestRecord, grace: float) -> web.StreamResponse:
+    """A begun stream (heartbeats) whose request failed before an answer: the endpoint's SSE error event."""
+    record.status, record.error = error.status, error.code
+    if not await _write_quietly(response, sse_error_event(error, view.endpoint), grace) or \
+            not await _write_quietly(response, None, grace):
+        record.status = CLIENT_CLOSED
+    return response
+
+
+def runtime_error(conn: UpstreamConnection, body: bytes) -> SplitstreamError:
+    """A runtime's non-stream answer to a stream whose client already got heartbeats, as an error to end that
+    stream with: its status, and its own message and code when its body says them (the OpenAI shape)."""
+    message, code = f"The backend answered HTTP {conn.status} instead of a stream.", "upstream_error"
+    try:
+        data = orjson.loads(body[:MAX_RUNTIME_ERROR_BYTES])
+        inner = data.get("error") if isinstance(data, dict) else None
+        if isinstance(inner, dict):
+            if isinstance(inner.get("message"), str):
+                message = inner["message"][:1024]
+            if isinstance(inner.get("code"), str):
+                code = inner["code"][:64]
+    except orjson.JSONDecodeError:
+        pass
+    error = SplitstreamError(message)
+    error.status, error.code = (conn.status if conn.status != 200 else 502), code
+    error.type = "invalid_request_error" if 400 <= conn.status < 500 else "api_error"
+    return error
 
 
 def _may_wait(request: web.Request, data: bytes) -> bool:

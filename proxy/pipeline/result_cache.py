@@ -159,7 +159,7 @@ class ResultCache:
     def bypass(self, route: str) -> None:
         self._count(route, Lookup("", "bypass"))
 
-    def end(self, key: str, flight: Flight, ok: bool, rule: CacheRule | None) -> None:
+    def end(self, key: str, flight: Flight, ok: bool, rule: CacheRule | None, endpoint: str = "chat") -> None:
         """The leader is done: wake followers, forget the flight, keep the answer if it is whole and small."""
         flight.finish(ok)
         if self._flights.get(key) is flight:
@@ -167,7 +167,7 @@ class ResultCache:
         if rule is None or not ok or flight.status != 200 or flight.size > rule.max_entry_bytes:
             return
         entry = flight.entry()
-        if entry.is_stream and not is_complete_stream(entry.body):
+        if entry.is_stream and not is_complete_stream(entry.body, endpoint):
             return
         task = asyncio.create_task(self._write(key, entry.encode(), rule.ttl))
         self._writes.add(task)
@@ -238,7 +238,7 @@ async def _follow_stream(
     response = web.StreamResponse(headers=routing_headers(record, {"Content-Type": "text/event-stream"}))
     await response.prepare(request)
     record.ttft = clock() - record.started
-    sse = SseRelay(strip_usage=not view.wants_usage)
+    sse = SseRelay(strip_usage=not view.wants_usage, endpoint=view.endpoint)
     sent = 0
     while True:
         while sent < len(flight.chunks):
@@ -255,7 +255,8 @@ async def _follow_stream(
         await response.write(tail)
     if not flight.ok:  # the leader's stream broke: so does this one, visibly
         record.status, record.error = 502, "backend_reset"
-        await response.write(sse_error_event(UpstreamError("The upstream stream this answer was shared from broke.")))
+        broke = UpstreamError("The upstream stream this answer was shared from broke.")
+        await response.write(sse_error_event(broke, view.endpoint))
     if sse.usage is not None:
         record.prompt_tokens, record.completion_tokens = sse.usage
     await response.write_eof()

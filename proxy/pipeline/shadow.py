@@ -199,7 +199,7 @@ class ShadowMirror:
         view = job.view
         deadlines = Deadlines(job.route.timeouts, record.started)
         attempt = await self._dispatcher.call(job.snapshot, job.route, job.shadow.pool, view, job.path, record,
-                                              deadlines, attempts=1, queue_timeout=0.0)
+                                              deadlines, attempts=1, queue_timeout=0.0, copy=True)
         status = attempt.conn.status
         try:
             if attempt.body is not None:

@@ -13,12 +13,25 @@ import orjson
 from proxy.errors import BackendProtocolError
 
 USAGE_KEY = b'"usage"'
-DONE = b"[DONE]"
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024  # server.max_event_bytes
+# How each endpoint's stream ends when the runtime finished it (its last event): one that ends otherwise was
+# cut. Chat and completions end with `data: [DONE]`; the Responses API with `response.completed` (or the
+# runtime's own verdict, `incomplete` / `failed`); the Messages API with `message_stop`.
+TERMINAL_EVENTS: dict[str, tuple[bytes, ...]] = {
+    "chat": (b"[DONE]",),
+    "completions": (b"[DONE]",),
+    "responses": (b"response.completed", b"response.incomplete", b"response.failed"),
+    "messages": (b"message_stop",),
+}
+TERMINAL_SCAN = 128  # a terminal marker is an event's name or its first field, or `[DONE]`: near an edge
+
+Usage = tuple[int | None, int | None]  # (prompt or input tokens, completion or output tokens); None: not said
 
 
-def find_usage_object(data: bytes) -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) from the last `"usage": {...}` in a JSON text, else None.
+def find_usage_object(data: bytes) -> Usage | None:
+    """(prompt_tokens, completion_tokens) from the last `"usage": {...}` in a JSON text, else None. The
+    OpenAI names (`prompt_tokens`, `completion_tokens`) or the Responses / Anthropic ones (`input_tokens`,
+    `output_tokens`); a count the object does not carry is None.
 
     Scans from the end: the usage object of a completion comes last, and an embeddings body can be
     megabytes of floats that are not worth parsing.
@@ -36,7 +49,9 @@ def find_usage_object(data: bytes) -> tuple[int, int] | None:
                 except orjson.JSONDecodeError:
                     return None
                 if isinstance(usage, dict):
-                    return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+                    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+                    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+                    return _int(prompt), _int(completion)
             return None
         at = data.rfind(USAGE_KEY, 0, at)
     return None
@@ -58,8 +73,20 @@ def _matching_brace(data: bytes, start: int) -> int:
         pos = end + 1
 
 
-def _int(value: object) -> int:
-    return value if type(value) is int else 0
+def _int(value: object) -> int | None:
+    return value if type(value) is int else None
+
+
+def ended_normally(events: bytes, endpoint: str) -> bool:
+    """Whether the last event of `events` is how `endpoint`'s streams end (True for endpoints with no such
+    rule). Near-edge scans only: the terminal event of the Responses API carries the whole response."""
+    markers = TERMINAL_EVENTS.get(endpoint)
+    if markers is None:
+        return True
+    events = events.rstrip()
+    last = events[max(events.rfind(b"\n\n"), events.rfind(b"\r\n\r\n")) + 1:].lstrip()
+    edges = (last[:TERMINAL_SCAN], last[-TERMINAL_SCAN:])
+    return any(marker in edge for marker in markers for edge in edges)
 
 
 def _last_event_end(data: bytes | bytearray, start: int = 0) -> int:
@@ -82,25 +109,25 @@ def is_usage_event(event: bytes) -> bool:
     return False
 
 
-def _ends_with_done(data: bytes | bytearray) -> bool:
-    return DONE in data[-16:]
-
-
 class SseRelay:
     """Feeds upstream body chunks through; records usage; strips the usage event when asked to.
 
     Only an incomplete trailing event is held (in a bytearray, appended to in place), and only the bytes
     that are new are searched for an event's end: a runtime that sends one enormous event costs linear
     time, and more than `max_event_bytes` of it raises `BackendProtocolError` (the relay ends the stream
-    with an error event). `saw_done` tells whether the stream's last event was `data: [DONE]`.
+    with an error event). `saw_done` tells whether the stream's last event was how `endpoint`'s streams end
+    (`TERMINAL_EVENTS`). Usage reported in several events (the Messages API: input tokens in `message_start`,
+    output tokens in `message_delta`) is merged, a later count replacing an earlier one.
     """
 
-    __slots__ = ("strip_usage", "max_event_bytes", "usage", "saw_done", "_tail", "_last")
+    __slots__ = ("strip_usage", "max_event_bytes", "usage", "saw_done", "endpoint", "_tail", "_last")
 
-    def __init__(self, strip_usage: bool, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+    def __init__(self, strip_usage: bool, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                 endpoint: str = "chat") -> None:
         self.strip_usage = strip_usage
         self.max_event_bytes = max_event_bytes
-        self.usage: tuple[int, int] | None = None
+        self.endpoint = endpoint
+        self.usage: Usage | None = None
         self.saw_done = False  # set by finish()
         self._tail = bytearray()
         self._last = b""  # the last complete events seen (a reference, not a copy)
@@ -137,7 +164,7 @@ class SseRelay:
     def finish(self) -> bytes:
         """What is left at the end of the upstream body (an unterminated last event)."""
         tail, self._tail = bytes(self._tail), bytearray()
-        self.saw_done = _ends_with_done(tail.rstrip() if tail.strip() else self._last)
+        self.saw_done = ended_normally(tail if tail.strip() else self._last, self.endpoint)
         if tail and USAGE_KEY in tail:
             kept = self._take_usage(tail)
             return kept if self.strip_usage else b""
@@ -149,8 +176,17 @@ class SseRelay:
         kept = []
         for event in events:
             if event and is_usage_event(event):
-                self.usage = find_usage_object(event)
+                self._merge(find_usage_object(event))
                 if self.strip_usage:
                     continue
             kept.append(event)
         return sep.join(kept)
+
+    def _merge(self, found: Usage | None) -> None:
+        if found is None:
+            return
+        known = self.usage
+        if known is None:
+            self.usage = found
+        else:
+            self.usage = (known[0] if found[0] is None else found[0], known[1] if found[1] is None else found[1])

@@ -98,7 +98,7 @@ def test_stream_entry_answers_json_client() -> None:
 def test_json_entry_answers_stream_client_and_round_trips() -> None:
     body = sse_to_json(SSE, "chat")
     sse = json_to_sse(body, "chat")
-    assert is_complete_stream(sse)
+    assert is_complete_stream(sse, "chat")
     assert orjson.loads(sse_to_json(sse, "chat")) == orjson.loads(body)
 
 
@@ -115,11 +115,40 @@ def test_entry_codec_and_incomplete_streams() -> None:
     decoded = Entry.decode(entry.encode())
     assert decoded is not None and decoded.body == SSE and decoded.is_stream
     assert Entry.decode(b"garbage") is None
-    assert not is_complete_stream(SSE[:50])
-    assert not is_complete_stream(SSE.replace(b"data: [DONE]", b'event: error\ndata: {"error":{}}\n\ndata: [DONE]'))
+    assert not is_complete_stream(SSE[:50], "chat")
+    assert not is_complete_stream(SSE.replace(b"data: [DONE]", b'event: error\ndata: {"error":{}}\n\ndata: [DONE]'), "chat")
 
 
 def test_an_anonymous_client_bypasses_an_unshared_cache() -> None:
     view = parse("chat", b'{"model":"m","temperature":0,"messages":[]}')
     assert bypass_reason(view, None, None, False) == "anonymous"  # no key, cache not shared
     assert bypass_reason(view, None, None, True) is None
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"store": False, "temperature": 0}, None),
+    ({"temperature": 0}, "stateful"),  # the Responses API stores by default: the runtime keeps it
+    ({"store": True, "temperature": 0}, "stateful"),
+    ({"store": False, "temperature": 0, "previous_response_id": "resp_1"}, "stateful"),
+])
+def test_responses_that_hold_server_side_state_are_never_cached(fields: dict[str, object], reason: str | None) -> None:
+    view = parse("responses", orjson.dumps({"model": "m", "input": "hi", **fields}))
+    assert bypass_reason(view, None, None, True) == reason
+    assert bypass_reason(view, None, "force", True) == reason  # not even when forced
+
+
+def test_typed_event_answers_are_keyed_by_shape_and_replayed_as_stored() -> None:
+    plain = parse("messages", b'{"model":"m","max_tokens":4,"temperature":0,"messages":[]}')
+    streamed = parse("messages", b'{"model":"m","max_tokens":4,"temperature":0,"messages":[],"stream":true}')
+    assert cache_key(plain, "m", "r", "t") != cache_key(streamed, "m", "r", "t")
+    counted = parse("messages", b'{"model":"m","max_tokens":4,"temperature":0,"messages":[]}',
+                    "/v1/messages/count_tokens")
+    assert cache_key(plain, "m", "r", "t") != cache_key(counted, "m", "r", "t")
+    stream = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    assert render(Entry(True, "text/event-stream", stream), streamed) == (stream, "text/event-stream")
+    assert is_complete_stream(stream, "messages") and not is_complete_stream(stream, "chat")
+
+
+def test_rerank_and_score_are_deterministic() -> None:
+    for endpoint in ("rerank", "score"):
+        assert bypass_reason(parse(endpoint, b'{"model":"m","query":"q"}'), None, None, True) is None

@@ -65,3 +65,34 @@ def test_embeddings_use_cosine_and_decode_base64() -> None:
     a, b = extract_output(side(floats)), extract_output(side(b64))
     assert isinstance(b, list) and b == pytest.approx(vector)
     assert similarity(a, [0.8, 0.6, 0.0])[1] == pytest.approx(0.96)
+
+
+# ------------------------------------------------------------------- the agents' APIs (issue 19)
+
+
+def _side(output: bytes, is_stream: bool) -> Side:
+    return Side(status=200, duration=1.0, ttft=None, prompt_tokens=None, completion_tokens=None, output=output,
+                is_stream=is_stream)
+
+
+def test_text_of_responses_and_messages_answers() -> None:
+    response = (b'{"id":"resp_1","object":"response","output":[{"type":"message","content":'
+                b'[{"type":"output_text","text":"Hello there","annotations":[]}]}]}')
+    message = b'{"id":"msg_1","type":"message","content":[{"type":"text","text":"Hello there"}]}'
+    assert extract_output(_side(response, False)) == "Hello there"
+    assert extract_output(_side(message, False)) == "Hello there"
+    responses_stream = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hello"}\n\n'
+                        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":" there"}\n\n')
+    messages_stream = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                       b'"delta":{"type":"text_delta","text":"Hello there"}}\n\n')
+    assert extract_output(_side(responses_stream, True)) == "Hello there"
+    assert extract_output(_side(messages_stream, True)) == "Hello there"
+    broken = b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"x"}}\n\n'
+    assert extract_output(_side(messages_stream + broken, True)) is None
+
+
+def test_rerank_and_score_compare_as_score_vectors() -> None:
+    rerank = b'{"results":[{"index":1,"relevance_score":0.2},{"index":0,"relevance_score":0.9}]}'
+    score = b'{"object":"list","data":[{"index":0,"object":"score","score":0.5}]}'
+    assert extract_output(_side(rerank, False)) == [0.9, 0.2]
+    assert extract_output(_side(score, False)) == [0.5]

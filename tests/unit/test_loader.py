@@ -413,7 +413,7 @@ BROKEN: list[tuple[str, dict[str, str], str]] = [
         "unknown endpoint",
         {"c.yaml": "routes:\n  - name: chat\n    match: {model: m1, endpoints: [chats]}\n    pool: p1\n"},
         "c.yaml:3: route 'chat': match.endpoints: unknown endpoint 'chats' (did you mean 'chat'?), "
-        "expected one of chat, completions, embeddings",
+        "expected one of chat, completions, embeddings, responses, messages, rerank, score",
     ),
     (
         "unknown balance",
@@ -662,7 +662,7 @@ def test_many_errors_reported_together_and_sorted(tmp_path: Path) -> None:
         f"{rules}/a.yaml:2: backend 'x': weight must be a number > 0, got 'abc'",
         f"{rules}/a.yaml:4: pool 'p': backend 'ghost' is not defined",
         f"{rules}/b.yaml:3: route 'chat': match.endpoints: unknown endpoint 'chats' (did you mean 'chat'?), "
-        "expected one of chat, completions, embeddings",
+        "expected one of chat, completions, embeddings, responses, messages, rerank, score",
         f"{rules}/b.yaml:4: route 'chat': pool 'nope' is not defined",
         f"{rules}/b.yaml:5: unknown key 'tiemouts' in route 'chat' (did you mean 'timeouts'?)",
         f"{rules}/b.yaml:6: duplicate route 'chat' (first defined at {rules}/b.yaml:2)",

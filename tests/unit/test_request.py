@@ -59,3 +59,52 @@ def test_bad_bodies(body: bytes, error: type[Exception]) -> None:
 )
 def test_max_tokens(field: str, value: object, expected: int | None) -> None:
     assert parse("chat", orjson.dumps({"model": "m", field: value})).max_tokens == expected
+
+
+# ------------------------------------------------------------- route max_tokens caps (issue 18) and new APIs
+
+
+@pytest.mark.parametrize(("endpoint", "given", "sent"), [
+    ("chat", {"max_tokens": 100}, {"max_tokens": 8}),
+    ("chat", {"max_completion_tokens": 100}, {"max_completion_tokens": 8}),
+    ("chat", {"max_tokens": 100, "max_completion_tokens": 50}, {"max_tokens": 8, "max_completion_tokens": 8}),
+    ("chat", {}, {"max_tokens": 8}),  # none given: the runtime's default could be its whole context
+    ("completions", {"max_tokens": 9}, {"max_tokens": 8}),
+    ("responses", {"max_output_tokens": 100}, {"max_output_tokens": 8}),
+    ("responses", {}, {"max_output_tokens": 8}),
+    ("messages", {"max_tokens": 100}, {"max_tokens": 8}),
+])
+def test_a_route_cap_lowers_or_sets_the_length_bound(endpoint: str, given: dict[str, int], sent: dict[str, int]) -> None:
+    view = parse(endpoint, orjson.dumps({"model": "m", **given}))
+    view.apply_cap(8)
+    assert view.max_tokens == 8  # what the cost model prices
+    out = orjson.loads(view.upstream_body(None))
+    assert {key: out[key] for key in sent} == sent
+
+
+@pytest.mark.parametrize(("endpoint", "body"), [
+    ("chat", b'{"model":"m","max_tokens":4}'),  # under the cap
+    ("chat", b'{"model":"m","max_tokens":"lots"}'),  # not ours to fix: the runtime refuses it
+    ("embeddings", b'{"model":"m","input":"x"}'),  # generates nothing
+    ("rerank", b'{"model":"m","query":"q","documents":["a"]}'),
+])
+def test_a_route_cap_leaves_alone_what_it_does_not_bound(endpoint: str, body: bytes) -> None:
+    view = parse(endpoint, body)
+    view.apply_cap(8)
+    assert view.upstream_body(None) is body
+
+
+def test_count_tokens_is_not_capped() -> None:
+    body = b'{"model":"m","messages":[]}'
+    view = parse("messages", body, "/v1/messages/count_tokens")
+    view.apply_cap(8)
+    assert view.upstream_body(None) is body
+
+
+@pytest.mark.parametrize("endpoint", ["responses", "messages"])
+def test_typed_event_streams_are_forwarded_untouched(endpoint: str) -> None:
+    """They always carry usage: no stream_options is added (a runtime may refuse one it does not know)."""
+    body = b'{"model":"m","stream":true,"max_tokens":5,"max_output_tokens":5}'
+    view = parse(endpoint, body)
+    assert view.is_stream and view.wants_usage
+    assert view.upstream_body(None) is body

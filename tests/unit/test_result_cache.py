@@ -285,7 +285,7 @@ async def test_only_a_complete_stream_is_stored(events: list[bytes], stored: boo
     lead.begin(200, SSE, None)
     for event in events:
         lead.append(event)
-    assert is_complete_stream(b"".join(events)) == stored
+    assert is_complete_stream(b"".join(events), "chat") == stored
     assert await ended(cache, lead, True, RULE) == ("hit" if stored else "miss")
     assert len(store) == (1 if stored else 0)
 

@@ -39,7 +39,7 @@ def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
         ("MATCH_KEYS", "match"), ("SPLIT_KEYS", "split"), ("VARIANT_KEYS", "variant"), ("STICKY_KEYS", "sticky"),
         ("RETRY_KEYS", "retry"), ("SHADOW_KEYS", "shadow"), ("CACHE_KEYS", "cache"), ("ROLLOUT_KEYS", "rollout"),
         ("FEEDBACK_KEYS", "feedback"), ("WEBHOOK_KEYS", "webhook"), ("TENANT_KEYS", "tenant"),
-        ("TENANT_LIMIT_KEYS", "tenant_limits"), ("TLS_KEYS", "tls"),
+        ("TENANT_LIMIT_KEYS", "tenant_limits"), ("TLS_KEYS", "tls"), ("HEADERS_KEYS", "headers"),
     ],
 )
 def test_key_sets_are_the_loaders(constant: str, definition: str | None) -> None:
@@ -51,7 +51,7 @@ def test_every_loader_key_set_is_covered() -> None:
     covered = {"TOP_KEYS", "SERVER_KEYS", "DEFAULTS_KEYS", "HEALTH_KEYS", "TIMEOUT_KEYS", "BACKEND_KEYS",
                "POOL_KEYS", "ROUTE_KEYS", "MATCH_KEYS", "SPLIT_KEYS", "VARIANT_KEYS", "STICKY_KEYS", "RETRY_KEYS",
                "SHADOW_KEYS", "CACHE_KEYS", "ROLLOUT_KEYS", "FEEDBACK_KEYS", "WEBHOOK_KEYS",
-               "TENANT_KEYS", "TENANT_LIMIT_KEYS", "TLS_KEYS"}
+               "TENANT_KEYS", "TENANT_LIMIT_KEYS", "TLS_KEYS", "HEADERS_KEYS"}
     assert {name for name in vars(loader) if name.endswith("_KEYS")} == covered
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import BackendProtocolError
-from proxy.pipeline.sse import SseRelay, find_usage_object, is_usage_event
+from proxy.pipeline.sse import SseRelay, ended_normally, find_usage_object, is_usage_event
 
 TOKEN = b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
 USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}\n\n'
@@ -63,14 +63,18 @@ def test_usage_null_is_not_a_usage_event() -> None:
     ("body", "expected"),
     [
         (b'{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}}', (10, 2)),
-        (b'{"usage": {"prompt_tokens": 4, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}}', (4, 0)),
-        (b'{"data":[{"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":3,"total_tokens":3}}', (3, 0)),
+        (b'{"usage": {"prompt_tokens": 4, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}}', (4, None)),
+        (b'{"data":[{"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":3,"total_tokens":3}}', (3, None)),
+        # the Responses API and Anthropic's Messages API name them input / output tokens
+        (b'{"object":"response","usage":{"input_tokens":7,"input_tokens_details":{"cached_tokens":0},'
+         b'"output_tokens":5,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":12}}', (7, 5)),
+        (b'{"type":"message_delta","usage":{"output_tokens":15}}', (None, 15)),
         (b'{"choices":[]}', None),
         (b'{"usage": null}', None),
         (b'{"usage": {"prompt_tokens": 1', None),
     ],
 )
-def test_find_usage_object(body: bytes, expected: tuple[int, int] | None) -> None:
+def test_find_usage_object(body: bytes, expected: tuple[int | None, int | None] | None) -> None:
     assert find_usage_object(body) == expected
 
 
@@ -98,3 +102,60 @@ def test_saw_done_tells_a_finished_stream_from_a_cut_one() -> None:
     for relay in (finished, cut, unterminated):
         relay.finish()
     assert finished.saw_done and not cut.saw_done and unterminated.saw_done
+
+
+# ------------------------------------------------------------------------ the typed-event APIs (issue 19)
+
+MESSAGES_STREAM = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message","role":'
+    b'"assistant","content":[],"model":"m","stop_reason":null,"stop_sequence":null,'
+    b'"usage":{"input_tokens":25,"output_tokens":1}}}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+    b'event: ping\ndata: {"type":"ping"}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    b'"usage":{"output_tokens":15}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+RESPONSES_STREAM = (
+    b'event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1",'
+    b'"object":"response","status":"in_progress","output":[],"usage":null}}\n\n'
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":1,'
+    b'"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hi"}\n\n'
+    b'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1",'
+    b'"object":"response","status":"completed","usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":0},'
+    b'"output_tokens":3,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":12}}}\n\n'
+)
+
+
+@pytest.mark.parametrize("split", [1, 7, 64, 10_000])
+def test_messages_usage_is_merged_from_its_two_events_and_nothing_is_stripped(split: int) -> None:
+    relay = SseRelay(strip_usage=False, endpoint="messages")
+    out = b"".join(relay.feed(MESSAGES_STREAM[i:i + split]) for i in range(0, len(MESSAGES_STREAM), split))
+    out += relay.finish()
+    assert out == MESSAGES_STREAM
+    assert relay.usage == (25, 15)  # input from message_start, output from message_delta
+    assert relay.saw_done
+
+
+def test_responses_usage_comes_from_response_completed() -> None:
+    relay = SseRelay(strip_usage=False, endpoint="responses")
+    assert relay.feed(RESPONSES_STREAM) == RESPONSES_STREAM
+    relay.finish()
+    assert relay.usage == (9, 3)  # `"usage": null` of response.created is not a usage event
+    assert relay.saw_done
+
+
+@pytest.mark.parametrize(("endpoint", "stream", "ended"), [
+    ("messages", MESSAGES_STREAM, True),
+    ("messages", MESSAGES_STREAM.rsplit(b"event: message_stop", 1)[0], False),
+    ("responses", RESPONSES_STREAM, True),
+    ("responses", RESPONSES_STREAM.rsplit(b"event: response.completed", 1)[0], False),
+    ("responses", b'event: response.failed\ndata: {"type":"response.failed"}\n\n', True),
+    ("chat", b"data: {}\n\ndata: [DONE]\n\n", True),
+    ("chat", b"data: {}\n\n", False),
+    ("rerank", b"", True),  # no stream rule: nothing to check
+])
+def test_each_endpoint_has_its_own_last_event(endpoint: str, stream: bytes, ended: bool) -> None:
+    assert ended_normally(stream, endpoint) is ended
