@@ -172,7 +172,9 @@ class Endpoints:
             exc = failure if pinned is None else _unavailable(failure, view, pinned)
             started = await heartbeat.stop() if heartbeat is not None else None
             if started is None:
-                raise
+                if exc is failure:
+                    raise
+                raise exc from failure
             return await end_stream(started, exc, view, record, route.timeouts.idle)
         except BaseException:
             if heartbeat is not None:
