@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -27,10 +28,12 @@ from proxy.delivery.webhooks import WEBHOOKS, WebhookSender
 from proxy.delivery.weights import WEIGHTS, RolloutWeights
 from proxy.observe.feedback import FEEDBACK, FeedbackLedger
 from proxy.observe.logs import AccessLog
-from proxy.observe.metrics import METRICS, Metrics
+from proxy.observe.metrics import METRICS, Metrics, build_version
 from proxy.observe.pooled import POOLED, PooledStats
 from proxy.observe.record import Recorder
 from proxy.observe.stats import STATS, RequestStats
+from proxy.observe.tracing import Tracing
+from proxy.observe.tracing import from_env as tracing_from_env
 from proxy.observe.usage import USAGE, TenantUsage
 from proxy.pipeline.assignment import SPLITTER, Splitter
 from proxy.pipeline.body import expect_handler
@@ -134,7 +137,8 @@ def build_app(
     endpoints = Endpoints(rules, limiter, splitter, cache, dispatcher, shadows, owners, metrics, clock)
 
     usage = TenantUsage(owned if shared else MemoryStore(max_entries=USAGE_MAX_ENTRIES), rollout_settings.clock)
-    recorder = Recorder(metrics, access_log, stats, feedback, usage)
+    tracing = tracing_from_env(os.environ, build_version())  # None unless OTEL_EXPORTER_OTLP_ENDPOINT (and the extra)
+    recorder = Recorder(metrics, access_log, stats, feedback, usage, tracing)
     app = web.Application(middlewares=[error_middleware(recorder, RequestIds())], client_max_size=CLIENT_MAX_SIZE)
     app[RULES], app[RELOADER], app[METRICS], app[BACKENDS], app[UPSTREAM] = rules, reloader, metrics, backends, client
     app[DISPATCHER], app[SHADOWS], app[CACHE], app[SPLITTER], app[ENDPOINTS] = (
@@ -149,6 +153,8 @@ def build_app(
     app[OWNERS] = owners
 
     app.cleanup_ctx.append(_rules_reloader(reloader, watch_rules))
+    if tracing is not None:
+        app.cleanup_ctx.append(_tracing(tracing))
     app.cleanup_ctx.append(_upstream(client, shadows, cache, owners, access_log))
     app.cleanup_ctx.append(_background("splitstream-health", health.run))
     app.cleanup_ctx.append(_store_lifecycle(owned))
@@ -182,6 +188,14 @@ def _rules_reloader(reloader: Reloader, watch: bool) -> Lifecycle:
             reloader.start_watching()
         yield
         await reloader.close()  # the watcher and any reload still running (SIGHUP, admin)
+
+    return lifecycle
+
+
+def _tracing(tracing: Tracing) -> Lifecycle:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(tracing.shutdown)  # the last spans are exported (the SDK blocks: off the loop)
 
     return lifecycle
 

@@ -7,13 +7,18 @@ recorded exactly once, whichever way it ended (answer, error, client gone).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from proxy.errors import TenantLimitError
 from proxy.observe.feedback import FeedbackLedger
 from proxy.observe.logs import AccessLog
 from proxy.observe.metrics import Metrics, status_class
 from proxy.observe.stats import RequestStats, is_variant_error
+from proxy.observe.tracing import OPERATIONS, Tracing
 from proxy.observe.usage import TenantUsage
 
+TRACED_PATHS = frozenset(OPERATIONS)  # the inference paths: one span each when tracing is on
 NONE = "none"  # label value when a request ended before a route/variant/backend was chosen
 
 # Status logged for a client that went away before the answer was complete (nginx's convention).
@@ -27,7 +32,7 @@ class RequestRecord:
         "request_id", "method", "path", "started", "route", "variant", "backend", "status",
         "bytes_in", "bytes_out", "prompt_tokens", "completion_tokens", "ttft", "stream", "error", "attempts",
         "cache", "splitstream_id", "owner", "tenant", "client",
-        "limit_headers", "fallback",
+        "limit_headers", "fallback", "model", "span", "upstream_trace",
     )
 
     def __init__(self, request_id: str, method: str, path: str, started: float) -> None:
@@ -57,6 +62,9 @@ class RequestRecord:
         # The route's fallback pool that took the request when its variant's pool could not answer: the
         # client was rescued, the variant still failed (`stats.record(rescued=)`).
         self.fallback: str | None = None
+        self.model: str | None = None  # the model the client asked for, once parsed (tracing)
+        self.span: Any = None  # the OpenTelemetry span when tracing is on (`observe/tracing.py`)
+        self.upstream_trace: str | None = None  # that span's trace header lines, for the runtime
 
 
 def is_evidence(record: RequestRecord) -> bool:
@@ -70,17 +78,23 @@ def is_evidence(record: RequestRecord) -> bool:
 class Recorder:
     """Where finished requests go: metrics, per-variant statistics, the feedback ledger, the access log."""
 
-    __slots__ = ("metrics", "access_log", "stats", "feedback", "usage")
+    __slots__ = ("metrics", "access_log", "stats", "feedback", "usage", "tracing")
 
     def __init__(
         self, metrics: Metrics, access_log: AccessLog, stats: RequestStats, feedback: FeedbackLedger,
-        usage: TenantUsage | None = None,
+        usage: TenantUsage | None = None, tracing: Tracing | None = None,
     ) -> None:
         self.metrics = metrics
         self.access_log = access_log
         self.stats = stats
         self.feedback = feedback
         self.usage = usage  # per-tenant numbers for /admin/tenants (None: nobody reads them)
+        self.tracing = tracing  # OpenTelemetry spans, when configured (None: off)
+
+    def begin(self, record: RequestRecord, headers: Mapping[str, str]) -> None:
+        """A request arrived: its span, when tracing is on."""
+        if self.tracing is not None and record.path in TRACED_PATHS:
+            record.span, record.upstream_trace = self.tracing.begin(record.path, headers)
 
     def finish(self, record: RequestRecord, now: float) -> None:
         """Write the request metrics, the per-variant statistics (status pages, rollouts), the request's
@@ -110,6 +124,8 @@ class Recorder:
             if self.usage is not None:
                 self.usage.record(record.tenant, (record.prompt_tokens or 0) + (record.completion_tokens or 0),
                                   record.error == TenantLimitError.code)
+        if record.span is not None:
+            self._end_span(record)
         access_log = self.access_log
         if access_log.enabled and record.path not in access_log.skipped_paths:
             # The README's "Logs" table is this line's schema: keep them together. Absent values are null
@@ -141,3 +157,21 @@ class Recorder:
                 "fallback": record.fallback,
                 "error": record.error,
             })
+
+    def _end_span(self, record: RequestRecord) -> None:
+        assert self.tracing is not None
+        self.tracing.end(record.span, {
+            "gen_ai.operation.name": record.span.name,
+            "gen_ai.request.model": record.model,
+            "gen_ai.usage.input_tokens": record.prompt_tokens,
+            "gen_ai.usage.output_tokens": record.completion_tokens,
+            "http.response.status_code": record.status,
+            "error.type": record.error,
+            "splitstream.request_id": record.splitstream_id,
+            "splitstream.route": None if record.route is NONE else record.route,
+            "splitstream.variant": None if record.variant is NONE else record.variant,
+            "splitstream.backend": None if record.backend is NONE else record.backend,
+            "splitstream.tenant": record.tenant or None,
+            "splitstream.fallback": record.fallback,
+            "splitstream.cache": record.cache,
+        }, record.model, record.status >= 500 or record.error is not None)

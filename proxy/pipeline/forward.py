@@ -28,15 +28,17 @@ MAX_PASSED_VALUE = 8192
 TRACEPARENT = re.compile(r"(traceparent: [0-9a-f]{2}-[0-9a-f]{32}-)[0-9a-f]{16}(-[0-9a-f]{2})")
 
 
-def passed_headers(headers: Mapping[str, str], allowed: tuple[str, ...], endpoint: str) -> str:
+def passed_headers(headers: Mapping[str, str], allowed: tuple[str, ...], endpoint: str,
+                   trace: str | None = None) -> str:
     """The client's header lines a runtime gets (computed once per request): W3C trace context, Anthropic's
     protocol headers on the Messages endpoint, and the route's `headers.forward` allow-list (the loader
     refuses credentials and hop-by-hop names there). Values as sent — aiohttp refused CR/LF — if printable
-    and at most MAX_PASSED_VALUE long; a header the client sent twice passes its first value."""
-    names = TRACE_HEADERS
+    and at most MAX_PASSED_VALUE long; a header the client sent twice passes its first value. `trace`: the
+    proxy's own span's trace lines (tracing on), sent instead of the client's traceparent and tracestate."""
+    names = TRACE_HEADERS if trace is None else ("baggage",)
     if allowed or endpoint == "messages":
         names = (*names, *ANTHROPIC_HEADERS, *allowed) if endpoint == "messages" else (*names, *allowed)
-    lines = []
+    lines = [trace] if trace is not None else []
     for name in names:
         value = headers.get(name)
         if value is not None and len(value) <= MAX_PASSED_VALUE and value.isascii() and value.isprintable():

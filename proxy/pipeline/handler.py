@@ -101,7 +101,8 @@ class Endpoints:
             raise UnknownModelError(
                 f"The model `{view.model[:256]}` does not exist or you do not have access to it.")
         view.apply_cap(route.max_tokens)  # before anything prices or forwards the request
-        view.passed = passed_headers(request.headers, route.forward_headers, view.endpoint)
+        view.passed = passed_headers(request.headers, route.forward_headers, view.endpoint, record.upstream_trace)
+        record.model = view.model
         variant = await self.splitter.choose(route, request.headers, view)
         pool, pinned = variant.pool, None
         previous = continued(view)

@@ -113,6 +113,8 @@ def error_middleware(recorder: Recorder, ids: RequestIds) -> Middleware:
         record = new_record(request, loop_time())
         record.client = request.remote or ""
         request[RECORD] = record
+        if recorder.tracing is not None:
+            recorder.begin(record, request.headers)
         try:
             response = await handler(request)
             if not record.status:
