@@ -15,6 +15,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -109,13 +110,14 @@ class Proc:
         return 0
 
 
-def wait_ready(proc: Proc, url: str, timeout: float = 20.0) -> None:
+def wait_ready(proc: Proc, url: str, timeout: float = 20.0, context: ssl.SSLContext | None = None) -> None:
+    """Poll `url` until it answers 200 (`context`: how an https URL is verified)."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         proc.check()
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
                 if resp.status == 200:
                     return
                 last = f"HTTP {resp.status}"

@@ -29,6 +29,9 @@ this script is the load client and never runs inside the proxy's process:
                 tenant (limits never reached) on the embedded store and on Redis (`serve --redis`), wrk sending
                 its key at c=1 and c=32: p50/p99, rps, proxy and redis-server CPU per request, and what the
                 tenant adds over no tenants (p50, CPU per request; target < 0.05 ms CPU); no 429, no failure.
+  tls           (optional: only with --only tls) direct vs a proxy to the runtime over http vs a proxy to an identical
+                runtime over https (trustme certificate, keep-alive warm), at c=1 and c=32: added p50 over direct
+                for both, https - http, and the proxy's CPU per request with each upstream.
 
 Compared rounds are interleaved (who goes first rotates every round) and the table shows the median of
 the rounds, because a 2-core machine is noisy. The numbers are printed next to the project's targets and
@@ -45,6 +48,7 @@ not measure (a process died, the sanity request failed, or a measured round had 
     .venv/bin/python bench/overhead.py --only shadow
     .venv/bin/python bench/overhead.py --only pooled
     .venv/bin/python bench/overhead.py --only tenants
+    .venv/bin/python bench/overhead.py --only tls
 
 Layout: harness.py (processes, ports, CPU accounting, Redis, /metrics, wrk, statistics), runinfo.py
 (machine info, results file), stack.py (runtimes and proxies, rules, bodies), clients.py (Python load
@@ -71,6 +75,7 @@ import case_reload
 import case_shadow
 import case_sticky
 import case_tenants
+import case_tls
 from clients import OPEN_STREAM_TOKENS, OPEN_STREAM_TPS, STREAM_TOKENS
 from harness import raise_nofile, reported_session
 from report import Row, print_table
@@ -123,11 +128,14 @@ ALL_CASES = {
     "tenants": Case("tenants", case_tenants.run,
                     lambda a, c: f"[tenants] instant runtime, {c} c=1 and c=32, direct vs no tenants vs one limited "
                                  f"tenant on the embedded store and on Redis, {_rounds(a)}", case_tenants.rows),
+    "tls": Case("tls", case_tls.run,
+                lambda a, c: f"[tls] instant runtimes, {c} c=1 and c=32, direct vs a proxy to an http upstream vs "
+                             f"to an https one (keep-alive warm), {_rounds(a)}", case_tls.rows),
 }
 CASES = ("nonstream", "stream", "open-streams")
-OPTIONAL_CASES = ("reload", "sticky", "cache", "shadow", "pooled", "tenants")  # run only when named with --only
+OPTIONAL_CASES = ("reload", "sticky", "cache", "shadow", "pooled", "tenants", "tls")  # run only when named with --only
 TARGETS = {**case_default.TARGETS, **case_reload.TARGETS, **case_sticky.TARGETS, **case_cache.TARGETS,
-           **case_shadow.TARGETS, **case_pooled.TARGETS, **case_tenants.TARGETS}
+           **case_shadow.TARGETS, **case_pooled.TARGETS, **case_tenants.TARGETS, **case_tls.TARGETS}
 
 
 def build_rows(results: dict[str, Any]) -> list[Row]:

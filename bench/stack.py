@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import sys
 import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from harness import ROOT, BenchError, Proc, free_port, tail, wait_ready
 
@@ -34,15 +35,32 @@ def stream_body(max_tokens: int) -> bytes:
     ).encode()
 
 
-def rules_yaml(sims: dict[str, int], pools: dict[str, list[str]], route: str) -> str:
+class SimTls(NamedTuple):
+    """Files for a runtime served over https: its certificate and key, and the CA a proxy trusts it with."""
+
+    cert: Path
+    key: Path
+    ca_file: Path
+
+
+def rules_yaml(sims: dict[str, int], pools: dict[str, list[str]], route: str,
+               tls: Mapping[str, SimTls] | None = None) -> str:
     """A rules file: a vllm backend per sim port, the pools (all on MODEL), and one route `bench` matching
-    MODEL whose remaining keys are the YAML lines of `route` (written unindented)."""
-    backends = "".join(f'  {name}: {{url: "http://127.0.0.1:{port}", kind: vllm}}\n' for name, port in sims.items())
+    MODEL whose remaining keys are the YAML lines of `route` (written unindented). Sims named in `tls` are
+    https:// backends verified with their CA."""
+    tls = tls or {}
+    backends = "".join(f'  {name}: {_backend_yaml(port, tls.get(name))}\n' for name, port in sims.items())
     pool_lines = "".join(f'  {name}: {{backends: [{", ".join(members)}], model: "{MODEL}"}}\n'
                          for name, members in pools.items())
     route_lines = "".join(f"    {line}\n" for line in route.strip("\n").splitlines())
     return (f"server: {{max_inflight: 100000}}\nbackends:\n{backends}pools:\n{pool_lines}routes:\n"
             f"  - name: bench\n    match: {{model: \"{MODEL}\"}}\n{route_lines}")
+
+
+def _backend_yaml(port: int, tls: SimTls | None) -> str:
+    if tls is None:
+        return f'{{url: "http://127.0.0.1:{port}", kind: vllm}}'
+    return f'{{url: "https://127.0.0.1:{port}", kind: vllm, tls: {{ca_file: "{tls.ca_file}"}}}}'
 
 
 def write_rules(rules_dir: Path, text: str) -> Path:
@@ -52,14 +70,18 @@ def write_rules(rules_dir: Path, text: str) -> Path:
     return rules_dir
 
 
-def start_sim(name: str, log_dir: Path, *, tps: float, ttft_ms: float, max_batch: int) -> tuple[Proc, int]:
-    """`proxy sim-backend` on a free port, serving MODEL, once /health answers."""
+def start_sim(name: str, log_dir: Path, *, tps: float, ttft_ms: float, max_batch: int,
+              tls: SimTls | None = None) -> tuple[Proc, int]:
+    """`proxy sim-backend` on a free port, serving MODEL (over https with `tls`), once /health answers."""
     port = free_port()
-    proc = Proc(name, [
-        sys.executable, "-m", "proxy", "sim-backend", "--host", "127.0.0.1", "--port", str(port),
-        "--model", MODEL, "--tokens-per-second", str(tps), "--ttft-ms", str(ttft_ms),
-        "--max-batch", str(max_batch)], log_dir)
-    _ready_or_stop(proc, f"http://127.0.0.1:{port}/health")
+    args = [sys.executable, "-m", "proxy", "sim-backend", "--host", "127.0.0.1", "--port", str(port),
+            "--model", MODEL, "--tokens-per-second", str(tps), "--ttft-ms", str(ttft_ms), "--max-batch", str(max_batch)]
+    scheme, context = "http", None
+    if tls is not None:
+        args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+        scheme, context = "https", ssl.create_default_context(cafile=str(tls.ca_file))
+    proc = Proc(name, args, log_dir)
+    _ready_or_stop(proc, f"{scheme}://127.0.0.1:{port}/health", context)
     return proc, port
 
 
@@ -80,10 +102,10 @@ def start_proxy(name: str, log_dir: Path, rules_dir: Path, redis_url: str | None
     return proc, port
 
 
-def _ready_or_stop(proc: Proc, url: str) -> None:
+def _ready_or_stop(proc: Proc, url: str, context: ssl.SSLContext | None = None) -> None:
     """wait_ready, but a process that never got ready is stopped before the error goes up (no orphans)."""
     try:
-        wait_ready(proc, url)
+        wait_ready(proc, url, context=context)
     except BaseException:
         proc.stop()
         raise

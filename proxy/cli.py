@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import ssl
 import sys
 import tempfile
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
@@ -182,6 +183,9 @@ def _parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     sim.add_argument("--max-batch", type=int, default=16, help="sequences decoded at once; more wait")
     sim.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
     sim.add_argument("--stream-fail-rate", type=float, default=0.0, help="share of streams cut after a token")
+    sim.add_argument("--tls-cert", default=None, metavar="FILE",
+                     help="serve https with this PEM certificate (chain); needs --tls-key")
+    sim.add_argument("--tls-key", default=None, metavar="FILE", help="the PEM private key of --tls-cert")
 
     clients = command("load", "send a mixed client load (dashboards demo); prints counts only")
     clients.add_argument("--url", action="append", required=True,
@@ -243,7 +247,12 @@ def _run(args: argparse.Namespace) -> int:
             fail_rate=args.fail_rate,
             stream_fail_rate=args.stream_fail_rate,
         )
-        return uvloop.run(_run_until_signal(serve_sim(config, args.host, args.port)))
+        try:
+            tls = _sim_tls(args.tls_cert, args.tls_key)
+        except ValueError as exc:
+            log.error("sim-backend: %s", exc)
+            return EXIT_USAGE
+        return uvloop.run(_run_until_signal(serve_sim(config, args.host, args.port, ssl_context=tls)))
     if args.command == "load":
         return uvloop.run(_run_until_signal(load.main(load.LoadConfig(
             urls=tuple(args.url), model=args.model, count=args.count, rate=args.rate, concurrency=args.concurrency,
@@ -255,6 +264,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return uvloop.run(demo(args.rules, args.port, args.backend_ports))
     raise AssertionError(args.command)
+
+
+def _sim_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The server context of `sim-backend --tls-cert/--tls-key` (None: plain http); ValueError says what is
+    wrong with them, before anything listens."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as exc:  # ssl.SSLError included: not PEM, or a key that is not the certificate's
+        raise ValueError(f"cannot load --tls-cert {cert!r} with --tls-key {key!r}: {exc}") from exc
+    return context
 
 
 class _EveryVariable(Mapping[str, str]):

@@ -13,7 +13,8 @@ from collections import deque
 
 from aiohttp import web
 
-from proxy.upstream.connection import UpstreamConnection, open_connection
+from proxy.config.model import Backend
+from proxy.upstream.connection import Endpoint, UpstreamConnection, endpoint_of, open_connection
 
 # Runtimes behind uvicorn (vLLM) close idle keep-alive connections after 5 s; reusing one near that edge
 # races the close, so older idle connections are dropped instead of reused.
@@ -22,13 +23,14 @@ MAX_IDLE_PER_BACKEND = 256
 
 
 class UpstreamClient:
-    """Idle connections per (host, port), most recently used first (warm sockets, fewer stale ones)."""
+    """Idle connections per endpoint (host, port, TLS settings), most recently used first (warm sockets, fewer
+    stale ones). A TLS connection is reused like a plain one: the handshake is paid once per connection."""
 
     __slots__ = ("_loop", "_idle", "_closed")
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound by open()
-        self._idle: dict[tuple[str, int], deque[UpstreamConnection]] = {}
+        self._idle: dict[Endpoint, deque[UpstreamConnection]] = {}
         self._closed = True
 
     def open(self) -> None:
@@ -36,10 +38,9 @@ class UpstreamClient:
         self._loop = asyncio.get_running_loop()
         self._closed = False
 
-    async def acquire(self, host: str, port: int, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
+    async def acquire(self, backend: Backend, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
         """A connection ready for one exchange, and whether it was reused (a reused one may be stale)."""
-        key = (host, port)
-        idle = self._idle.get(key)
+        idle = self._idle.get(endpoint_of(backend))
         if idle:
             oldest_allowed = self._loop.time() - MAX_IDLE_SECONDS
             while idle:
@@ -47,7 +48,7 @@ class UpstreamClient:
                 if not conn.closed and conn.idle_since >= oldest_allowed:
                     return conn, True
                 conn.close()
-        return await self._open(key, connect_timeout), False
+        return await open_connection(self._loop, backend, connect_timeout), False
 
     def release(self, conn: UpstreamConnection) -> None:
         if self._closed or not conn.is_reusable:
@@ -67,9 +68,6 @@ class UpstreamClient:
             for conn in idle:
                 conn.close()
         self._idle.clear()
-
-    async def _open(self, key: tuple[str, int], connect_timeout: float) -> UpstreamConnection:
-        return await open_connection(self._loop, key[0], key[1], connect_timeout)
 
 
 UPSTREAM = web.AppKey("UPSTREAM", UpstreamClient)

@@ -1,7 +1,8 @@
 """One keep-alive HTTP/1.1 connection to a backend: request bytes out, response head and body chunks in.
 
 An asyncio Protocol fed by the llhttp parser (httptools), so a response costs a few callbacks instead of
-aiohttp's client machinery. It only speaks HTTP: which backend, retries and error wording belong to
+aiohttp's client machinery; over TCP, or TLS for https:// backends (asyncio's TLS transport underneath, the
+context from `upstream/tls.py`). It only speaks HTTP: reuse, retries and most error wording belong to
 `upstream/client.py` and `pipeline/forward.py`. Every wait takes an absolute deadline (loop time) and
 raises `BackendTimeoutError` when it passes, so timeouts cost one timer and no task cancellation.
 """
@@ -9,17 +10,21 @@ raises `BackendTimeoutError` when it passes, so timeouts cost one timer and no t
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 
 import httptools
 
+from proxy.config.model import Backend, Tls
 from proxy.errors import (
     BackendBodyTooLargeError,
     BackendConnectError,
     BackendProtocolError,
     BackendResetError,
     BackendTimeoutError,
+    BackendTlsError,
 )
+from proxy.upstream.tls import context_for
 
 # Above this many unread body bytes we stop reading the socket until the client side catches up:
 # a slow client then slows the runtime's socket instead of growing our memory.
@@ -31,6 +36,13 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 
 Headers = list[tuple[bytes, bytes]]
+# Where a connection goes. Connections to the same endpoint are interchangeable; TLS and plain ones to the same
+# address, or TLS ones verified differently, are not.
+Endpoint = tuple[str, int, Tls | None]
+
+
+def endpoint_of(backend: Backend) -> Endpoint:
+    return (backend.host, backend.port, backend.tls)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -42,7 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         "message_done", "ended_by_eof", "closed", "received_any", "idle_since", "key",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: Endpoint) -> None:
         self._loop = loop
         self.key = key
         self._transport: asyncio.Transport | None = None
@@ -270,15 +282,44 @@ def _expire(waiter: asyncio.Future[None], phase: str) -> None:
 
 
 async def open_connection(
-    loop: asyncio.AbstractEventLoop, host: str, port: int, connect_timeout: float
+    loop: asyncio.AbstractEventLoop, backend: Backend, connect_timeout: float
 ) -> UpstreamConnection:
-    """A new connection to host:port, with connect failures already in our error tree, so the pool and the
-    health probes open sockets (and word their errors) the same way."""
+    """A new connection to the backend, TLS for an https:// one (the handshake within `connect_timeout` too),
+    with failures already in our error tree, so the pool and the health probes open sockets (and word their
+    errors) the same way."""
+    host, port, tls = endpoint = endpoint_of(backend)
+    context = _context(backend)
+    server_hostname = (tls.server_name or host) if tls is not None else None
     try:
         async with asyncio.timeout(connect_timeout):
-            _, conn = await loop.create_connection(lambda: UpstreamConnection(loop, (host, port)), host, port)
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(loop, endpoint), host, port, ssl=context,
+                server_hostname=server_hostname, ssl_handshake_timeout=None if context is None else connect_timeout,
+            )
     except TimeoutError as exc:
         raise BackendTimeoutError(f"connecting to {host}:{port} timed out") from exc
+    except ssl.SSLError as exc:  # before OSError, its base: a handshake that failed, not a refused connection
+        raise BackendTlsError(_tls_failure(exc, backend.name, host, port)) from exc
     except OSError as exc:
         raise BackendConnectError(f"cannot connect to backend {host}:{port}: {exc.strerror or exc}") from exc
     return conn  # asyncio and uvloop set TCP_NODELAY on TCP transports already
+
+
+def _context(backend: Backend) -> ssl.SSLContext | None:
+    tls = backend.tls
+    if tls is None:
+        return None
+    try:
+        return context_for(tls)
+    except OSError as exc:  # the ca_file loaded with the rules, but was removed or broken since
+        raise BackendTlsError(f"TLS setup for backend {backend.name!r} failed: tls.ca_file {tls.ca_file!r} "
+                              f"cannot be used: {exc}") from exc
+
+
+def _tls_failure(exc: ssl.SSLError, name: str, host: str, port: int) -> str:
+    """The handshake failure in words, without OpenSSL's source location (`(_ssl.c:1006)`)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS verification of backend {name!r} ({host}:{port}) failed: certificate verify failed: "
+                f"{exc.verify_message}")
+    why = exc.reason.lower().replace("_", " ") if exc.reason else str(exc)
+    return f"TLS handshake with backend {name!r} ({host}:{port}) failed: {why}"

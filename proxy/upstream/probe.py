@@ -61,14 +61,14 @@ async def _get(backend: Backend, path: str, timeout: float, max_bytes: int) -> t
     `OSError` when the exchange broke."""
     auth = f"Authorization: Bearer {backend.api_key}\r\n" if backend.api_key else ""
     request = (
-        f"GET {backend.base_path}{path} HTTP/1.1\r\nHost: {backend.host}:{backend.port}\r\n{auth}"
+        f"GET {backend.base_path}{path} HTTP/1.1\r\nHost: {backend.authority}\r\n{auth}"
         "Connection: close\r\n\r\n"
     ).encode("latin-1")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     conn: UpstreamConnection | None = None
     try:
-        conn = await open_connection(loop, backend.host, backend.port, timeout)
+        conn = await open_connection(loop, backend, timeout)
         conn.start(request)
         await conn.read_head(deadline, "total")
         return conn.status, await _read_body(conn, deadline, max_bytes)
