@@ -183,6 +183,8 @@ def _parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     sim.add_argument("--max-batch", type=int, default=16, help="sequences decoded at once; more wait")
     sim.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
     sim.add_argument("--stream-fail-rate", type=float, default=0.0, help="share of streams cut after a token")
+    sim.add_argument("--max-context", type=int, default=0,
+                     help="refuse prompt + max_tokens above this many tokens as vLLM does (0: no limit)")
     sim.add_argument("--tls-cert", default=None, metavar="FILE",
                      help="serve https with this PEM certificate (chain); needs --tls-key")
     sim.add_argument("--tls-key", default=None, metavar="FILE", help="the PEM private key of --tls-cert")
@@ -246,6 +248,7 @@ def _run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             fail_rate=args.fail_rate,
             stream_fail_rate=args.stream_fail_rate,
+            max_context=args.max_context,
         )
         try:
             tls = _sim_tls(args.tls_cert, args.tls_key)

@@ -122,7 +122,10 @@ class Dispatcher:
         fit its context; each move is counted and `record.fallback` names the pool that answers. `pinned`: the
         one backend of `pool` that may answer (it holds state the request needs); no fallback then. `copy`:
         a shadow copy (its trace context gets a span id of its own)."""
-        remaining = [p for p in fallback if p.name != pool.name] if pinned is None else []
+        if not fallback or pinned is not None:
+            return await self._call_pool(snapshot, route, pool, view, path, record, deadlines, attempts,
+                                         queue_timeout, priority, est, False, pinned, copy)
+        remaining = [p for p in fallback if p.name != pool.name]
         tried = {pool.name}
         while True:
             try:
