@@ -26,6 +26,9 @@ from proxy.upstream.connection import UpstreamConnection
 
 SMALL_WRITE_BYTES = 16 * 1024  # well under any transport's high-water mark
 MAX_RUNTIME_ERROR_BYTES = 64 * 1024
+# Typed-event streams open with events that carry no token (`response.created`, `message_start`), often before
+# the prefill is done: their time to first token is the first text delta's, not the first byte's.
+FIRST_TOKEN_MARKERS = {"responses": b"response.output_text.delta", "messages": b"content_block_delta"}
 
 
 def relay_body(conn: UpstreamConnection, body: bytes, record: RequestRecord) -> web.Response:
@@ -62,7 +65,9 @@ async def relay_stream(
     """
     sse = SseRelay(not view.wants_usage, max_event_bytes, view.endpoint)
     chunk = first_chunk
-    record.ttft = clock() - record.started
+    token_marker = FIRST_TOKEN_MARKERS.get(view.endpoint)
+    if token_marker is None:
+        record.ttft = clock() - record.started
     response = started
     if response is None:
         response = web.StreamResponse(status=conn.status, headers=response_headers(conn.headers, record))
@@ -72,6 +77,8 @@ async def relay_stream(
     try:
         async with asyncio.timeout_at(deadlines.total) as deadline:
             while chunk is not None:
+                if token_marker is not None and token_marker in chunk:
+                    record.ttft, token_marker = clock() - record.started, None
                 if tee is not None:
                     tee(chunk)
                 out = sse.feed(chunk)
