@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,7 +22,7 @@ OPEN_STREAM_TOKENS = 20
 OPEN_STREAM_TPS = 10.0
 
 
-async def _closed_loop(url: str, conns: int, duration: float) -> dict[str, Any]:
+async def _closed_loop(url: str, conns: int, duration: float, body: bytes) -> dict[str, Any]:
     """Fallback when wrk is missing: `conns` workers each send the next request when the last one ends."""
     lat: list[float] = []
     errors = 0
@@ -35,7 +36,7 @@ async def _closed_loop(url: str, conns: int, duration: float) -> dict[str, Any]:
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
                 try:
-                    async with s.post(url, data=BODY, headers=HEADERS) as resp:
+                    async with s.post(url, data=body, headers=HEADERS) as resp:
                         await resp.read()
                         if resp.status != 200:
                             errors += 1
@@ -52,11 +53,13 @@ async def _closed_loop(url: str, conns: int, duration: float) -> dict[str, Any]:
             "socket_errors": 0}
 
 
-def run_load(client: str, url: str, conns: int, duration: float) -> dict[str, Any]:
-    """The small non-streaming request (BODY / wrk_post.lua) at `conns` connections for `duration` s."""
+def run_load(client: str, url: str, conns: int, duration: float, body: bytes = BODY,
+             script: Path = WRK_POST) -> dict[str, Any]:
+    """The small non-streaming request (BODY / wrk_post.lua) at `conns` connections for `duration` s.
+    Another request: its `body` for the Python client and the wrk `script` sending the same bytes."""
     if client == "wrk":
-        return run_wrk(url, conns, duration, WRK_POST)
-    return run_async(_closed_loop(url, conns, duration))
+        return run_wrk(url, conns, duration, script)
+    return run_async(_closed_loop(url, conns, duration, body))
 
 
 async def _one_stream(session: aiohttp.ClientSession, url: str, body: bytes,

@@ -32,6 +32,9 @@ this script is the load client and never runs inside the proxy's process:
   tls           (optional: only with --only tls) direct vs a proxy to the runtime over http vs a proxy to an identical
                 runtime over https (trustme certificate, keep-alive warm), at c=1 and c=32: added p50 over direct
                 for both, https - http, and the proxy's CPU per request with each upstream.
+  responses     (optional: only with --only responses) the OpenAI Responses API (POST /v1/responses, "store": false)
+                next to chat completions in the same rounds, each direct and through one proxy, at c=1 and c=32:
+                added p50 over its own direct, proxy CPU per request and rps per endpoint, and responses - chat.
 
 Compared rounds are interleaved (who goes first rotates every round) and the table shows the median of
 the rounds, because a 2-core machine is noisy. The numbers are printed next to the project's targets and
@@ -49,6 +52,7 @@ not measure (a process died, the sanity request failed, or a measured round had 
     .venv/bin/python bench/overhead.py --only pooled
     .venv/bin/python bench/overhead.py --only tenants
     .venv/bin/python bench/overhead.py --only tls
+    .venv/bin/python bench/overhead.py --only responses
 
 Layout: harness.py (processes, ports, CPU accounting, Redis, /metrics, wrk, statistics), runinfo.py
 (machine info, results file), stack.py (runtimes and proxies, rules, bodies), clients.py (Python load
@@ -72,6 +76,7 @@ import case_cache
 import case_default
 import case_pooled
 import case_reload
+import case_responses
 import case_shadow
 import case_sticky
 import case_tenants
@@ -131,11 +136,16 @@ ALL_CASES = {
     "tls": Case("tls", case_tls.run,
                 lambda a, c: f"[tls] instant runtimes, {c} c=1 and c=32, direct vs a proxy to an http upstream vs "
                              f"to an https one (keep-alive warm), {_rounds(a)}", case_tls.rows),
+    "responses": Case("responses", case_responses.run,
+                      lambda a, c: f"[responses] instant runtime, {c} c=1 and c=32, chat vs /v1/responses, each direct "
+                                   f"vs through a plain proxy, {_rounds(a)}", case_responses.rows),
 }
 CASES = ("nonstream", "stream", "open-streams")
-OPTIONAL_CASES = ("reload", "sticky", "cache", "shadow", "pooled", "tenants", "tls")  # run only when named with --only
+# run only when named with --only
+OPTIONAL_CASES = ("reload", "sticky", "cache", "shadow", "pooled", "tenants", "tls", "responses")
 TARGETS = {**case_default.TARGETS, **case_reload.TARGETS, **case_sticky.TARGETS, **case_cache.TARGETS,
-           **case_shadow.TARGETS, **case_pooled.TARGETS, **case_tenants.TARGETS, **case_tls.TARGETS}
+           **case_shadow.TARGETS, **case_pooled.TARGETS, **case_tenants.TARGETS, **case_tls.TARGETS,
+           **case_responses.TARGETS}
 
 
 def build_rows(results: dict[str, Any]) -> list[Row]:

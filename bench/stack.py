@@ -25,6 +25,12 @@ HEADERS = {"Content-Type": "application/json"}
 # Must stay byte-identical to the body in bench/wrk_post.lua (the Python fallback client sends this one).
 BODY = b'{"model":"sim-model","messages":[{"role":"user","content":"Hello there"}],"max_tokens":8}'
 WRK_POST = ROOT / "bench" / "wrk_post.lua"
+CHAT_PATH = "/v1/chat/completions"
+# The same small request as BODY on the OpenAI Responses API, not stored (no response id for the proxy to
+# remember). Must stay byte-identical to the body in bench/wrk_responses.lua.
+RESPONSES_PATH = "/v1/responses"
+RESPONSES_BODY = b'{"model":"sim-model","input":"Hello there","max_output_tokens":8,"store":false}'
+WRK_RESPONSES = ROOT / "bench" / "wrk_responses.lua"
 
 
 def stream_body(max_tokens: int) -> bytes:
@@ -111,8 +117,9 @@ def _ready_or_stop(proc: Proc, url: str, context: ssl.SSLContext | None = None) 
         raise
 
 
-def completions_url(port: int) -> str:
-    return f"http://127.0.0.1:{port}/v1/chat/completions"
+def completions_url(port: int, path: str = CHAT_PATH) -> str:
+    """The chat completions URL on 127.0.0.1:`port` (or another endpoint's `path`)."""
+    return f"http://127.0.0.1:{port}{path}"
 
 
 class Stack:
@@ -131,8 +138,8 @@ class Stack:
             self.sim.stop()
             raise
 
-    def url(self, target: str) -> str:
-        return completions_url(self.sim_port if target == "direct" else self.proxy_port)
+    def url(self, target: str, path: str = CHAT_PATH) -> str:
+        return completions_url(self.sim_port if target == "direct" else self.proxy_port, path)
 
     def check(self) -> None:
         for p in (self.sim, self.proxy):
@@ -177,10 +184,11 @@ def post(url: str, body: bytes, headers: dict[str, str] = HEADERS) -> tuple[int,
 
 
 def sanity_request(url: str, body: bytes, stream: bool, proxy: Proc,
-                   headers: dict[str, str] = HEADERS) -> dict[str, str]:
-    """One request before measuring (a benchmark of 500s is not a benchmark); its response headers."""
+                   headers: dict[str, str] = HEADERS, expect: bytes = b'"choices"') -> dict[str, str]:
+    """One request before measuring (a benchmark of 500s is not a benchmark); its response headers.
+    A non-streaming answer must contain `expect` (the chat default; a Responses object: `"object":"response"`)."""
     status, resp_headers, data = post(url, body, headers)
-    ok = status == 200 and (b"data: [DONE]" in data if stream else b'"choices"' in data)
+    ok = status == 200 and (b"data: [DONE]" in data if stream else expect in data)
     if not ok:
         proxy.check()
         raise BenchError(f"sanity request -> {url} failed: HTTP {status}: {data[:400].decode('utf-8', 'replace')}"
