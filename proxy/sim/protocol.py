@@ -1,6 +1,8 @@
-"""The OpenAI wire shapes the simulated runtime speaks: request parsing helpers, token counting, response
-bodies, stream chunks, usage, embeddings. Pure functions over a parsed `Job`; no I/O, no timing (that is
-`sim/runtime.py`). Deterministic where the real thing is at temperature 0: same request, same text.
+"""The OpenAI wire shapes the simulated runtime speaks (chat, completions, embeddings, models) and what every
+API layer shares: the `Generation`/`Pooling` interfaces the runtime drives, token choice, token counting, the
+OpenAI error body. Pure functions over parsed jobs; no I/O, no timing (that is `sim/runtime.py`). The other
+APIs' shapes are `sim/responses.py`, `sim/messages.py`, `sim/ranking.py`. Deterministic where the real thing
+is at temperature 0: same request, same text.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import hashlib
 import math
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 from aiohttp import web
@@ -33,22 +36,79 @@ SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-
 DONE: Final = b"data: [DONE]\n\n"
 OWNER: Final = "splitstream-sim"
 
+
 class BadRequest(Exception):
-    """Validation failure, turned into an OpenAI error body by the handler."""
+    """A refused request (validation, unknown model or id, injected failure); each API layer renders it in
+    its own error shape (`render_error` here, `sim/messages.py` `render_error`)."""
 
-    __slots__ = ("status", "type", "code", "message")
+    __slots__ = ("status", "type", "code", "message", "param")
 
-    def __init__(self, status: int, message: str, type_: str, code: str) -> None:
+    def __init__(self, status: int, message: str, type_: str, code: str | None, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_
         self.code = code
+        self.param = param  # OpenAI names the offending field on some errors; left out of the body when None
+
+
+ErrorRenderer = Callable[[BadRequest], web.Response]
+
+FAILURE: Final = BadRequest(500, "simulated backend failure", "server_error", "internal_error")  # fail_rate
+
+
+class Limits(Protocol):
+    """The runtime knobs an API layer reads while parsing (`SimConfig` has them)."""
+
+    @property
+    def models(self) -> tuple[str, ...]: ...
+    @property
+    def default_max_tokens(self) -> int: ...
+    @property
+    def max_context(self) -> int: ...
+
+
+class Generation(Protocol):
+    """One parsed generation, whatever API it came in by. The runtime owns slots, pacing, failures and
+    disconnects and writes what these methods render (`sim/runtime.py` `_generate`, `_stream`)."""
+
+    rid: str  # the pacer's request id
+    prompt_tokens: int
+    tokens: list[str]  # one word per token, chosen by `choose_tokens`
+
+    def body(self) -> bytes:
+        """The whole non-streamed answer (JSON)."""
+        ...
+
+    def head(self) -> bytes:
+        """Stream bytes due before the first token is generated (may be empty)."""
+        ...
+
+    def frame(self, index: int, token: str) -> bytes:
+        """The stream bytes that carry token `index`: one write, so a relay that buffers is observable."""
+        ...
+
+    def tail(self) -> tuple[bytes, ...]:
+        """The stream's close after the last token, one write each."""
+        ...
+
+    def complete(self) -> None:
+        """Called once the whole answer was written (the Responses API remembers it here)."""
+        ...
+
+
+class Pooling(Protocol):
+    """One parsed single-pass request (embeddings, rerank, score): a slot and a prefill, no tokens out."""
+
+    rid: str
+    prompt_tokens: int
+
+    def body(self) -> bytes: ...
 
 
 @dataclass(slots=True)
 class Job:
-    """One parsed generation request."""
+    """One parsed chat or completions request (a `Generation`)."""
 
     chat: bool
     model: str
@@ -58,17 +118,69 @@ class Job:
     tokens: list[str]
     include_usage: bool = False
 
+    def body(self) -> bytes:
+        return orjson.dumps(full_body(self))
 
-def error_response(status: int, message: str, type_: str, code: str) -> web.Response:
-    body = orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
-    return web.Response(status=status, body=body, content_type=JSON)
+    def head(self) -> bytes:
+        return b""
+
+    def frame(self, index: int, token: str) -> bytes:
+        return sse(chunk(self, index, token, index == len(self.tokens) - 1))
+
+    def tail(self) -> tuple[bytes, ...]:
+        if self.include_usage:
+            return sse(usage_chunk(self)), DONE
+        return (DONE,)
+
+    def complete(self) -> None:
+        pass
+
+
+def render_error(e: BadRequest) -> web.Response:
+    """OpenAI's (and vLLM's) error body."""
+    error: dict[str, Any] = {"message": e.message, "type": e.type, "code": e.code}
+    if e.param is not None:
+        error["param"] = e.param
+    return web.Response(status=e.status, body=orjson.dumps({"error": error}), content_type=JSON)
 
 
 def invalid(message: str, code: str = "invalid_request") -> BadRequest:
     return BadRequest(400, message, "invalid_request_error", code)
 
 
-def _content_chars(content: Any) -> int:
+def model_not_found(model: Any) -> BadRequest:
+    return BadRequest(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found")
+
+
+def model_of(body: dict[str, Any], models: tuple[str, ...]) -> str:
+    """The request's model if this runtime serves it; an OpenAI 404 otherwise."""
+    model = body.get("model")
+    if not isinstance(model, str) or model not in models:
+        raise model_not_found(model)
+    return model
+
+
+def model_card(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": OWNER}
+
+
+def positive_int(body: dict[str, Any], name: str) -> int | None:
+    """An optional token limit: absent or null is None, else it must be an int >= 1."""
+    n = body.get(name)
+    if n is None:
+        return None
+    if type(n) is not int or n < 1:
+        raise invalid(f"`{name}` must be a positive integer")
+    return n
+
+
+def choose_tokens(rng: random.Random, n: int, temperature: Any, *seed: Any) -> list[str]:
+    """The text of every generation API: at temperature 0 an RNG seeded from `seed` (the request's content),
+    so the same request gives the same text on any runtime; otherwise the runtime's own RNG."""
+    return (seeded_rng(*seed) if temperature == 0 else rng).choices(WORDS, k=n)
+
+
+def content_chars(content: Any) -> int:
     """Characters of a chat message content: a string, or a list of parts whose `text` counts."""
     if isinstance(content, str):
         return len(content)
@@ -86,7 +198,7 @@ def chat_prompt_tokens(messages: Any) -> int:
     for m in messages:
         if not isinstance(m, dict):
             raise invalid("each message must be an object")
-        chars += _content_chars(m.get("content"))
+        chars += content_chars(m.get("content"))
     return max(1, chars // 4) + 4 * len(messages)
 
 
@@ -196,6 +308,42 @@ def usage_chunk(job: Job) -> dict[str, Any]:
 
 def sse(event: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+def typed_sse(event: dict[str, Any]) -> bytes:
+    """An SSE event named by its `type` (the Responses and Messages APIs): `event: <type>` then `data:`."""
+    name: str = event["type"]
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+@dataclass(slots=True)
+class EmbeddingJob:
+    """One parsed embeddings request (a `Pooling`); the vectors are made only once it is answered."""
+
+    rid: str
+    model: str
+    prompt_tokens: int
+    texts: list[str]
+    fmt: str
+    dim: int
+
+    def body(self) -> bytes:
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode_vector(embedding(t, self.dim), self.fmt)}
+            for i, t in enumerate(self.texts)
+        ]
+        usage = {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}
+        return orjson.dumps({"object": "list", "data": data, "model": self.model, "usage": usage})
+
+
+def parse_embeddings(body: dict[str, Any], models: tuple[str, ...], dim: int, rid: str) -> EmbeddingJob:
+    model = model_of(body, models)
+    texts = embedding_inputs(body.get("input"))
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise invalid("`encoding_format` must be 'float' or 'base64'")
+    prompt_tokens = sum(max(1, len(t) // 4) for t in texts)
+    return EmbeddingJob(rid, model, prompt_tokens, texts, fmt, dim)
 
 
 def embedding_inputs(value: Any) -> list[str]:

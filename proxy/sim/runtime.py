@@ -3,7 +3,9 @@
 Integration tests, the demo and the benchmarks need an upstream with real wire behaviour (SSE framing,
 batch queueing, mid-stream crashes, client-disconnect cancellation) and controllable timing. With
 `ttft_ms=0, tokens_per_second=0` it never sleeps, so the per-request path is kept lean for benchmarks.
-This module owns timing, batching, failures and HTTP; the wire shapes are `sim/protocol.py`.
+This module owns timing, batching, failures, disconnects and HTTP, once for every API (`_generate`, `_stream`,
+`_pool`); the wire shapes are `sim/protocol.py` (OpenAI chat, completions, embeddings), `sim/responses.py`
+(OpenAI Responses), `sim/messages.py` (Anthropic Messages), `sim/ranking.py` (rerank, score).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import random
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
+from proxy.sim import messages, ranking, responses
 from proxy.sim import protocol as wire
 
 __all__ = ["Pacer", "SimConfig", "SimRuntime", "SimStats", "serve"]
@@ -33,9 +37,11 @@ class SimConfig:
     ttft_ms: float = 20.0  # base time to first token
     prefill_tokens_per_second: float = 20000.0  # TTFT grows by prompt_tokens / this (0 = no growth)
     max_batch: int = 16  # requests generating at once; the rest wait FIFO (vLLM "waiting")
-    fail_rate: float = 0.0  # share of requests answered 500 with an OpenAI error body
+    fail_rate: float = 0.0  # share of requests answered 500 with the API's error body
     stream_fail_rate: float = 0.0  # share of streams cut mid-way (transport aborted after some chunks)
-    default_max_tokens: int = 32  # completion length when the request has no max_tokens
+    # Completion length when the request has no max_tokens; for Anthropic Messages (whose max_tokens is a
+    # required cap) the natural answer length, stopping with `end_turn`.
+    default_max_tokens: int = 32
     max_context: int = 0  # prompt + max_tokens above this is refused as vLLM does (400); 0 = no limit
     embedding_dim: int = 8
     seed: int | None = None  # RNG seed for failure draws and non-deterministic text
@@ -45,10 +51,10 @@ class SimConfig:
 class SimStats:
     """Live counters; tests read them to observe what the proxy did to the upstream."""
 
-    requests: int = 0  # inference requests received (chat, completions, embeddings)
+    requests: int = 0  # JSON requests received (every POST: inference, pooling, count_tokens)
     running: int = 0
     waiting: int = 0
-    completed: int = 0
+    completed: int = 0  # generations and pooling requests answered in full
     failed: int = 0  # injected 500s
     cut: int = 0  # injected stream cuts
     cancelled: int = 0  # client (the proxy) went away before the response was complete
@@ -96,6 +102,7 @@ class SimRuntime:
         "_ttft",
         "_gap",
         "_metric_label",
+        "_responses",
     )
 
     def __init__(self, config: SimConfig, pacer: Pacer | None = None) -> None:
@@ -116,6 +123,7 @@ class SimRuntime:
         self._ttft = config.ttft_ms / 1000.0
         self._gap = 1.0 / config.tokens_per_second if config.tokens_per_second > 0 else 0.0
         self._metric_label = orjson.dumps(config.models[0]).decode()
+        self._responses = responses.ResponseStore()
 
     def build_app(self) -> web.Application:
         """The aiohttp app; serve it with `handler_cancellation=True` so disconnects cancel handlers."""
@@ -123,7 +131,14 @@ class SimRuntime:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._responses_create)
+        app.router.add_get("/v1/responses/{response_id}", self._responses_get)
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        app.router.add_post("/v1/rerank", self._rerank)
+        app.router.add_post("/v1/score", self._score)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model:.+}", self._model)  # ids may hold a slash (org/name)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         return app
@@ -180,7 +195,7 @@ class SimRuntime:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _pace_all(self, job: wire.Job) -> None:
+    async def _pace_all(self, job: wire.Generation) -> None:
         """Pace a whole non-streamed generation; with the default pacer this is one sleep, not n."""
         if self._pacer is not None:
             for i in range(len(job.tokens)):
@@ -206,11 +221,6 @@ class SimRuntime:
         if not isinstance(body, dict):
             raise wire.invalid("request body must be a JSON object", "invalid_json")
         self.last_body = body
-        model = body.get("model")
-        if not isinstance(model, str) or model not in self.config.models:
-            raise wire.BadRequest(
-                404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found"
-            )
         return body
 
     def _draw_failure(self) -> bool:
@@ -221,6 +231,7 @@ class SimRuntime:
         return False
 
     def _parse_generation(self, body: dict[str, Any], chat: bool) -> wire.Job:
+        model = wire.model_of(body, self.config.models)
         if chat:
             source = body.get("messages")
             prompt_tokens = wire.chat_prompt_tokens(source)
@@ -230,8 +241,6 @@ class SimRuntime:
         n = wire.max_tokens_of(body, self.config.default_max_tokens)
         if 0 < self.config.max_context < prompt_tokens + n:
             raise wire.context_exceeded(self.config.max_context, prompt_tokens, n)
-        model: str = body["model"]
-        rng = wire.seeded_rng(model, source, n) if body.get("temperature") == 0 else self._rng
         self._seq += 1
         opts = body.get("stream_options")
         return wire.Job(
@@ -240,25 +249,69 @@ class SimRuntime:
             rid=f"{'chatcmpl' if chat else 'cmpl'}-{self._seq}",
             created=int(time.time()),
             prompt_tokens=prompt_tokens,
-            tokens=rng.choices(wire.WORDS, k=n),
+            tokens=wire.choose_tokens(self._rng, n, body.get("temperature"), model, source, n),
             include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
         )
 
+    def _parse_chat(self, body: dict[str, Any]) -> wire.Generation:
+        return self._parse_generation(body, chat=True)
+
+    def _parse_completion(self, body: dict[str, Any]) -> wire.Generation:
+        return self._parse_generation(body, chat=False)
+
+    def _parse_response(self, body: dict[str, Any]) -> wire.Generation:
+        return responses.parse(body, self.config, self._rng, self._responses)
+
+    def _parse_message(self, body: dict[str, Any]) -> wire.Generation:
+        return messages.parse(body, self.config, self._rng)
+
+    def _parse_embeddings(self, body: dict[str, Any]) -> wire.Pooling:
+        self._seq += 1
+        return wire.parse_embeddings(body, self.config.models, self.config.embedding_dim, f"embd-{self._seq}")
+
+    def _parse_rerank(self, body: dict[str, Any]) -> wire.Pooling:
+        return ranking.parse_rerank(body, self.config.models)
+
+    def _parse_score(self, body: dict[str, Any]) -> wire.Pooling:
+        return ranking.parse_score(body, self.config.models)
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
+        return await self._generate(request, self._parse_chat, wire.render_error)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
+        return await self._generate(request, self._parse_completion, wire.render_error)
 
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _responses_create(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, self._parse_response, wire.render_error)
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, self._parse_message, messages.render_error)
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._pool(request, self._parse_embeddings, wire.render_error)
+
+    async def _rerank(self, request: web.Request) -> web.StreamResponse:
+        return await self._pool(request, self._parse_rerank, wire.render_error)
+
+    async def _score(self, request: web.Request) -> web.StreamResponse:
+        return await self._pool(request, self._parse_score, wire.render_error)
+
+    # ---- the one generation path: every API's parse and error shape, the same slots, pacing and failures
+
+    async def _generate(
+        self,
+        request: web.Request,
+        parse: Callable[[dict[str, Any]], wire.Generation],
+        render: wire.ErrorRenderer,
+    ) -> web.StreamResponse:
         try:
             try:
                 body = await self._read_json(request)
-                job = self._parse_generation(body, chat)
+                job = parse(body)
             except wire.BadRequest as e:
-                return wire.error_response(e.status, e.message, e.type, e.code)
+                return render(e)
             if self._draw_failure():
-                return wire.error_response(500, "simulated backend failure", "server_error", "internal_error")
+                return render(wire.FAILURE)
             if body.get("stream") is True:
                 return await self._stream(request, job)
             await self._acquire()
@@ -267,30 +320,35 @@ class SimRuntime:
             finally:
                 self._release()
             self.stats.completed += 1
-            return web.Response(body=orjson.dumps(wire.full_body(job)), content_type=wire.JSON)
+            out = job.body()
+            job.complete()
+            return web.Response(body=out, content_type=wire.JSON)
         except asyncio.CancelledError:
             self._note_cancel()
             raise
 
-    async def _stream(self, request: web.Request, job: wire.Job) -> web.StreamResponse:
-        """One SSE event per token, each its own write, so an unbuffered relay is observable."""
+    async def _stream(self, request: web.Request, job: wire.Generation) -> web.StreamResponse:
+        """Each token's frame is its own write, so an unbuffered relay is observable. The head (events the
+        API sends before generating, e.g. `response.created`) goes out before the batch slot is taken."""
         n = len(job.tokens)
         rate = self.config.stream_fail_rate
         cut_after = max(1, n // 2) if rate > 0 and self._rng.random() < rate else 0
         resp = web.StreamResponse(headers=wire.SSE_HEADERS)
         try:
             await resp.prepare(request)
+            head = job.head()
+            if head:
+                await resp.write(head)
             await self._acquire()
             try:
                 for i, token in enumerate(job.tokens):
                     await self._pace(job.rid, i, job.prompt_tokens)
-                    await resp.write(wire.sse(wire.chunk(job, i, token, i == n - 1)))
+                    await resp.write(job.frame(i, token))
                     if i + 1 == cut_after:
                         self._cut(request)
                         return resp
-                if job.include_usage:
-                    await resp.write(wire.sse(wire.usage_chunk(job)))
-                await resp.write(wire.DONE)
+                for part in job.tail():
+                    await resp.write(part)
             finally:
                 self._release()
             await resp.write_eof()
@@ -298,56 +356,71 @@ class SimRuntime:
             self._note_cancel()
             return resp
         self.stats.completed += 1
+        job.complete()
         return resp
 
     def _cut(self, request: web.Request) -> None:
-        """Crash mid-stream: drop the connection with no [DONE] and no chunked terminator."""
+        """Crash mid-stream: drop the connection with no stream end and no chunked terminator."""
         self.stats.cut += 1
         transport = request.transport
         if transport is not None:
             transport.abort()
 
-    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+    async def _pool(
+        self,
+        request: web.Request,
+        parse: Callable[[dict[str, Any]], wire.Pooling],
+        render: wire.ErrorRenderer,
+    ) -> web.StreamResponse:
+        """One forward pass, no tokens out (embeddings, rerank, score): a slot for the prefill only."""
         try:
             try:
                 body = await self._read_json(request)
-                texts = wire.embedding_inputs(body.get("input"))
-                fmt = body.get("encoding_format", "float")
-                if fmt not in ("float", "base64"):
-                    raise wire.invalid("`encoding_format` must be 'float' or 'base64'")
+                job = parse(body)
             except wire.BadRequest as e:
-                return wire.error_response(e.status, e.message, e.type, e.code)
+                return render(e)
             if self._draw_failure():
-                return wire.error_response(500, "simulated backend failure", "server_error", "internal_error")
-            prompt_tokens = sum(max(1, len(t) // 4) for t in texts)
-            self._seq += 1
+                return render(wire.FAILURE)
             await self._acquire()
             try:
-                await self._pace(f"embd-{self._seq}", 0, prompt_tokens)
+                await self._pace(job.rid, 0, job.prompt_tokens)
             finally:
                 self._release()
-            dim = self.config.embedding_dim
-            data = [
-                {"object": "embedding", "index": i, "embedding": wire.encode_vector(wire.embedding(t, dim), fmt)}
-                for i, t in enumerate(texts)
-            ]
-            out = {
-                "object": "list",
-                "data": data,
-                "model": body["model"],
-                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-            }
             self.stats.completed += 1
-            return web.Response(body=orjson.dumps(out), content_type=wire.JSON)
+            return web.Response(body=job.body(), content_type=wire.JSON)
         except asyncio.CancelledError:
             self._note_cancel()
             raise
 
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """Anthropic's `count_tokens`: tokenization only, no slot and no pacing."""
+        try:
+            body = await self._read_json(request)
+            n = messages.count_tokens(body, self.config)
+        except wire.BadRequest as e:
+            return messages.render_error(e)
+        if self._draw_failure():
+            return messages.render_error(wire.FAILURE)
+        return web.Response(body=orjson.dumps({"input_tokens": n}), content_type=wire.JSON)
+
     # ---- control endpoints
 
     async def _models(self, request: web.Request) -> web.Response:
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": wire.OWNER} for m in self.config.models]
+        data = [wire.model_card(m) for m in self.config.models]
         return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=wire.JSON)
+
+    async def _model(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model not in self.config.models:
+            return wire.render_error(wire.model_not_found(model))
+        return web.Response(body=orjson.dumps(wire.model_card(model)), content_type=wire.JSON)
+
+    async def _responses_get(self, request: web.Request) -> web.Response:
+        rid = request.match_info["response_id"]
+        stored = self._responses.get(rid)
+        if stored is None:
+            return wire.render_error(responses.not_found(rid))
+        return web.Response(body=orjson.dumps(stored.body), content_type=wire.JSON)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response()
