@@ -206,6 +206,16 @@ async def test_messages_with_the_anthropic_sdk(sim: Any, proxy: Any) -> None:
     counted = await api.messages.count_tokens(model="my-model", messages=[{"role": "user", "content": "Hello"}])
     assert counted.input_tokens == message.usage.input_tokens
 
+    # Anthropic-style clients send their key as x-api-key: accepted, and never passed on.
+    async with aiohttp.ClientSession() as session:
+        async with session.post(handle.url("/v1/messages"), headers={"x-api-key": KEY},
+                                json={"model": "my-model", "max_tokens": 2,
+                                      "messages": [{"role": "user", "content": "Hi"}]}) as response:
+            assert response.status == 200
+            served = next(r for r, name in zip(runtimes, ("a-1", "b-1"))
+                          if name == response.headers["x-splitstream-backend"])
+    assert served.last_headers is not None and served.last_headers["x-api-key"] == BACKEND_KEY
+
 
 async def test_messages_errors_come_in_anthropics_shape(sim: Any, proxy: Any) -> None:
     handle, _ = await start(sim, proxy)
