@@ -260,3 +260,22 @@ async def test_rerank_score_and_model_lookup_through_the_route(sim: Any, proxy: 
     assert model.id == "my-model"
     with pytest.raises(openai.NotFoundError):
         await openai_client(handle).models.retrieve("other-model")
+
+
+async def test_a_broken_messages_stream_ends_with_anthropics_error_event(sim: Any, proxy: Any) -> None:
+    """The runtime cuts the stream after its first tokens: the client gets what was sent, then Anthropic's
+    `event: error` (its SDK raises), never a silent end."""
+    runtimes = [await sim(stream_fail_rate=1.0, tokens_per_second=0.0) for _ in range(3)]
+    handle = await proxy(rules(*(server for _, server in runtimes)), client_keys=[KEY],
+                         env={"BACKEND_KEY": BACKEND_KEY})
+    api = anthropic_client(handle)
+    received: list[str] = []
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        async with api.messages.stream(model="my-model", max_tokens=8,
+                                       messages=[{"role": "user", "content": "Hello"}]) as stream:
+            async for piece in stream.text_stream:
+                received.append(piece)
+    assert received  # the tokens before the cut reached the client
+    assert caught.value.body == {"type": "error", "error": {
+        "type": "api_error", "message": caught.value.body["error"]["message"]}}
+    assert sum(r.stats.cut for r, _ in runtimes) == 1
