@@ -1,9 +1,11 @@
 """The client endpoints: inference walks the pipeline stages in order; the rest answer from state.
 
-inference: tenant (key) → read body → parse (once) → route → variant (split) → tenant limits → cache
-lookup → dispatch (backend lease, forward, fail-over) → shadow copies → relay → settle. Each stage lives in
-its own module; this one only sequences them and owns the lifetimes (`finally`): limit reservation, lease,
-connection, cache flight, shadow pairing, so everything is given back however a request ends. `Endpoints`
+inference: tenant (key) → read body → parse (once) → route (its max_tokens cap, the headers passed on) →
+variant (split; a Responses follow-up pinned to the backend holding its state) → tenant limits → cache
+lookup → dispatch (backend lease, forward, fail-over, then the route's fallback pools; a stream's heartbeats
+meanwhile) → shadow copies → relay → settle. Each stage lives in its own module; this one only sequences them
+and owns the lifetimes (`finally`): limit reservation, heartbeat, lease, connection, cache flight, shadow
+pairing, so everything is given back however a request ends. `Endpoints`
 is built once by `app.py` with exactly the parts the request path uses; its methods are the route handlers.
 """
 
