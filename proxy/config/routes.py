@@ -47,7 +47,7 @@ from proxy.config.model import (
     Variant,
     Webhook,
 )
-from proxy.config.sections import reference, timeouts_from
+from proxy.config.sections import reference, references, timeouts_from
 from proxy.config.yamlread import (
     Entry,
     Errors,
@@ -294,19 +294,7 @@ def _fallback(reader: Reader, ctx: RouteContext) -> tuple[Pool, ...]:
     listing a variant's own pool is allowed: it rescues the other variants)."""
     if not reader.has("fallback"):
         return ()
-    raw = reader.get("fallback")
-    if not isinstance(raw, Seq) or not raw or not all(isinstance(n, str) and n for n in raw):
-        reader.fail("fallback", f"fallback must be a non-empty list of pool names, got {show(raw)}")
-        return ()
-    pools: list[Pool] = []
-    for position, name in enumerate(raw):
-        if name in raw[:position]:
-            reader.fail("fallback", f"pool {name!r} is listed twice in fallback")
-        elif reference(reader, "fallback", "pool", name, ctx.pools):
-            pool = ctx.pools[name]
-            if pool is not None:
-                pools.append(pool)
-    return tuple(pools)
+    return tuple(pool for pool in references(reader, "fallback", "pool", ctx.pools) if pool is not None)
 
 
 def _rollout(reader: Reader, variants: tuple[Variant, ...]) -> Rollout | None:

@@ -11,6 +11,7 @@ import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 from proxy.config.durations import parse_size
@@ -35,6 +36,7 @@ from proxy.config.model import (
 )
 from proxy.config.yamlread import Entry, Errors, Reader, Seq, read_mapping, show, suggest
 
+T = TypeVar("T")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Backend names the proxy uses itself: `cache` is the backend of answers from the result cache
@@ -271,19 +273,21 @@ def reference(reader: Reader, key: str, kind: str, name: str, known: Mapping[str
     return False
 
 
-def _pool_members(reader: Reader, backends: Mapping[str, Backend | None]) -> list[Backend | None]:
-    raw = reader.get("backends")
+def references(reader: Reader, key: str, kind: str, known: Mapping[str, T | None]) -> list[T | None]:
+    """`key`: a non-empty list of names of defined `kind`s (a pool's backends, a route's fallback pools), each
+    once; the objects named, None for one defined but invalid (its own error already explains)."""
+    raw = reader.get(key)
     if not isinstance(raw, Seq) or not raw or not all(isinstance(n, str) and n for n in raw):
-        got = "nothing" if "backends" not in reader.data else show(raw)
-        reader.fail("backends", f"backends must be a non-empty list of backend names, got {got}")
+        got = "nothing" if key not in reader.data else show(raw)
+        reader.fail(key, f"{key} must be a non-empty list of {kind} names, got {got}")
         return []
-    members: list[Backend | None] = []
+    found: list[T | None] = []
     for position, name in enumerate(raw):
         if name in raw[:position]:
-            reader.fail("backends", f"backend {name!r} is listed twice")
-        elif reference(reader, "backends", "backend", name, backends):
-            members.append(backends[name])
-    return members
+            reader.fail(key, f"{kind} {name!r} is listed twice")
+        elif reference(reader, key, kind, name, known):
+            found.append(known[name])
+    return found
 
 
 def build_pool(entry: Entry, backends: Mapping[str, Backend | None], errors: Errors) -> Pool | None:
@@ -291,7 +295,7 @@ def build_pool(entry: Entry, backends: Mapping[str, Backend | None], errors: Err
     if reader is None:
         return None
     reader.check_keys(POOL_KEYS)
-    members = _pool_members(reader, backends)
+    members = references(reader, "backends", "backend", backends)
     model = reader.text("model", required=False) if reader.get("model") is not None else None
     if reader.failed or not members or any(m is None for m in members):
         return None

@@ -125,20 +125,16 @@ class Dispatcher:
         if not fallback or pinned is not None:
             return await self._call_pool(snapshot, route, pool, view, path, record, deadlines, attempts,
                                          queue_timeout, priority, est, False, pinned, copy)
-        remaining = [p for p in fallback if p.name != pool.name]
-        tried = {pool.name}
+        remaining = [p for p in fallback if p.name != pool.name]  # the rules list each pool once
         while True:
             try:
                 return await self._call_pool(snapshot, route, pool, view, path, record, deadlines, attempts,
                                              queue_timeout, priority, est, bool(remaining), pinned, copy)
             except FALLBACK_ERRORS as exc:
-                nxt = next((p for p in remaining if p.name not in tried), None)
-                loop_time = asyncio.get_running_loop().time
-                if nxt is None or loop_time() >= deadlines.total:
+                if not remaining or asyncio.get_running_loop().time() >= deadlines.total:
                     raise
+                nxt = remaining.pop(0)
                 self.metrics.count_fallback(route.name, pool.name, nxt.name, exc)
-                remaining.remove(nxt)
-                tried.add(nxt.name)
                 pool = nxt
                 record.fallback = nxt.name
 

@@ -184,7 +184,7 @@ class Endpoints:
                 heartbeat.cancel()
             raise
         started = await heartbeat.stop() if heartbeat is not None else None
-        if view.endpoint == "responses" and attempt.conn.status == 200 and is_stored(view):
+        if is_stored(view) and attempt.conn.status == 200:
             response_id = response_id_of(attempt.first_chunk if attempt.body is None else attempt.body)
             if response_id is not None:
                 self.owners.remember(response_id, attempt.state.backend.name)

@@ -145,22 +145,23 @@ class Heartbeat:
         self._record = record
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
+        self._stop: asyncio.Event | None = None  # made when the beats begin: most streams never need one
         self.response: web.StreamResponse | None = None
         self._timer = asyncio.get_running_loop().call_later(interval, self._begin)
 
     def _begin(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._beat())
+        self._stop = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._beat(self._stop))
 
-    async def _beat(self) -> None:
+    async def _beat(self, stop: asyncio.Event) -> None:
         headers = routing_headers(self._record, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         response = self.response = web.StreamResponse(status=200, headers=headers)
         try:
             await response.prepare(self._request)
-            while not self._stop.is_set():
+            while not stop.is_set():
                 await response.write(self.COMMENT)
                 try:
-                    await asyncio.wait_for(self._stop.wait(), self._interval)
+                    await asyncio.wait_for(stop.wait(), self._interval)
                 except TimeoutError:
                     pass
         except (ConnectionResetError, OSError):
@@ -169,15 +170,14 @@ class Heartbeat:
     def cancel(self) -> None:
         """The request ends some other way (its client left): no beat may follow."""
         self._timer.cancel()
-        self._stop.set()
         if self._task is not None:
             self._task.cancel()
 
     async def stop(self) -> web.StreamResponse | None:
         """End the beats (never mid-write); the client's stream if they began it, else None."""
         self._timer.cancel()
-        self._stop.set()
-        if self._task is not None:
+        if self._task is not None and self._stop is not None:
+            self._stop.set()
             await asyncio.shield(self._task)
         return self.response
 

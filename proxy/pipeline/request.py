@@ -50,12 +50,12 @@ class RequestView:
     __slots__ = ("endpoint", "body", "data", "model", "is_stream", "wants_usage", "max_tokens", "cap", "path",
                  "passed")
 
-    def __init__(self, endpoint: str, body: bytes, data: dict[str, Any], model: str) -> None:
+    def __init__(self, endpoint: str, body: bytes, data: dict[str, Any], model: str, path: str = "") -> None:
         self.endpoint = endpoint
         self.body = body
         self.data = data
         self.model = model
-        self.path = ""  # the client's path (set by `parse`): several map to one endpoint
+        self.path = path  # the client's: several map to one endpoint
         self.passed = ""  # the client's header lines the runtime gets (`forward.passed_headers`, once routed)
         self.is_stream = data.get("stream") is True
         if endpoint in USAGE_OPTION_ENDPOINTS:
@@ -107,7 +107,7 @@ class RequestView:
 
 def _limit_of(data: dict[str, Any], keys: tuple[str, ...]) -> int | None:
     """The answer's length bound the client gave (the first of `keys` present), if a positive integer."""
-    for key in keys[::-1]:  # max_completion_tokens wins over the older max_tokens
+    for key in reversed(keys):  # max_completion_tokens wins over the older max_tokens
         if key in data:
             value = data[key]
             return value if type(value) is int and value > 0 else None
@@ -137,9 +137,7 @@ def parse(endpoint: str, body: bytes, path: str = "") -> RequestView:
     # Nesting past the limit needs that many opening brackets: counting bytes (C speed) spares the walk.
     if body.count(b"[") + body.count(b"{") > MAX_NESTING and _is_deeper_than(data, MAX_NESTING):
         raise InvalidRequestError(f"The request body nests deeper than {MAX_NESTING} levels.")
-    view = RequestView(endpoint, body, data, model)
-    view.path = path
-    return view
+    return RequestView(endpoint, body, data, model, path)
 
 
 def _is_deeper_than(value: Any, limit: int) -> bool:

@@ -24,6 +24,7 @@ TERMINAL_EVENTS: dict[str, tuple[bytes, ...]] = {
     "messages": (b"message_stop",),
 }
 TERMINAL_SCAN = 128  # a terminal marker is an event's name or its first field, or `[DONE]`: near an edge
+WHITESPACE = b" \t\r\n"
 
 Usage = tuple[int | None, int | None]  # (prompt or input tokens, completion or output tokens); None: not said
 
@@ -83,10 +84,12 @@ def ended_normally(events: bytes, endpoint: str) -> bool:
     markers = TERMINAL_EVENTS.get(endpoint)
     if markers is None:
         return True
-    events = events.rstrip()
-    last = events[max(events.rfind(b"\n\n"), events.rfind(b"\r\n\r\n")) + 1:].lstrip()
-    edges = (last[:TERMINAL_SCAN], last[-TERMINAL_SCAN:])
-    return any(marker in edge for marker in markers for edge in edges)
+    end = len(events)
+    while end and events[end - 1] in WHITESPACE:
+        end -= 1
+    start = max(events.rfind(b"\n\n", 0, end), events.rfind(b"\r\n\r\n", 0, end)) + 1
+    return any(events.find(marker, start, start + TERMINAL_SCAN) >= 0
+               or events.find(marker, max(start, end - TERMINAL_SCAN), end) >= 0 for marker in markers)
 
 
 def _last_event_end(data: bytes | bytearray, start: int = 0) -> int:
@@ -115,12 +118,12 @@ class SseRelay:
     Only an incomplete trailing event is held (in a bytearray, appended to in place), and only the bytes
     that are new are searched for an event's end: a runtime that sends one enormous event costs linear
     time, and more than `max_event_bytes` of it raises `BackendProtocolError` (the relay ends the stream
-    with an error event). `saw_done` tells whether the stream's last event was how `endpoint`'s streams end
-    (`TERMINAL_EVENTS`). Usage reported in several events (the Messages API: input tokens in `message_start`,
+    with an error event). `saw_done` tells, once finished, whether the stream's last event was how `endpoint`'s
+    streams end (`TERMINAL_EVENTS`; looked at only when asked: the relay asks when a body ended by EOF). Usage reported in several events (the Messages API: input tokens in `message_start`,
     output tokens in `message_delta`) is merged, a later count replacing an earlier one.
     """
 
-    __slots__ = ("strip_usage", "max_event_bytes", "usage", "saw_done", "endpoint", "_tail", "_last")
+    __slots__ = ("strip_usage", "max_event_bytes", "usage", "endpoint", "_tail", "_last", "_end")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
                  endpoint: str = "chat") -> None:
@@ -128,9 +131,13 @@ class SseRelay:
         self.max_event_bytes = max_event_bytes
         self.endpoint = endpoint
         self.usage: Usage | None = None
-        self.saw_done = False  # set by finish()
         self._tail = bytearray()
         self._last = b""  # the last complete events seen (a reference, not a copy)
+        self._end: bytes | None = None  # set by finish(): the events the stream ended with
+
+    @property
+    def saw_done(self) -> bool:
+        return self._end is not None and ended_normally(self._end, self.endpoint)
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send to the client now (possibly empty)."""
@@ -164,7 +171,7 @@ class SseRelay:
     def finish(self) -> bytes:
         """What is left at the end of the upstream body (an unterminated last event)."""
         tail, self._tail = bytes(self._tail), bytearray()
-        self.saw_done = ended_normally(tail if tail.strip() else self._last, self.endpoint)
+        self._end = tail if tail.strip() else self._last
         if tail and USAGE_KEY in tail:
             kept = self._take_usage(tail)
             return kept if self.strip_usage else b""
