@@ -180,7 +180,17 @@ def _parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     sim.add_argument("--model", required=True, help="model name(s), comma-separated")
     sim.add_argument("--tokens-per-second", type=float, default=50.0, help="decode speed of each sequence")
     sim.add_argument("--ttft-ms", type=float, default=20.0, help="time to the first token")
+    sim.add_argument("--prefill-tokens-per-second", type=float, default=20000.0,
+                     help="the time to the first token grows by the uncached prompt tokens over this (0: it does not)")
     sim.add_argument("--max-batch", type=int, default=16, help="sequences decoded at once; more wait")
+    sim.add_argument("--batch-slowdown", type=float, default=0.0,
+                     help="each sequence runs 1 + this x (running - 1) times slower: 0 perfect batching (GPU), "
+                          "1 one shared throughput (CPU)")
+    sim.add_argument("--prefix-cache-tokens", type=int, default=0,
+                     help="prefix (KV) cache size in tokens, reported as cached tokens (0: no cache)")
+    sim.add_argument("--prefix-block-tokens", type=int, default=16, help="the prefix cache's block size in tokens")
+    sim.add_argument("--report-timings", action="store_true",
+                     help="chat and completions answers carry llama.cpp's `timings` (prefill apart from queueing)")
     sim.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
     sim.add_argument("--stream-fail-rate", type=float, default=0.0, help="share of streams cut after a token")
     sim.add_argument("--max-context", type=int, default=0,
@@ -245,12 +255,18 @@ def _run(args: argparse.Namespace) -> int:
             models=tuple(m.strip() for m in args.model.split(",") if m.strip()),
             tokens_per_second=args.tokens_per_second,
             ttft_ms=args.ttft_ms,
+            prefill_tokens_per_second=args.prefill_tokens_per_second,
             max_batch=args.max_batch,
             fail_rate=args.fail_rate,
             stream_fail_rate=args.stream_fail_rate,
             max_context=args.max_context,
+            prefix_cache_tokens=args.prefix_cache_tokens,
+            prefix_block_tokens=args.prefix_block_tokens,
+            batch_slowdown=args.batch_slowdown,
+            report_timings=args.report_timings,
         )
         try:
+            config.validate()
             tls = _sim_tls(args.tls_cert, args.tls_key)
         except ValueError as exc:
             log.error("sim-backend: %s", exc)
@@ -407,7 +423,7 @@ def copy_moving_ports(source: Path, target: Path, moved: Mapping[int, int]) -> N
 async def _demo(shown_rules: str, rules_dir: str, port: int, backend_ports: tuple[int, int]) -> int:
     readiness = [asyncio.Event() for _ in backend_ports]
     sims = [
-        asyncio.create_task(serve_sim(SimConfig(models=models, tokens_per_second=40.0, ttft_ms=80.0), "127.0.0.1", p, up))
+        asyncio.create_task(serve_sim(_demo_sim(models), "127.0.0.1", p, up))
         for p, models, up in zip(backend_ports, DEMO_MODELS, readiness, strict=True)
     ]
     # The proxy probes backends at start: let the runtimes listen first, as a deployment's would.
@@ -432,6 +448,13 @@ async def _demo(shown_rules: str, rules_dir: str, port: int, backend_ports: tupl
         task.cancel()
     await asyncio.gather(*sims, return_exceptions=True)
     return code
+
+
+def _demo_sim(models: tuple[str, ...]) -> SimConfig:
+    """A demo runtime: a prefix cache, so a conversation's next turn reports cached tokens and starts sooner,
+    and a mild batch slowdown, so concurrent requests slow each other a little, as on a real GPU."""
+    return SimConfig(models=models, tokens_per_second=40.0, ttft_ms=80.0, prefix_cache_tokens=32768,
+                     batch_slowdown=0.05)
 
 
 async def _all_listening(readiness: list[asyncio.Event], sims: list[asyncio.Task[None]]) -> bool:

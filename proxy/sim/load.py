@@ -21,6 +21,12 @@ import orjson
 # Prompts are filler words: the load needs sizes and repetition, not meaning.
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 REPEATED_PROMPTS = 8  # distinct temperature-0 prompts that repeat (a route cache answers all but the first)
+# Applications open every conversation with their own system prompt: a few long shared ones, so the runtimes'
+# prefix caches (and least_cost's prefix index, and the dashboards' prefix panels) see real reuse.
+SYSTEM_PROMPTS = tuple(
+    "You are assistant " + str(n) + ". " + " ".join(_WORDS[(n + i) % len(_WORDS)] for i in range(240))
+    for n in range(3)
+)
 REPORT_EVERY = 10.0  # seconds between summary lines when the load runs until stopped
 
 
@@ -54,17 +60,20 @@ class LoadSummary:
 
 
 def plan_request(config: LoadConfig, index: int, rng: random.Random) -> tuple[dict[str, Any], dict[str, str]]:
-    """Body and headers of request `index`: its subject, whether it streams, and whether it repeats."""
+    """Body and headers of request `index`: its subject, its system prompt (one of a few), whether it streams,
+    and whether it repeats."""
     if rng.random() < config.repeat_share:
         prompt = rng.randrange(REPEATED_PROMPTS)
         words = [_WORDS[(prompt + i) % len(_WORDS)] for i in range(12)]
         temperature = 0.0
+        system = SYSTEM_PROMPTS[prompt % len(SYSTEM_PROMPTS)]
     else:
         words = [rng.choice(_WORDS) for _ in range(rng.randint(8, 64))]
         temperature = 0.8
+        system = rng.choice(SYSTEM_PROMPTS)
     body: dict[str, Any] = {
         "model": config.model,
-        "messages": [{"role": "user", "content": " ".join(words)}],
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": " ".join(words)}],
         "max_tokens": rng.randint(1, config.max_tokens) if temperature else config.max_tokens,
         "temperature": temperature,
         "stream": rng.random() < config.stream_share,

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from proxy.sim import protocol as wire
+from proxy.sim.sequence import SequenceState
 
 __all__ = ["MessageJob", "count_tokens", "parse", "render_error"]
 
@@ -113,6 +114,8 @@ def parse(body: dict[str, Any], limits: wire.Limits, rng: random.Random) -> Mess
         prompt_tokens=prompt_tokens,
         tokens=wire.choose_tokens(rng, n, body.get("temperature"), *seed),
         stop_reason="max_tokens" if n == max_tokens else "end_turn",
+        system=body.get("system"),
+        messages=body["messages"],
     )
 
 
@@ -125,6 +128,25 @@ class MessageJob:
     prompt_tokens: int
     tokens: list[str]
     stop_reason: str
+    system: Any = None  # `system` and `messages` as sent (validated): read only by `prompt_text`
+    messages: Any = None
+    sequence: SequenceState | None = None
+
+    def _usage(self, output_tokens: int) -> dict[str, int]:
+        """Anthropic's usage. With the prefix cache on, `input_tokens` is what was not read from the cache, and
+        the cache reads are counted apart (Anthropic's semantics; nothing is billed as written to it)."""
+        state = self.sequence
+        if state is None or not state.reports_cache:
+            return {"input_tokens": self.prompt_tokens, "output_tokens": output_tokens}
+        return {
+            "input_tokens": self.prompt_tokens - state.cached_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": state.cached_tokens,
+            "output_tokens": output_tokens,
+        }
+
+    def _reports_cache(self) -> bool:
+        return self.sequence is not None and self.sequence.reports_cache
 
     def _message(self, content: list[dict[str, Any]], stop_reason: str | None, output_tokens: int) -> dict[str, Any]:
         return {
@@ -135,7 +157,7 @@ class MessageJob:
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": None,
-            "usage": {"input_tokens": self.prompt_tokens, "output_tokens": output_tokens},
+            "usage": self._usage(output_tokens),
         }
 
     def body(self) -> bytes:
@@ -143,6 +165,11 @@ class MessageJob:
         return orjson.dumps(self._message([text], self.stop_reason, len(self.tokens)))
 
     def head(self) -> bytes:
+        """The start, before the batch slot; with the prefix cache on it waits for the first token instead,
+        since its usage says what was read from the cache, known only once the runtime looked."""
+        return b"" if self._reports_cache() else self._start()
+
+    def _start(self) -> bytes:
         """`message_start` (usage so far: the prompt, and one output token as Anthropic reports it), the text
         block's start, and a `ping`."""
         start = {"type": "message_start", "message": self._message([], None, 1)}
@@ -150,9 +177,10 @@ class MessageJob:
         return wire.typed_sse(start) + wire.typed_sse(block) + wire.typed_sse({"type": "ping"})
 
     def frame(self, index: int, token: str) -> bytes:
-        return wire.typed_sse(
+        delta = wire.typed_sse(
             {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token}}
         )
+        return self._start() + delta if index == 0 and self._reports_cache() else delta
 
     def tail(self) -> tuple[bytes, ...]:
         delta = {
@@ -168,3 +196,11 @@ class MessageJob:
 
     def complete(self) -> None:
         pass
+
+    def prompt_text(self) -> str:
+        system = wire.turn_text("system", wire.content_text(self.system)) if self.system else ""
+        turns = (wire.turn_text(m["role"], wire.content_text(m["content"])) for m in self.messages or ())
+        return system + "".join(turns)
+
+    def context_text(self) -> str:
+        return self.prompt_text() + wire.turn_text("assistant", "".join(self.tokens))

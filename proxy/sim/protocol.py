@@ -1,23 +1,23 @@
-"""The OpenAI wire shapes the simulated runtime speaks (chat, completions, embeddings, models) and what every
-API layer shares: the `Generation`/`Pooling` interfaces the runtime drives, token choice, token counting, the
-OpenAI error body. Pure functions over parsed jobs; no I/O, no timing (that is `sim/runtime.py`). The other
-APIs' shapes are `sim/responses.py`, `sim/messages.py`, `sim/ranking.py`. Deterministic where the real thing
-is at temperature 0: same request, same text.
+"""The OpenAI wire shapes the simulated runtime speaks (chat, completions, models) and what every API layer
+shares: the `Generation`/`Pooling` interfaces the runtime drives, token choice, token counting, the canonical
+prompt text the prefix cache hashes, the OpenAI error body. Pure functions over parsed jobs; no I/O, no timing
+(that is `sim/runtime.py`). The other APIs' shapes are `sim/responses.py`, `sim/messages.py`,
+`sim/embeddings.py`, `sim/ranking.py`. Deterministic where the real thing is at temperature 0: same request,
+same text.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import math
 import random
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import orjson
 from aiohttp import web
+
+from proxy.sim.sequence import SequenceState
 
 # 64 one-word tokens; a token is a word followed by a space so token count == word count.
 WORDS: Final[tuple[str, ...]] = tuple(
@@ -75,6 +75,8 @@ class Generation(Protocol):
     rid: str  # the pacer's request id
     prompt_tokens: int
     tokens: list[str]  # one word per token, chosen by `choose_tokens`
+    # Set by the runtime, before `head`, only when the answer reports the prefix cache or timings: what to say.
+    sequence: SequenceState | None
 
     def body(self) -> bytes:
         """The whole non-streamed answer (JSON)."""
@@ -94,6 +96,16 @@ class Generation(Protocol):
 
     def complete(self) -> None:
         """Called once the whole answer was written (the Responses API remembers it here)."""
+        ...
+
+    def prompt_text(self) -> str:
+        """The prompt as one canonical text (`turn_text` per message), what the prefix cache hashes; computed
+        only when the cache is on."""
+        ...
+
+    def context_text(self) -> str:
+        """`prompt_text` followed by the answer as the client's next turn repeats it, so that turn's prompt
+        starts with it and finds it cached."""
         ...
 
 
@@ -117,6 +129,8 @@ class Job:
     prompt_tokens: int
     tokens: list[str]
     include_usage: bool = False
+    source: Any = None  # `messages` (chat) or `prompt` (completions), as sent: read only by `prompt_text`
+    sequence: SequenceState | None = None
 
     def body(self) -> bytes:
         return orjson.dumps(full_body(self))
@@ -134,6 +148,15 @@ class Job:
 
     def complete(self) -> None:
         pass
+
+    def prompt_text(self) -> str:
+        if not self.chat:
+            return self.source if isinstance(self.source, str) else "".join(self.source or ())
+        return "".join(turn_text(str(m.get("role")), content_text(m.get("content"))) for m in self.source or ())
+
+    def context_text(self) -> str:
+        answer = "".join(self.tokens)
+        return self.prompt_text() + (turn_text("assistant", answer) if self.chat else answer)
 
 
 def render_error(e: BadRequest) -> web.Response:
@@ -191,6 +214,21 @@ def content_chars(content: Any) -> int:
     raise invalid("message content must be a string, a list of content parts or null")
 
 
+def content_text(content: Any) -> str:
+    """The text of a validated message content: the same parts `content_chars` counts, joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def turn_text(role: str, text: str) -> str:
+    """One message in the canonical prompt text the prefix cache hashes. Every API renders a conversation as
+    these turns in order, so a next turn (the conversation, the answer, a new message) extends the last prompt."""
+    return f"<|{role}|>{text}\n"
+
+
 def chat_prompt_tokens(messages: Any) -> int:
     if not isinstance(messages, list) or not messages:
         raise invalid("`messages` must be a non-empty list")
@@ -240,17 +278,25 @@ def seeded_rng(*parts: Any) -> random.Random:
     return random.Random(int.from_bytes(digest, "little"))
 
 
-def embedding(text: str, dim: int) -> list[float]:
-    """A unit vector derived from the text only: same input, same vector, across runs and processes."""
-    rng = seeded_rng(text)
-    vec = [rng.gauss(0.0, 1.0) for _ in range(dim)]
-    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-    return [v / norm for v in vec]
-
-
-def usage(job: Job) -> dict[str, int]:
+def usage(job: Job) -> dict[str, Any]:
+    """OpenAI's usage; with the prefix cache on, vLLM's `prompt_tokens_details` (cached tokens are a part of
+    `prompt_tokens`, not apart from it)."""
     n = len(job.tokens)
-    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": n, "total_tokens": job.prompt_tokens + n}
+    out: dict[str, Any] = {
+        "prompt_tokens": job.prompt_tokens, "completion_tokens": n, "total_tokens": job.prompt_tokens + n
+    }
+    state = job.sequence
+    if state is not None and state.reports_cache:
+        out["prompt_tokens_details"] = {"cached_tokens": state.cached_tokens}
+    return out
+
+
+def add_timings(event: dict[str, Any], job: Job) -> dict[str, Any]:
+    """llama.cpp's `timings` beside the usage of the non-streamed body or the stream's last chunk, when asked."""
+    state = job.sequence
+    if state is not None and state.reports_timings:
+        event["timings"] = state.timings()
+    return event
 
 
 def full_body(job: Job) -> dict[str, Any]:
@@ -264,14 +310,14 @@ def full_body(job: Job) -> dict[str, Any]:
         obj = "text_completion"
     choice["finish_reason"] = "length"
     choice["logprobs"] = None
-    return {
+    return add_timings({
         "id": job.rid,
         "object": obj,
         "created": job.created,
         "model": job.model,
         "choices": [choice],
         "usage": usage(job),
-    }
+    }, job)
 
 
 def chunk(job: Job, index: int, token: str, last: bool) -> dict[str, Any]:
@@ -292,18 +338,20 @@ def chunk(job: Job, index: int, token: str, last: bool) -> dict[str, Any]:
     }
     if job.include_usage:
         out["usage"] = None
+    elif last:  # no usage chunk follows: the timings go on the last chunk, as llama.cpp puts them
+        add_timings(out, job)
     return out
 
 
 def usage_chunk(job: Job) -> dict[str, Any]:
-    return {
+    return add_timings({
         "id": job.rid,
         "object": "chat.completion.chunk" if job.chat else "text_completion",
         "created": job.created,
         "model": job.model,
         "choices": [],
         "usage": usage(job),
-    }
+    }, job)
 
 
 def sse(event: dict[str, Any]) -> bytes:
@@ -314,48 +362,3 @@ def typed_sse(event: dict[str, Any]) -> bytes:
     """An SSE event named by its `type` (the Responses and Messages APIs): `event: <type>` then `data:`."""
     name: str = event["type"]
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
-
-
-@dataclass(slots=True)
-class EmbeddingJob:
-    """One parsed embeddings request (a `Pooling`); the vectors are made only once it is answered."""
-
-    rid: str
-    model: str
-    prompt_tokens: int
-    texts: list[str]
-    fmt: str
-    dim: int
-
-    def body(self) -> bytes:
-        data = [
-            {"object": "embedding", "index": i, "embedding": encode_vector(embedding(t, self.dim), self.fmt)}
-            for i, t in enumerate(self.texts)
-        ]
-        usage = {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}
-        return orjson.dumps({"object": "list", "data": data, "model": self.model, "usage": usage})
-
-
-def parse_embeddings(body: dict[str, Any], models: tuple[str, ...], dim: int, rid: str) -> EmbeddingJob:
-    model = model_of(body, models)
-    texts = embedding_inputs(body.get("input"))
-    fmt = body.get("encoding_format", "float")
-    if fmt not in ("float", "base64"):
-        raise invalid("`encoding_format` must be 'float' or 'base64'")
-    prompt_tokens = sum(max(1, len(t) // 4) for t in texts)
-    return EmbeddingJob(rid, model, prompt_tokens, texts, fmt, dim)
-
-
-def embedding_inputs(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return value
-    raise invalid("`input` must be a string or a non-empty list of strings")
-
-
-def encode_vector(vec: list[float], fmt: str) -> list[float] | str:
-    """`base64` is little-endian float32, as OpenAI and vLLM send it (the openai SDK asks for it)."""
-    if fmt == "float":
-        return vec
-    return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()

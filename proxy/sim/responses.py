@@ -17,6 +17,7 @@ from typing import Any, Final
 import orjson
 
 from proxy.sim import protocol as wire
+from proxy.sim.sequence import SequenceState
 
 __all__ = ["ResponseJob", "ResponseStore", "Stored", "not_found", "parse"]
 
@@ -30,6 +31,7 @@ class Stored:
     body: dict[str, Any]
     context_tokens: int  # the conversation so far: its input plus its output
     text: str
+    context: str = ""  # the conversation as the prefix cache hashes it (`ResponseJob.context_text`); "" when off
 
 
 class ResponseStore:
@@ -93,6 +95,22 @@ def _input_tokens(value: Any, instructions: str | None) -> int:
     return max(1, chars // 4) + 4 * messages
 
 
+def _input_text(value: Any) -> str:
+    """`input` (validated by `_input_tokens`) as canonical turns: a string is the user's; an item without
+    `content` (a tool's output) is its `type`'s turn."""
+    if isinstance(value, str):
+        return wire.turn_text("user", value)
+    parts = []
+    for item in value or ():
+        role = str(item.get("role") or item.get("type"))
+        if "content" in item:
+            parts.append(wire.turn_text(role, wire.content_text(item["content"])))
+        else:
+            output = item.get("output")
+            parts.append(wire.turn_text(role, output if isinstance(output, str) else ""))
+    return "".join(parts)
+
+
 def parse(
     body: dict[str, Any], limits: wire.Limits, rng: random.Random, store: ResponseStore
 ) -> ResponseJob:
@@ -136,6 +154,9 @@ def parse(
         tokens=tokens,
         echo=echo,
         store=store if remember else None,
+        instructions=instructions,
+        prompt_input=body["input"],
+        prev_context=prev.context if prev else "",
     )
 
 
@@ -153,6 +174,11 @@ class ResponseJob:
     store: ResponseStore | None  # where `complete` remembers it; None with `store: false`
     seq: int = 0  # the next event's sequence_number
     final: dict[str, Any] | None = None  # the completed response object, built once
+    instructions: str | None = None
+    prompt_input: Any = None  # `input` as sent (validated): read only by `prompt_text`
+    prev_context: str = ""  # the `previous_response_id` conversation's text, when the prefix cache is on
+    sequence: SequenceState | None = None
+    context: str | None = None  # `context_text`, built once, stored with the response for a follow-up
 
     def _event(self, event: dict[str, Any]) -> bytes:
         event["sequence_number"] = self.seq
@@ -193,9 +219,11 @@ class ResponseJob:
     def _final(self) -> dict[str, Any]:
         if self.final is None:
             n = len(self.tokens)
+            state = self.sequence
+            cached = state.cached_tokens if state is not None and state.reports_cache else 0  # part of input_tokens
             usage = {
                 "input_tokens": self.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": cached},
                 "output_tokens": n,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.prompt_tokens + n,
@@ -258,4 +286,15 @@ class ResponseJob:
         if self.store is not None:
             final = self._final()
             text = final["output"][0]["content"][0]["text"]
-            self.store.put(self.rid, Stored(final, self.prompt_tokens + len(self.tokens), text))
+            self.store.put(self.rid, Stored(final, self.prompt_tokens + len(self.tokens), text, self.context or ""))
+
+    def prompt_text(self) -> str:
+        """The previous response's conversation, the instructions, then the input: a follow-up by
+        `previous_response_id` and a client resending the whole conversation both extend the last prompt."""
+        instructions = wire.turn_text("system", self.instructions) if self.instructions else ""
+        return self.prev_context + instructions + _input_text(self.prompt_input)
+
+    def context_text(self) -> str:
+        if self.context is None:
+            self.context = self.prompt_text() + wire.turn_text("assistant", "".join(self.tokens))
+        return self.context

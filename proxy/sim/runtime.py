@@ -3,9 +3,10 @@
 Integration tests, the demo and the benchmarks need an upstream with real wire behaviour (SSE framing,
 batch queueing, mid-stream crashes, client-disconnect cancellation) and controllable timing. With
 `ttft_ms=0, tokens_per_second=0` it never sleeps, so the per-request path is kept lean for benchmarks.
-This module owns timing, batching, failures, disconnects and HTTP, once for every API (`_generate`, `_stream`,
-`_pool`); the wire shapes are `sim/protocol.py` (OpenAI chat, completions, embeddings), `sim/responses.py`
-(OpenAI Responses), `sim/messages.py` (Anthropic Messages), `sim/ranking.py` (rerank, score).
+This module owns failures, disconnects and HTTP, once for every API (`_generate`, `_stream`, `_pool`); slots,
+prefix cache and pacing are `sim/engine.py`, the knobs `sim/config.py`; the wire shapes are `sim/protocol.py`
+(OpenAI chat, completions), `sim/embeddings.py`, `sim/responses.py` (OpenAI Responses), `sim/messages.py`
+(Anthropic Messages), `sim/ranking.py` (rerank, score).
 """
 
 from __future__ import annotations
@@ -14,56 +15,19 @@ import asyncio
 import random
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from proxy.sim import messages, ranking, responses
+from proxy.sim import embeddings, messages, ranking, responses
 from proxy.sim import protocol as wire
+from proxy.sim.config import Pacer, SimConfig, SimStats
+from proxy.sim.engine import Engine
+from proxy.sim.sequence import SequenceState
 
 __all__ = ["Pacer", "SimConfig", "SimRuntime", "SimStats", "serve"]
-
-
-@dataclass(frozen=True, slots=True)
-class SimConfig:
-    """Knobs of one simulated runtime; the defaults look like a small model on one GPU."""
-
-    models: tuple[str, ...] = ("sim-model",)
-    tokens_per_second: float = 50.0  # decode speed per running request; 0 = no delay between tokens
-    ttft_ms: float = 20.0  # base time to first token
-    prefill_tokens_per_second: float = 20000.0  # TTFT grows by prompt_tokens / this (0 = no growth)
-    max_batch: int = 16  # requests generating at once; the rest wait FIFO (vLLM "waiting")
-    fail_rate: float = 0.0  # share of requests answered 500 with the API's error body
-    stream_fail_rate: float = 0.0  # share of streams cut mid-way (transport aborted after some chunks)
-    # Completion length when the request has no max_tokens; for Anthropic Messages (whose max_tokens is a
-    # required cap) the natural answer length, stopping with `end_turn`.
-    default_max_tokens: int = 32
-    max_context: int = 0  # prompt + max_tokens above this is refused as vLLM does (400); 0 = no limit
-    embedding_dim: int = 8
-    seed: int | None = None  # RNG seed for failure draws and non-deterministic text
-
-
-@dataclass(slots=True)
-class SimStats:
-    """Live counters; tests read them to observe what the proxy did to the upstream."""
-
-    requests: int = 0  # JSON requests received (every POST: inference, pooling, count_tokens)
-    running: int = 0
-    waiting: int = 0
-    completed: int = 0  # generations and pooling requests answered in full
-    failed: int = 0  # injected 500s
-    cut: int = 0  # injected stream cuts
-    cancelled: int = 0  # client (the proxy) went away before the response was complete
-
-
-class Pacer(Protocol):
-    """Awaited before emitting token `index` (0-based) of request `request_id`; replaces all sleeping."""
-
-    async def __call__(self, request_id: str, index: int) -> None: ...
 
 
 class _Headers(dict[str, str]):
@@ -86,7 +50,7 @@ class _Headers(dict[str, str]):
 
 
 class SimRuntime:
-    """One simulated runtime: its config, live stats, batch slots and the aiohttp app serving it."""
+    """One simulated runtime: its config, live stats, engine (slots, cache, pacing) and the aiohttp app."""
 
     __slots__ = (
         "config",
@@ -94,34 +58,23 @@ class SimRuntime:
         "last_headers",
         "last_body",
         "cancelled_event",
-        "_pacer",
+        "_engine",
         "_rng",
         "_seq",
-        "_free",
-        "_waiters",
-        "_ttft",
-        "_gap",
         "_metric_label",
         "_responses",
     )
 
     def __init__(self, config: SimConfig, pacer: Pacer | None = None) -> None:
-        if config.max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
-        if not config.models:
-            raise ValueError("at least one model is required")
+        config.validate()
         self.config = config
         self.stats = SimStats()
         self.last_headers: dict[str, str] | None = None
         self.last_body: dict[str, Any] | None = None
         self.cancelled_event = asyncio.Event()
-        self._pacer = pacer
+        self._engine = Engine(config, self.stats, pacer)
         self._rng = random.Random(config.seed)
         self._seq = 0
-        self._free = config.max_batch
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._ttft = config.ttft_ms / 1000.0
-        self._gap = 1.0 / config.tokens_per_second if config.tokens_per_second > 0 else 0.0
         self._metric_label = orjson.dumps(config.models[0]).decode()
         self._responses = responses.ResponseStore()
 
@@ -142,68 +95,6 @@ class SimRuntime:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         return app
-
-    # ---- batch slots: a FIFO hand-off so a freed slot goes to the oldest waiter, never to a newcomer
-
-    async def _acquire(self) -> None:
-        stats = self.stats
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            stats.running += 1
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        stats.waiting += 1
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.cancelled():  # still queued (or popped after cancel): leave the queue
-                stats.waiting -= 1
-                try:
-                    self._waiters.remove(fut)
-                except ValueError:
-                    pass
-            else:  # a slot was handed over just before the cancel: pass it on
-                self._release()
-            raise
-
-    def _release(self) -> None:
-        stats = self.stats
-        stats.running -= 1
-        waiters = self._waiters
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                stats.waiting -= 1
-                stats.running += 1
-                fut.set_result(None)
-                return
-        self._free += 1
-
-    # ---- pacing
-
-    def _ttft_for(self, prompt_tokens: int) -> float:
-        pps = self.config.prefill_tokens_per_second
-        return self._ttft + (prompt_tokens / pps if pps > 0 else 0.0)
-
-    async def _pace(self, rid: str, index: int, prompt_tokens: int) -> None:
-        """Wait before token `index`: the custom pacer if any, else TTFT before token 0, a gap after."""
-        if self._pacer is not None:
-            await self._pacer(rid, index)
-            return
-        delay = self._ttft_for(prompt_tokens) if index == 0 else self._gap
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-    async def _pace_all(self, job: wire.Generation) -> None:
-        """Pace a whole non-streamed generation; with the default pacer this is one sleep, not n."""
-        if self._pacer is not None:
-            for i in range(len(job.tokens)):
-                await self._pacer(job.rid, i)
-            return
-        delay = self._ttft_for(job.prompt_tokens) + self._gap * (len(job.tokens) - 1)
-        if delay > 0:
-            await asyncio.sleep(delay)
 
     # ---- common request handling
 
@@ -251,6 +142,7 @@ class SimRuntime:
             prompt_tokens=prompt_tokens,
             tokens=wire.choose_tokens(self._rng, n, body.get("temperature"), model, source, n),
             include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
+            source=source,
         )
 
     def _parse_chat(self, body: dict[str, Any]) -> wire.Generation:
@@ -267,7 +159,7 @@ class SimRuntime:
 
     def _parse_embeddings(self, body: dict[str, Any]) -> wire.Pooling:
         self._seq += 1
-        return wire.parse_embeddings(body, self.config.models, self.config.embedding_dim, f"embd-{self._seq}")
+        return embeddings.parse_embeddings(body, self.config.models, self.config.embedding_dim, f"embd-{self._seq}")
 
     def _parse_rerank(self, body: dict[str, Any]) -> wire.Pooling:
         return ranking.parse_rerank(body, self.config.models)
@@ -312,14 +204,18 @@ class SimRuntime:
                 return render(e)
             if self._draw_failure():
                 return render(wire.FAILURE)
+            engine = self._engine
+            state = engine.sequence(job)
             if body.get("stream") is True:
-                return await self._stream(request, job)
-            await self._acquire()
+                return await self._stream(request, job, state)
+            await engine.slots.acquire()
             try:
-                await self._pace_all(job)
+                engine.admit(job, state)
+                await engine.pace_all(job, state)
             finally:
-                self._release()
+                engine.leave(state)
             self.stats.completed += 1
+            engine.remember(job)
             out = job.body()
             job.complete()
             return web.Response(body=out, content_type=wire.JSON)
@@ -327,9 +223,10 @@ class SimRuntime:
             self._note_cancel()
             raise
 
-    async def _stream(self, request: web.Request, job: wire.Generation) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, job: wire.Generation, state: SequenceState) -> web.StreamResponse:
         """Each token's frame is its own write, so an unbuffered relay is observable. The head (events the
         API sends before generating, e.g. `response.created`) goes out before the batch slot is taken."""
+        engine = self._engine
         n = len(job.tokens)
         rate = self.config.stream_fail_rate
         cut_after = max(1, n // 2) if rate > 0 and self._rng.random() < rate else 0
@@ -339,10 +236,11 @@ class SimRuntime:
             head = job.head()
             if head:
                 await resp.write(head)
-            await self._acquire()
+            await engine.slots.acquire()
             try:
+                engine.admit(job, state)
                 for i, token in enumerate(job.tokens):
-                    await self._pace(job.rid, i, job.prompt_tokens)
+                    await engine.pace(job.rid, i, state)
                     await resp.write(job.frame(i, token))
                     if i + 1 == cut_after:
                         self._cut(request)
@@ -350,12 +248,13 @@ class SimRuntime:
                 for part in job.tail():
                     await resp.write(part)
             finally:
-                self._release()
+                engine.leave(state)
             await resp.write_eof()
         except ConnectionError:  # the write noticed the client left before the cancellation arrived
             self._note_cancel()
             return resp
         self.stats.completed += 1
+        engine.remember(job)
         job.complete()
         return resp
 
@@ -381,11 +280,12 @@ class SimRuntime:
                 return render(e)
             if self._draw_failure():
                 return render(wire.FAILURE)
-            await self._acquire()
+            slots = self._engine.slots
+            await slots.acquire()
             try:
-                await self._pace(job.rid, 0, job.prompt_tokens)
+                await self._engine.pace(job.rid, 0, SequenceState(job.prompt_tokens))
             finally:
-                self._release()
+                slots.release()
             self.stats.completed += 1
             return web.Response(body=job.body(), content_type=wire.JSON)
         except asyncio.CancelledError:
@@ -440,10 +340,20 @@ class SimRuntime:
             "# TYPE vllm:request_success_total counter\n"
             f"vllm:request_success_total{label} {s.completed}\n"
         )
+        cache = self._engine.cache
+        if cache is not None:
+            text += (
+                "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+                "# TYPE vllm:kv_cache_usage_perc gauge\n"
+                f"vllm:kv_cache_usage_perc{label} {self._engine.kv_cache_usage()}\n"
+                "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.\n"
+                "# TYPE vllm:prefix_cache_queries_total counter\n"
+                f"vllm:prefix_cache_queries_total{label} {cache.queried_tokens}\n"
+                "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.\n"
+                "# TYPE vllm:prefix_cache_hits_total counter\n"
+                f"vllm:prefix_cache_hits_total{label} {cache.hit_tokens}\n"
+            )
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
-
-
-# ---- response bodies
 
 
 async def serve(config: SimConfig, host: str, port: int, ready: asyncio.Event | None = None,

@@ -19,6 +19,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer, unused_port
 
+from proxy.sim import protocol as wire
+from proxy.sim.prefix_cache import block_hashes
 from proxy.sim.runtime import SimConfig, SimRuntime, serve
 
 INSTANT = SimConfig(ttft_ms=0, tokens_per_second=0, prefill_tokens_per_second=0, seed=1)
@@ -424,3 +426,155 @@ async def test_serve_runs_until_cancelled() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# ---- prefix cache, batch slowdown, llama.cpp timings
+
+CACHED = SimConfig(ttft_ms=0, tokens_per_second=0, prefill_tokens_per_second=0, seed=1, prefix_cache_tokens=4096)
+LONG = "a fairly long user question that spans several cache blocks of sixty-four characters " * 3
+
+
+def usage_chunk_of(raw: bytes) -> dict[str, Any]:
+    events = sse_events(raw)
+    assert events[-1] == b"[DONE]"
+    last: dict[str, Any] = orjson.loads(events[-2])
+    assert last["choices"] == []
+    return last
+
+
+async def test_a_repeated_prompt_reports_cached_tokens(aiohttp_client: ClientFactory) -> None:
+    _, client = await make(aiohttp_client, CACHED)
+    first = (await (await client.post(CHAT, json=chat_body(LONG, max_tokens=2))).json())["usage"]
+    again = (await (await client.post(CHAT, json=chat_body(LONG, max_tokens=2))).json())["usage"]
+    other = (await (await client.post(CHAT, json=chat_body(LONG.upper(), max_tokens=2))).json())["usage"]
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert 0 < again["prompt_tokens_details"]["cached_tokens"] < again["prompt_tokens"]
+    assert other["prompt_tokens_details"] == {"cached_tokens": 0}
+    streamed = chat_body(LONG, max_tokens=2, stream=True, stream_options={"include_usage": True})
+    usage = usage_chunk_of(await (await client.post(CHAT, json=streamed)).read())["usage"]
+    assert usage["prompt_tokens_details"] == again["prompt_tokens_details"]
+
+
+async def test_a_prompt_of_whole_blocks_still_computes_one_token(aiohttp_client: ClientFactory) -> None:
+    _, client = await make(aiohttp_client, CACHED)
+    body = {"model": "sim-model", "prompt": "b" * 64 * 4, "max_tokens": 1}  # 4 blocks, 64 tokens
+    await client.post("/v1/completions", json=body)
+    usage = (await (await client.post("/v1/completions", json=body)).json())["usage"]
+    assert (usage["prompt_tokens"], usage["prompt_tokens_details"]) == (64, {"cached_tokens": 63})
+
+
+async def test_a_conversations_next_turn_hits_the_previous_prompt(aiohttp_client: ClientFactory) -> None:
+    _, client = await make(aiohttp_client, CACHED)
+    turn = [{"role": "system", "content": "You answer briefly. " * 4}, {"role": "user", "content": LONG}]
+    answer = (await (await client.post(CHAT, json={"model": "sim-model", "messages": turn})).json())
+    text = answer["choices"][0]["message"]["content"]
+    following = [*turn, {"role": "assistant", "content": text}, {"role": "user", "content": "and then?"}]
+    usage = (await (await client.post(CHAT, json={"model": "sim-model", "messages": following})).json())["usage"]
+    rendered = "".join(wire.turn_text(m["role"], m["content"]) for m in turn)
+    previous_blocks = len(block_hashes(rendered, 16 * 4))
+    assert previous_blocks >= 3
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= previous_blocks * 16
+    assert usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+
+
+async def test_bodies_are_unchanged_without_the_new_options(aiohttp_client: ClientFactory) -> None:
+    _, client = await make(aiohttp_client)
+    _, other = await make(aiohttp_client, SimConfig(ttft_ms=0, tokens_per_second=0, prefill_tokens_per_second=0,
+                                                    seed=1, batch_slowdown=0.5))
+    for c in (client, other):
+        await c.post(CHAT, json=chat_body(LONG, max_tokens=3, temperature=0))
+        data = await (await c.post(CHAT, json=chat_body(LONG, max_tokens=3, temperature=0))).json()  # a repeat
+        assert set(data) == {"id", "object", "created", "model", "choices", "usage"}
+        assert set(data["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+        streamed = chat_body(LONG, max_tokens=2, stream=True, stream_options={"include_usage": True})
+        chunk = usage_chunk_of(await (await c.post(CHAT, json=streamed)).read())
+        assert set(chunk) == {"id", "object", "created", "model", "choices", "usage"}
+        metrics = await (await c.get("/metrics")).text()
+        assert "kv_cache_usage_perc" not in metrics and "prefix_cache" not in metrics
+
+
+async def test_timings_only_when_asked(aiohttp_client: ClientFactory) -> None:
+    _, client = await make(aiohttp_client, SimConfig(ttft_ms=0, tokens_per_second=0, report_timings=True))
+    data = await (await client.post(CHAT, json=chat_body(LONG, max_tokens=3))).json()
+    assert set(data["timings"]) == {"cache_n", "prompt_n", "prompt_ms", "prompt_per_second", "predicted_n",
+                                    "predicted_ms", "predicted_per_second"}
+    assert (data["timings"]["prompt_n"], data["timings"]["cache_n"]) == (data["usage"]["prompt_tokens"], 0)
+    assert data["timings"]["predicted_n"] == 3
+    assert "prompt_tokens_details" not in data["usage"]  # the cache is off
+    # Without a usage chunk, the stream's last chunk carries them, as llama.cpp's does.
+    events = sse_events(await (await client.post(CHAT, json=chat_body(max_tokens=2, stream=True))).read())
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    assert ["timings" in c for c in chunks] == [False, True]
+    _, quiet = await make(aiohttp_client)
+    assert "timings" not in await (await quiet.post(CHAT, json=chat_body(max_tokens=2))).json()
+
+
+async def test_prompt_ms_is_prefill_only_not_the_wait_for_a_slot(aiohttp_client: ClientFactory) -> None:
+    pacer = GatePacer(hold_at=0)
+    config = SimConfig(ttft_ms=5, tokens_per_second=100, prefill_tokens_per_second=1000, max_batch=1,
+                       report_timings=True)
+    sim, client = await make(aiohttp_client, config, pacer)
+    body = chat_body(LONG, max_tokens=3, stream=True, stream_options={"include_usage": True})
+    resp_a = await client.post(CHAT, json=body)
+    rid_a = await pacer.next_arrival()
+    resp_b = await client.post(CHAT, json=body)  # queued behind A for as long as the test holds A
+    assert (sim.stats.running, sim.stats.waiting) == (1, 1)
+    pacer.gates[rid_a].set()
+    usage_chunk_of(await resp_a.read())
+    pacer.gates[await pacer.next_arrival()].set()
+    last = usage_chunk_of(await resp_b.read())
+    prompt_tokens = last["usage"]["prompt_tokens"]
+    assert last["timings"]["prompt_n"] == prompt_tokens
+    assert last["timings"]["prompt_ms"] == pytest.approx(5 + prompt_tokens / 1000 * 1000)
+    assert last["timings"]["predicted_ms"] == pytest.approx(2 * 10)  # two gaps at 100 tokens/s
+
+
+async def test_batch_slowdown_applies_to_prefill_and_decode(aiohttp_client: ClientFactory) -> None:
+    # With slowdown 1.0 two running sequences each go at half speed; computed times, not wall time, are checked.
+    pacer = GatePacer(hold_at=0)
+    config = SimConfig(ttft_ms=10, tokens_per_second=100, prefill_tokens_per_second=0, max_batch=2,
+                       batch_slowdown=1.0, report_timings=True)
+    _, client = await make(aiohttp_client, config, pacer)
+    body = chat_body(max_tokens=4, stream=True, stream_options={"include_usage": True})
+    resp_a = await client.post(CHAT, json=body)
+    rid_a = await pacer.next_arrival()  # A's prefill was computed alone
+    resp_b = await client.post(CHAT, json=body)
+    rid_b = await pacer.next_arrival()  # B's prefill was computed beside A
+    pacer.gates[rid_a].set()  # A decodes while B still holds its slot
+    timings_a = usage_chunk_of(await resp_a.read())["timings"]
+    pacer.gates[rid_b].set()  # B decodes alone
+    timings_b = usage_chunk_of(await resp_b.read())["timings"]
+    assert (timings_a["prompt_ms"], timings_b["prompt_ms"]) == (pytest.approx(10), pytest.approx(20))
+    assert (timings_a["predicted_ms"], timings_b["predicted_ms"]) == (pytest.approx(60), pytest.approx(30))
+
+
+async def test_a_non_streamed_answer_under_slowdown_is_paced_in_segments(aiohttp_client: ClientFactory) -> None:
+    config = SimConfig(ttft_ms=0, tokens_per_second=100000, prefill_tokens_per_second=0, batch_slowdown=0.5,
+                       report_timings=True)
+    _, client = await make(aiohttp_client, config)
+    data = await (await client.post(CHAT, json=chat_body(max_tokens=30))).json()
+    assert data["timings"]["predicted_n"] == 30
+    assert data["timings"]["predicted_ms"] == pytest.approx(29 * 0.01)  # alone: full speed
+
+
+async def test_kv_cache_gauge_and_prefix_counters(aiohttp_client: ClientFactory) -> None:
+    pacer = GatePacer(hold_at=1)
+    sim, client = await make(aiohttp_client, CACHED, pacer)
+    resp = await client.post(CHAT, json=chat_body(LONG, max_tokens=3, stream=True))
+    rid = await pacer.next_arrival()  # holds its slot, one token generated
+    prompt_tokens = wire.chat_prompt_tokens([{"role": "user", "content": LONG}])
+    metrics = await (await client.get("/metrics")).text()
+    assert "# TYPE vllm:kv_cache_usage_perc gauge\n" in metrics
+    assert f'vllm:kv_cache_usage_perc{{model_name="sim-model"}} {(prompt_tokens + 1) / 4096}\n' in metrics
+    assert f'vllm:prefix_cache_queries_total{{model_name="sim-model"}} {prompt_tokens}\n' in metrics
+    assert 'vllm:prefix_cache_hits_total{model_name="sim-model"} 0\n' in metrics
+    pacer.gates[rid].set()
+    await resp.read()
+    again = await client.post(CHAT, json=chat_body(LONG, max_tokens=3, stream=True))
+    pacer.gates[await pacer.next_arrival()].set()
+    await again.read()
+    metrics = await (await client.get("/metrics")).text()
+    assert 'vllm:kv_cache_usage_perc{model_name="sim-model"} 0.0\n' in metrics
+    assert f'vllm:prefix_cache_queries_total{{model_name="sim-model"}} {2 * prompt_tokens}\n' in metrics
+    assert 'vllm:prefix_cache_hits_total{model_name="sim-model"} 0\n' not in metrics
+    assert sim.stats.running == 0

@@ -212,6 +212,23 @@ async def test_responses_temperature_zero_is_deterministic(sim: SimFactory) -> N
     assert texts[0] == texts[1] == texts[2]
 
 
+async def test_responses_report_cached_input_tokens_with_the_prefix_cache(sim: SimFactory) -> None:
+    _, server = await sim(prefix_cache_tokens=4096)
+    long_input = "a question long enough to fill a few sixty-four character blocks " * 3
+    async with oai_client(server) as oai:
+        first = await oai.responses.create(model="sim-model", input=long_input, max_output_tokens=3)
+        follow = await oai.responses.create(model="sim-model", input="and?", max_output_tokens=3,
+                                            previous_response_id=first.id)
+        stream = await oai.responses.create(model="sim-model", input=long_input, max_output_tokens=2, stream=True)
+        completed = [event async for event in stream][-1]
+    assert first.usage is not None and follow.usage is not None
+    assert first.usage.input_tokens_details.cached_tokens == 0
+    # The follow-up's prompt starts with the whole previous conversation, which the cache holds.
+    assert 0 < follow.usage.input_tokens_details.cached_tokens < follow.usage.input_tokens
+    assert completed.type == "response.completed" and completed.response.usage is not None
+    assert 0 < completed.response.usage.input_tokens_details.cached_tokens < completed.response.usage.input_tokens
+
+
 # ---- Anthropic Messages
 
 
@@ -513,3 +530,40 @@ async def test_count_tokens_records_the_clients_key_header(sim: SimFactory) -> N
                                 headers={"X-Api-Key": "client-key"}) as resp:
             assert await resp.json() == {"input_tokens": 5}
     assert runtime.last_headers is not None and runtime.last_headers["x-api-key"] == "client-key"
+
+
+async def test_messages_count_cache_reads_apart_from_input_tokens(sim: SimFactory) -> None:
+    _, server = await sim(prefix_cache_tokens=4096)
+    messages: Any = [{"role": "user", "content": "a question long enough to fill several cache blocks " * 4}]
+    system = "You are a terse assistant. " * 5
+    async with claude_client(server) as claude:
+        prompt_tokens = (await claude.messages.count_tokens(model="sim-model", system=system,
+                                                            messages=messages)).input_tokens
+        first = await claude.messages.create(model="sim-model", max_tokens=4, system=system, messages=messages)
+        again = await claude.messages.create(model="sim-model", max_tokens=4, system=system, messages=messages)
+        async with claude.messages.stream(model="sim-model", max_tokens=4, system=system, messages=messages) as stream:
+            streamed = await stream.get_final_message()
+    assert (first.usage.input_tokens, first.usage.cache_read_input_tokens) == (prompt_tokens, 0)
+    assert first.usage.cache_creation_input_tokens == 0
+    read = again.usage.cache_read_input_tokens
+    assert read is not None and 0 < read < prompt_tokens
+    assert again.usage.input_tokens == prompt_tokens - read  # Anthropic's input_tokens excludes cache reads
+    assert (streamed.usage.input_tokens, streamed.usage.cache_read_input_tokens) == (prompt_tokens - read, read)
+
+
+async def test_messages_stream_start_says_the_cache_reads(sim: SimFactory) -> None:
+    # With the cache on, message_start goes out with the first token, once the runtime looked the prompt up
+    # (before, it could not say what was read from the cache); the events and their order are unchanged.
+    _, server = await sim(prefix_cache_tokens=4096)
+    body = {"model": "sim-model", "max_tokens": 2, "messages": [{"role": "user", "content": "blocks " * 40}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url(server, "/v1/messages"), json=body) as resp:
+            prompt_tokens = (await resp.json())["usage"]["input_tokens"]
+        async with session.post(url(server, "/v1/messages"), json={**body, "stream": True}) as resp:
+            events = typed_events(await resp.read())
+    assert [name for name, _ in events] == MESSAGE_EVENTS_HEAD + ["content_block_delta"] * 2 + MESSAGE_EVENTS_TAIL
+    usage = events[0][1]["message"]["usage"]
+    read = usage["cache_read_input_tokens"]
+    assert 0 < read < prompt_tokens
+    assert usage == {"input_tokens": prompt_tokens - read, "cache_creation_input_tokens": 0,
+                     "cache_read_input_tokens": read, "output_tokens": 1}
