@@ -72,7 +72,7 @@ def _route(route: Route) -> dict[str, Any]:
         "models": list(route.models),
         "endpoints": list(route.endpoints),
         "variants": [{"name": v.name, "pool": v.pool.name, "weight": v.weight} for v in route.variants],
-        "balance": route.balance,
+        "balance": asdict(route.balance),
         "timeouts": asdict(route.timeouts),
         "source": route.source,
     }

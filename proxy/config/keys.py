@@ -7,7 +7,7 @@ loader share: a new key goes there first (tests/unit/test_schema.py checks both 
 from __future__ import annotations
 
 from proxy.config.model import Pool, Rollout, Shadow
-from proxy.config.schema import allowed_keys
+from proxy.config.schema import RULES_SCHEMA, allowed_keys
 
 RULE_SUFFIXES = (".yaml", ".yml")
 TOP_KEYS = allowed_keys()
@@ -27,6 +27,7 @@ MATCH_KEYS = allowed_keys("match")
 SPLIT_KEYS = allowed_keys("split")
 VARIANT_KEYS = allowed_keys("variant")
 STICKY_KEYS = allowed_keys("sticky")
+BALANCE_KEYS = tuple(RULES_SCHEMA["$defs"]["balance"]["anyOf"][1]["properties"])
 ROLLOUT_KEYS = allowed_keys("rollout")
 FEEDBACK_KEYS = allowed_keys("feedback")
 WEBHOOK_KEYS = allowed_keys("webhook")

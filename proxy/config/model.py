@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 BACKEND_KINDS = ("vllm", "llamacpp", "ollama", "tgi", "openai")
-BALANCE_POLICIES = ("least_cost", "least_conn", "round_robin")
+BALANCE_POLICIES = ("least_cost", "least_conn", "round_robin", "consistent_hash")
 ENDPOINTS = ("chat", "completions", "embeddings", "responses", "messages", "rerank", "score")
 # rollout.webhooks[].events: one per transition a rollout makes (`delivery/state.py` ACTIONS, past tense)
 WEBHOOK_EVENTS = ("started", "advanced", "held", "promoted", "rolled_back", "paused", "resumed", "aborted")
@@ -75,7 +75,8 @@ class Backend:
     kind: str = "openai"
     weight: float = 1.0
     max_inflight: int = 0  # 0 = unlimited
-    concurrency: int = 1  # requests the runtime decodes at once at full speed (vLLM max_num_seqs, llama.cpp --parallel)
+    concurrency: int = 1  # the runtime's batch slots (vLLM max_num_seqs, llama.cpp --parallel); more wait there
+    cache_tokens: int = 0  # the runtime's prefix (KV) cache in tokens; 0 = learned from what it reports
     api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +117,26 @@ class Sticky:
     by: str
     header: str | None = None  # lower-cased header name when by == 'header'
     ttl: float = DEFAULT_STICKY_TTL
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Whose key a request carries (`consistent_hash`'s `by`, in `split.sticky.by`'s syntax): a header's
+    value ('header'), the body's `user` ('user'), or a hash of the bearer key ('api_key')."""
+
+    by: str
+    header: str | None = None  # lower-cased header name when by == 'header'
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """How a pool picks a backend (`balance:`). `prefix`: least_cost prices what each runtime's prefix cache
+    probably holds (`upstream/prefix.py`); `by`: the key consistent_hash keeps on one backend (requests
+    without one go by least_cost)."""
+
+    policy: str = "least_cost"
+    prefix: bool = True
+    by: Subject | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +273,7 @@ class Route:
     endpoints: tuple[str, ...]  # subset of ENDPOINTS; empty = all
     variants: tuple[Variant, ...]
     timeouts: Timeouts = Timeouts()
-    balance: str = "least_cost"
+    balance: Balance = Balance()
     source: str = ""  # "file:line" where the route is defined, for messages
     retry_attempts: int = 3  # tries per request (first included), only before a byte reached the client
     runtime_load: bool = False  # fold the runtimes' own queue depth (their /metrics) into the balancer

@@ -32,7 +32,7 @@ from proxy.config.keys import (
     WEBHOOK_KEYS,
 )
 from proxy.config.model import (
-    BALANCE_POLICIES,
+    Balance,
     DEFAULT_STICKY_TTL,
     ENDPOINTS,
     WEBHOOK_EVENTS,
@@ -47,7 +47,7 @@ from proxy.config.model import (
     Variant,
     Webhook,
 )
-from proxy.config.sections import reference, references, timeouts_from
+from proxy.config.sections import HEADER_TOKEN, balance_from, reference, references, subject_from, timeouts_from
 from proxy.config.yamlread import (
     Entry,
     Errors,
@@ -61,7 +61,6 @@ from proxy.config.yamlread import (
     suggest,
 )
 
-_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 UNFORWARDABLE_HEADERS = frozenset({
     "authorization", "x-api-key", "cookie", "host", "content-length", "content-type", "transfer-encoding",
     "connection", "keep-alive", "te", "trailer", "upgrade", "expect", "accept", "accept-encoding",
@@ -75,7 +74,7 @@ class RouteContext:
 
     pools: Mapping[str, Pool | None]
     timeouts: Timeouts
-    balance: str
+    balance: Balance
     errors: Errors
     tenants: Mapping[str, object] = field(default_factory=dict)  # defined tenant names (valid or not)
     seen: dict[str, Loc] = field(default_factory=dict)
@@ -180,19 +179,11 @@ def _sticky(reader: Reader | None) -> Sticky | None:
     if reader is None:
         return None
     reader.check_keys(STICKY_KEYS)
-    by = reader.text("by", required=True)
-    header = None
-    if by is not None and by not in STICKY_BY_FIXED:
-        header = by[len("header:"):] if by.startswith("header:") else None
-        if header is None or not _HEADER_TOKEN.fullmatch(header):
-            choices = "'header:NAME', " + ", ".join(repr(c) for c in STICKY_BY_FIXED)
-            reader.fail("by", f"split.sticky.by must be one of {choices}, got {by!r}")
+    subject = subject_from(reader, "by", STICKY_BY_FIXED, required=True)
     ttl = reader.duration("ttl", DEFAULT_STICKY_TTL, positive=True)
-    if reader.failed or by is None or by == "none":
+    if reader.failed or subject is None:
         return None
-    if header is not None:
-        return Sticky(by="header", header=header.lower(), ttl=ttl)
-    return Sticky(by="user" if by == "body:user" else "api_key", ttl=ttl)
+    return Sticky(by=subject.by, header=subject.header, ttl=ttl)
 
 
 def _route_sticky(reader: Reader) -> Sticky | None:
@@ -249,7 +240,7 @@ def build_route(entry: Entry, ctx: RouteContext) -> Route | None:
     models, endpoints, tenants = _match(reader, ctx)
     variants = _variants(reader, ctx)
     sticky = _route_sticky(reader)
-    balance = reader.choice("balance", ctx.balance, BALANCE_POLICIES)
+    balance = balance_from(reader, ctx.balance)
     timeouts = timeouts_from(reader.mapping("timeouts"), ctx.timeouts)
     attempts = _retry_attempts(reader.mapping("retry"))
     runtime_load = reader.boolean("runtime_load")
@@ -277,7 +268,7 @@ def _forward_headers(reader: Reader | None) -> tuple[str, ...]:
         return ()
     reader.check_keys(HEADERS_KEYS)
     raw = reader.get("forward")
-    if not isinstance(raw, Seq) or not raw or not all(isinstance(n, str) and _HEADER_TOKEN.fullmatch(n) for n in raw):
+    if not isinstance(raw, Seq) or not raw or not all(isinstance(n, str) and HEADER_TOKEN.fullmatch(n) for n in raw):
         reader.fail("forward", f"headers.forward must be a non-empty list of header names, got {show(raw)}")
         return ()
     names = tuple(dict.fromkeys(name.lower() for name in raw))

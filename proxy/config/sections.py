@@ -17,6 +17,7 @@ from urllib.parse import SplitResult, urlsplit
 from proxy.config.durations import parse_size
 from proxy.config.keys import (
     BACKEND_KEYS,
+    BALANCE_KEYS,
     DEFAULTS_KEYS,
     HEALTH_KEYS,
     POOL_KEYS,
@@ -28,16 +29,20 @@ from proxy.config.model import (
     BACKEND_KINDS,
     BALANCE_POLICIES,
     Backend,
+    Balance,
     HealthSettings,
     Pool,
     ServerSettings,
+    Subject,
     Timeouts,
     Tls,
 )
-from proxy.config.yamlread import Entry, Errors, Reader, Seq, read_mapping, show, suggest
+from proxy.config.yamlread import Entry, Errors, Map, Reader, Seq, read_mapping, show, suggest
 
 T = TypeVar("T")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: what a header name may be
+SUBJECT_BY_FIXED = ("body:user", "api_key")
 
 # Backend names the proxy uses itself: `cache` is the backend of answers from the result cache
 # (`pipeline/handler.py`), so a real backend of that name would merge with them in every metric.
@@ -110,15 +115,52 @@ def _size(reader: Reader, key: str, default: int) -> int:
     return size
 
 
-def build_defaults(entry: Entry | None, errors: Errors) -> tuple[Timeouts, str]:
+def build_defaults(entry: Entry | None, errors: Errors) -> tuple[Timeouts, Balance]:
     if entry is None:
-        return Timeouts(), BALANCE_POLICIES[0]
+        return Timeouts(), Balance()
     reader = read_mapping(entry.value, "defaults", entry.loc, errors, "")
     if reader is None:
-        return Timeouts(), BALANCE_POLICIES[0]
+        return Timeouts(), Balance()
     reader.check_keys(DEFAULTS_KEYS)
     timeouts = timeouts_from(reader.mapping("timeouts"), Timeouts())
-    return timeouts, reader.choice("balance", BALANCE_POLICIES[0], BALANCE_POLICIES)
+    return timeouts, balance_from(reader, Balance())
+
+
+def balance_from(reader: Reader, default: Balance) -> Balance:
+    """`balance:` as a policy name, or `{policy, prefix, by}`; absent: `default` (the defaults' balance)."""
+    if not isinstance(reader.get("balance"), Map):
+        if not reader.has("balance"):
+            return default
+        return Balance(policy=reader.choice("balance", default.policy, BALANCE_POLICIES))
+    nested = reader.mapping("balance")
+    assert nested is not None
+    nested.check_keys(BALANCE_KEYS)
+    policy = nested.choice("policy", default.policy, BALANCE_POLICIES)
+    if not nested.has("policy"):
+        nested.fail("policy", "balance.policy is required")
+    prefix = nested.boolean("prefix", True)
+    by = subject_from(nested, "by", SUBJECT_BY_FIXED, required=policy == "consistent_hash")
+    if by is not None and policy != "consistent_hash":
+        nested.fail("by", f"balance.by is for consistent_hash, not {policy}")
+    if nested.has("prefix") and policy != "least_cost":
+        nested.fail("prefix", f"balance.prefix is for least_cost, not {policy}")
+    return Balance(policy=policy, prefix=prefix, by=by)
+
+
+def subject_from(reader: Reader, key: str, fixed: tuple[str, ...], *, required: bool) -> Subject | None:
+    """Whose key a request carries, in split.sticky.by's syntax: 'header:NAME' or one of `fixed`
+    ('body:user', 'api_key'; sticky adds 'none'). None when absent, invalid (recorded) or 'none'."""
+    by = reader.text(key, required=required)
+    if by is None or by == "none" and "none" in fixed:
+        return None
+    if by in fixed:
+        return Subject(by="user" if by == "body:user" else "api_key")
+    header = by[len("header:"):] if by.startswith("header:") else None
+    if header is None or not HEADER_TOKEN.fullmatch(header):
+        choices = "'header:NAME', " + ", ".join(repr(c) for c in fixed)
+        reader.fail(key, f"{reader.name(key)} must be one of {choices}, got {by!r}")
+        return None
+    return Subject(by="header", header=header.lower())
 
 
 def timeouts_from(reader: Reader | None, base: Timeouts) -> Timeouts:
@@ -253,13 +295,14 @@ def build_backend(entry: Entry, env: Mapping[str, str], errors: Errors) -> Backe
     weight = reader.number("weight", 1.0, minimum=0, inclusive=False)
     max_inflight = reader.integer("max_inflight", 0, minimum=0)
     concurrency = reader.integer("concurrency", 1, minimum=1)
+    cache_tokens = reader.integer("cache_tokens", 0, minimum=0)
     api_key = _api_key(reader, env)
     tls = _tls(reader, url)
     if url is None or reader.failed or is_reserved:
         return None
     return Backend(name=entry.name, url=url.url, host=url.host, port=url.port, base_path=url.base_path,
                    authority=url.authority, tls=tls, kind=kind, weight=weight, max_inflight=max_inflight,
-                   concurrency=concurrency, api_key=api_key)
+                   concurrency=concurrency, cache_tokens=cache_tokens, api_key=api_key)
 
 
 # --------------------------------------------------------------------------------------------- pools

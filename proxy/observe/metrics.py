@@ -130,6 +130,17 @@ class Metrics:
             "Requests a route's fallback pool served after the chosen pool could not (reason: its error code).",
             ("route", "from_pool", "to_pool", "reason"), registry=r,
         )
+        self.prefix_predicted_tokens_total = Counter(
+            "splitstream_prefix_predicted_tokens_total",
+            "Prompt tokens least_cost's prefix index predicted a backend's cache held, over requests whose "
+            "runtime reported its cached tokens.", ("backend",), registry=r,
+        )
+        self.prefix_reported_cached_tokens_total = Counter(
+            "splitstream_prefix_reported_cached_tokens_total",
+            "Prompt tokens the runtime reported its prefix cache held, over the same requests.", ("backend",),
+            registry=r,
+        )
+        self._prefix_children: dict[str, tuple[Counter, Counter]] = {}
         self.rules_reloads_total = Counter(
             "splitstream_rules_reloads_total", "Rule loads by result.", ("result",), registry=r
         )
@@ -306,6 +317,17 @@ class Metrics:
     def count_fallback(self, route: str, from_pool: str, to_pool: str, exc: SplitstreamError) -> None:
         """A request moved from `from_pool` to `to_pool` after `exc` (rare: no child cache)."""
         self.fallbacks_total.labels(route, from_pool, to_pool, exc.code).inc()
+
+    def count_prefix(self, backend: str, predicted: float, reported: int) -> None:
+        """One request's predicted against reported cached prompt tokens (the prefix index's accuracy)."""
+        children = self._prefix_children.get(backend)
+        if children is None:  # backend names come from the rules: bounded
+            children = self._prefix_children[backend] = (
+                self.prefix_predicted_tokens_total.labels(backend),
+                self.prefix_reported_cached_tokens_total.labels(backend),
+            )
+        children[0].inc(predicted)
+        children[1].inc(reported)
 
     def count_upstream_error(self, backend: str, exc: SplitstreamError) -> None:
         if exc.reason is not None:

@@ -32,7 +32,8 @@ class RequestRecord:
         "request_id", "method", "path", "started", "route", "variant", "backend", "status",
         "bytes_in", "bytes_out", "prompt_tokens", "completion_tokens", "ttft", "stream", "error", "attempts",
         "cache", "splitstream_id", "owner", "tenant", "client",
-        "limit_headers", "fallback", "model", "span", "upstream_trace",
+        "limit_headers", "fallback", "model", "span", "upstream_trace", "cached_tokens", "runtime_prefill_ms",
+        "runtime_decode_ms",
     )
 
     def __init__(self, request_id: str, method: str, path: str, started: float) -> None:
@@ -54,6 +55,9 @@ class RequestRecord:
         self.bytes_out = 0
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.cached_tokens: int | None = None  # prompt tokens the runtime's prefix cache held, when it says
+        self.runtime_prefill_ms: float | None = None  # the runtime's own timings, when it reports them
+        self.runtime_decode_ms: float | None = None
         self.ttft: float | None = None
         self.stream = False
         self.error: str | None = None  # error code, never a message that could echo client text
@@ -150,6 +154,7 @@ class Recorder:
                 "bytes_out": record.bytes_out,
                 "prompt_tokens": record.prompt_tokens,
                 "completion_tokens": record.completion_tokens,
+                "cached_tokens": record.cached_tokens,
                 "ttft_ms": None if record.ttft is None else round(record.ttft * 1000, 3),
                 "duration_ms": round(duration * 1000, 3),
                 "attempts": record.attempts,

@@ -15,7 +15,7 @@ from random import Random
 from aiohttp import web
 
 from proxy.auth import bearer_token, hash_api_key
-from proxy.config.model import Route, Sticky, Variant
+from proxy.config.model import Route, Sticky, Subject, Variant
 from proxy.delivery.weights import RolloutWeights
 from proxy.errors import StoreUnavailableError
 from proxy.observe.metrics import Metrics
@@ -52,9 +52,9 @@ class Splitter:
         return variant
 
 
-def find_subject(sticky: Sticky | None, headers: Mapping[str, str], view: RequestView) -> str | None:
-    """Who the request is for, per `split.sticky.by`; None when the route is not sticky or the request
-    names no one (header absent or empty, no `user` string, no bearer key)."""
+def find_subject(sticky: Sticky | Subject | None, headers: Mapping[str, str], view: RequestView) -> str | None:
+    """Who the request is for, per `split.sticky.by` (or `balance.by`); None when the route is not sticky or
+    the request names no one (header absent or empty, no `user` string, no bearer key)."""
     if sticky is None:
         return None
     if sticky.by == "header":

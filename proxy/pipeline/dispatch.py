@@ -28,10 +28,21 @@ from proxy.errors import (
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
 from proxy.pipeline.balancer import in_panic, pick_backend, takes_requests
-from proxy.pipeline.cost import Estimate, estimate, learn, new_model_stats, predicted_seconds
+from proxy.pipeline.cost import (
+    Estimate,
+    Outcome,
+    estimate,
+    learn,
+    learn_prefix,
+    matched_tokens,
+    new_model_stats,
+    predicted_seconds,
+    remember_prefix,
+)
 from proxy.pipeline.deadlines import Deadlines
 from proxy.pipeline.forward import build_request, for_copy, open_exchange
 from proxy.pipeline.headers import is_event_stream, retry_after_of
+from proxy.pipeline.prompt_blocks import prompt_chain
 from proxy.pipeline.request import SCORING_ENDPOINTS, RequestView
 from proxy.types import Clock
 from proxy.upstream.client import UpstreamClient
@@ -54,15 +65,17 @@ MAX_ERROR_SCAN = 4096
 class Attempt:
     """The committed exchange: its lease, connection, and the first chunk (stream) or whole body."""
 
-    __slots__ = ("lease", "conn", "first_chunk", "body", "started", "stats", "health")
+    __slots__ = ("lease", "conn", "first_chunk", "body", "started", "stats", "health", "est")
 
     def __init__(
-        self, lease: Lease, conn: UpstreamConnection, started: float, stats: ModelStats, health: HealthSettings
+        self, lease: Lease, conn: UpstreamConnection, started: float, stats: ModelStats, health: HealthSettings,
+        est: Estimate,
     ) -> None:
         self.lease = lease
         self.conn = conn
         self.started = started
         self.stats = stats  # what this request's pool learns from it
+        self.est = est  # what it was priced at (its prompt's block chain, when prefixes are priced)
         self.health = health  # the request's snapshot's, like everything else it decides
         self.first_chunk: bytes | None = None
         self.body: bytes | None = None  # set for whole (non-stream) answers
@@ -110,6 +123,7 @@ class Dispatcher:
         fallback: tuple[Pool, ...] = (),
         pinned: str | None = None,
         copy: bool = False,
+        key: str | None = None,
     ) -> Attempt:
         """The committed exchange with a backend of `pool` — or, when `pool` cannot answer, of the first of
         `fallback` that can.
@@ -121,15 +135,17 @@ class Dispatcher:
         full or timed out, every try failed before the first byte, or a runtime said the prompt does not
         fit its context; each move is counted and `record.fallback` names the pool that answers. `pinned`: the
         one backend of `pool` that may answer (it holds state the request needs); no fallback then. `copy`:
-        a shadow copy (its trace context gets a span id of its own)."""
+        a shadow copy (its trace context gets a span id of its own). `key`: what `consistent_hash` hashes."""
+        if est is None:
+            est = self.estimate(pool, view, route)
         if not fallback or pinned is not None:
             return await self._call_pool(snapshot, route, pool, view, path, record, deadlines, attempts,
-                                         queue_timeout, priority, est, False, pinned, copy)
+                                         queue_timeout, priority, est, False, pinned, copy, key)
         remaining = [p for p in fallback if p.name != pool.name]  # the rules list each pool once
         while True:
             try:
                 return await self._call_pool(snapshot, route, pool, view, path, record, deadlines, attempts,
-                                             queue_timeout, priority, est, bool(remaining), pinned, copy)
+                                             queue_timeout, priority, est, bool(remaining), pinned, copy, key)
             except FALLBACK_ERRORS as exc:
                 if not remaining or asyncio.get_running_loop().time() >= deadlines.total:
                     raise
@@ -150,10 +166,11 @@ class Dispatcher:
         attempts: int,
         queue_timeout: float,
         priority: int,
-        est: Estimate | None,
+        est: Estimate,
         may_fall_back: bool,
         pinned: str | None,
         copy: bool,
+        key: str | None,
     ) -> Attempt:
         """`call` within one pool: at most `attempts` tries on its backends. `may_fall_back`: a runtime's
         context-length refusal raises `ContextLengthError` (another pool may hold it) instead of being the
@@ -161,8 +178,6 @@ class Dispatcher:
         loop_time = asyncio.get_running_loop().time
         clock = self._clock or loop_time
         stats = self._stats(pool)
-        if est is None:
-            est = estimate(stats, len(view.body), view.max_tokens, view.endpoint in SCORING_ENDPOINTS)
         payload = view.upstream_body(pool.model)
         passed = for_copy(view.passed) if copy else view.passed
         anthropic = view.endpoint == "messages"
@@ -173,7 +188,7 @@ class Dispatcher:
                 break
             try:
                 lease = await self._acquire(snapshot, route, pool, est, tried, deadlines, queue_timeout, clock,
-                                            priority, pinned)
+                                            priority, pinned, key)
             except (NoHealthyBackendError, OverloadedError):
                 if last_error is not None:
                     raise last_error from None  # the failure the client should hear about is the backend's
@@ -189,7 +204,7 @@ class Dispatcher:
                 conn = await open_exchange(
                     self.client, state.backend, request_bytes, deadlines, started, view.is_stream, self.metrics
                 )
-                attempt = Attempt(lease, conn, started, stats, snapshot.health)
+                attempt = Attempt(lease, conn, started, stats, snapshot.health, est)
                 if view.is_stream and conn.status == 200 and is_event_stream(conn.headers):
                     attempt.first_chunk = await conn.read_chunk(deadlines.first_token(started), "first_token")
                 else:
@@ -223,9 +238,13 @@ class Dispatcher:
         assert last_error is not None or loop_time() >= deadlines.total
         raise last_error if last_error is not None else NoHealthyBackendError("The request ran out of time.")
 
-    def estimate(self, pool: Pool, view: RequestView) -> Estimate:
-        """The request's predicted size in tokens, from what the pool's model taught so far."""
-        return estimate(self._stats(pool), len(view.body), view.max_tokens, view.endpoint in SCORING_ENDPOINTS)
+    def estimate(self, pool: Pool, view: RequestView, route: Route) -> Estimate:
+        """The request's predicted size in tokens, from what the pool's model taught so far, and its prompt's
+        block chain when the route prices prefixes (least_cost with `prefix`)."""
+        balance = route.balance
+        chain = prompt_chain(view.endpoint, view.data) if balance.prefix and balance.policy == "least_cost" else None
+        return estimate(self._stats(pool), len(view.body), view.max_tokens, view.endpoint in SCORING_ENDPOINTS,
+                        chain)
 
     def _stats(self, pool: Pool) -> ModelStats:
         stats = self.model_stats.get(pool.name)
@@ -247,10 +266,18 @@ class Dispatcher:
         if status == CLIENT_CLOSED:
             return
         record_success(state)
-        if status == 200 and (record.prompt_tokens or record.completion_tokens):
-            ttft = None if record.ttft is None else record.ttft - (attempt.started - record.started)
-            learn(attempt.stats, state, body_bytes, record.prompt_tokens or 0, record.completion_tokens or 0, ttft,
-                  loop_now - attempt.started)
+        if status != 200 or not (record.prompt_tokens or record.completion_tokens):
+            return
+        lease = attempt.lease
+        ttft = None if record.ttft is None else record.ttft - (attempt.started - record.started)
+        outcome = Outcome(body_bytes, record.prompt_tokens or 0, record.completion_tokens or 0, ttft,
+                          loop_now - attempt.started, cached_tokens=record.cached_tokens,
+                          prefill_ms=record.runtime_prefill_ms, decode_ms=record.runtime_decode_ms,
+                          started_among=lease.started_among, running=lease.running)
+        learn(attempt.stats, state, outcome, loop_now)
+        if lease.predicted_cached is not None and record.cached_tokens is not None:
+            learn_prefix(state, attempt.est, lease.predicted_cached, record.cached_tokens)
+            self.metrics.count_prefix(state.backend.name, lease.predicted_cached, record.cached_tokens)
 
     def next_turn(self, pool_name: str) -> int:
         turn = self._turns.get(pool_name, 0)
@@ -269,6 +296,7 @@ class Dispatcher:
         clock: Clock,
         priority: int,
         pinned: str | None = None,
+        key: str | None = None,
     ) -> Lease:
         """A lease on the best backend not tried yet; waits in the pool's queue (by priority class, FIFO
         within one, `upstream/queue.py`) while all are full.
@@ -290,15 +318,21 @@ class Dispatcher:
             waited = since is not None
             if waited or not queue.waiting(pool.name):  # newcomers queue behind those already waiting
                 panic = in_panic(members, now, snapshot.health.panic_threshold)
-                costs = [predicted_seconds(s, est) for s in candidates]
-                index = pick_backend(candidates, costs, route.balance, self.next_turn(pool.name), now,
-                                     route.runtime_load, panic)
+                matched = [matched_tokens(s, est) for s in candidates] if est.chain is not None else None
+                costs = [predicted_seconds(s, est, matched[i] if matched else 0.0) for i, s in enumerate(candidates)]
+                index = pick_backend(candidates, costs, route.balance.policy, self.next_turn(pool.name), now,
+                                     route.runtime_load, panic, key)
                 if index is not None:
                     if waited:
                         queue.notify()  # others may fit too (several slots freed at once)
                     if panic:
                         self.metrics.count_panic(pool.name)
-                    return candidates[index].lease(costs[index])
+                    chosen = candidates[index]
+                    lease = chosen.lease(costs[index], est.completion_tokens)
+                    if matched is not None:
+                        lease.predicted_cached = matched[index]
+                        remember_prefix(chosen, est)
+                    return lease
                 if not any(takes_requests(s, now, panic) for s in candidates):
                     raise NoHealthyBackendError(f"No healthy backend in pool '{pool.name}'.")
             if queue.waiting(pool.name) >= max_queue:

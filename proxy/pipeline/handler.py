@@ -33,7 +33,7 @@ from proxy.observe.metrics import Metrics
 from proxy.observe.record import CLIENT_CLOSED, RequestRecord
 from proxy.pipeline import request as request_view
 from proxy.pipeline.affinity import ResponseOwners, continued, is_stored, response_id_of
-from proxy.pipeline.assignment import Splitter
+from proxy.pipeline.assignment import Splitter, find_subject
 from proxy.pipeline.body import read_body
 from proxy.pipeline.deadlines import Deadlines
 from proxy.pipeline.cost import Estimate
@@ -115,7 +115,7 @@ class Endpoints:
         record.route, record.variant, record.stream = route.name, variant.name, view.is_stream
         if tenant is None or not tenant.limits.any:
             return await self._answer(request, snapshot, route, pool, view, record, None, tenant, pinned)
-        est = self.dispatcher.estimate(pool, view)  # priced once: the reservation and the balancer share it
+        est = self.dispatcher.estimate(pool, view, route)  # priced once: the reservation and the balancer share it
         ticket = await self.limiter.admit(tenant, est, view.max_tokens, record)
         try:
             return await self._answer(request, snapshot, route, pool, view, record, est, tenant, pinned)
@@ -168,9 +168,11 @@ class Endpoints:
         if view.is_stream and route.timeouts.heartbeat > 0:
             heartbeat = Heartbeat(request, record, route.timeouts.heartbeat)
         try:
+            key = find_subject(route.balance.by, request.headers, view) if route.balance.by is not None else None
             attempt = await self.dispatcher.call(snapshot, route, pool, view, request.path, record, deadlines,
                                                  attempts=route.retry_attempts, queue_timeout=route.timeouts.queue,
-                                                 priority=priority, est=est, fallback=route.fallback, pinned=pinned)
+                                                 priority=priority, est=est, fallback=route.fallback, pinned=pinned,
+                                                 key=key)
         except SplitstreamError as failure:
             exc = failure if pinned is None else _unavailable(failure, view, pinned)
             started = await heartbeat.stop() if heartbeat is not None else None

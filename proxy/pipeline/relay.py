@@ -36,7 +36,7 @@ def relay_body(conn: UpstreamConnection, body: bytes, record: RequestRecord) -> 
     if conn.status == 200:
         usage = find_usage_object(body)
         if usage is not None:
-            record.prompt_tokens, record.completion_tokens = usage
+            usage.apply_to(record)
     record.bytes_out = len(body)
     return web.Response(body=body, status=conn.status, headers=response_headers(conn.headers, record))
 
@@ -121,7 +121,7 @@ async def relay_stream(
         if not await _write_quietly(response, sse_error_event(failure, view.endpoint), grace):
             return _client_gone(request, response, record)
     if sse.usage is not None:
-        record.prompt_tokens, record.completion_tokens = sse.usage
+        sse.usage.apply_to(record)
     if not await _write_quietly(response, None, grace):
         return _client_gone(request, response, record)
     return response

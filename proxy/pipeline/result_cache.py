@@ -209,7 +209,7 @@ def answer_from_entry(entry: Entry, view: RequestView, record: RequestRecord) ->
     if usage is None and view.is_stream:
         usage = find_usage_object(entry.body[-4096:])
     if usage is not None:
-        record.prompt_tokens, record.completion_tokens = usage
+        usage.apply_to(record)
     record.bytes_out = len(body)
     return web.Response(body=body, headers=routing_headers(record, {"Content-Type": content_type}))
 
@@ -258,7 +258,7 @@ async def _follow_stream(
         broke = UpstreamError("The upstream stream this answer was shared from broke.")
         await response.write(sse_error_event(broke, view.endpoint))
     if sse.usage is not None:
-        record.prompt_tokens, record.completion_tokens = sse.usage
+        sse.usage.apply_to(record)
     await response.write_eof()
     return response
 

@@ -214,7 +214,7 @@ class ShadowMirror:
                 output = bytes(captured)
                 usage = find_usage_object(output[-USAGE_TAIL_BYTES:])
             if usage is not None:
-                record.prompt_tokens, record.completion_tokens = usage
+                usage.apply_to(record)
             return status, output, attempt.started
         except UpstreamError as exc:
             self._metrics.count_upstream_error(record.backend, exc)

@@ -8,9 +8,12 @@ nothing). Usage is read from the one event that carries it, so the JSON of token
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from proxy.errors import BackendProtocolError
+from proxy.observe.record import RequestRecord
 
 USAGE_KEY = b'"usage"'
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024  # server.max_event_bytes
@@ -26,36 +29,103 @@ TERMINAL_EVENTS: dict[str, tuple[bytes, ...]] = {
 TERMINAL_SCAN = 128  # a terminal marker is an event's name or its first field, or `[DONE]`: near an edge
 WHITESPACE = b" \t\r\n"
 
-Usage = tuple[int | None, int | None]  # (prompt or input tokens, completion or output tokens); None: not said
+TIMINGS_KEY = b'"timings"'  # llama.cpp's own account of the request: prefill and decode time, cached tokens
+
+
+class Usage:
+    """What a runtime reported about one request: token counts and, where it says, its own timings.
+
+    `prompt` is every input token, cached ones included (OpenAI's `prompt_tokens`; on the Messages API
+    `input_tokens` + `cache_read_input_tokens` + `cache_creation_input_tokens`, since Anthropic counts cache reads
+    apart). `cached`: prompt tokens the runtime's prefix cache held (vLLM's `prompt_tokens_details.cached_tokens`,
+    Responses' `input_tokens_details`, Anthropic's `cache_read_input_tokens`, llama.cpp's `timings.cache_n`).
+    `prefill_ms` / `decode_ms`: llama.cpp's `timings.prompt_ms` / `predicted_ms`, the runtime's own clock, so time
+    spent in its queue is not mistaken for prefill. None: not said."""
+
+    __slots__ = ("prompt", "completion", "cached", "prefill_ms", "decode_ms")
+
+    def __init__(self, prompt: int | None, completion: int | None, cached: int | None = None,
+                 prefill_ms: float | None = None, decode_ms: float | None = None) -> None:
+        self.prompt = prompt
+        self.completion = completion
+        self.cached = cached
+        self.prefill_ms = prefill_ms
+        self.decode_ms = decode_ms
+
+    def merged(self, later: Usage) -> Usage:
+        """This usage updated by one reported later in the same stream (a count said again replaces)."""
+        return Usage(
+            self.prompt if later.prompt is None else later.prompt,
+            self.completion if later.completion is None else later.completion,
+            self.cached if later.cached is None else later.cached,
+            self.prefill_ms if later.prefill_ms is None else later.prefill_ms,
+            self.decode_ms if later.decode_ms is None else later.decode_ms,
+        )
+
+    @property
+    def tokens(self) -> tuple[int | None, int | None]:
+        return self.prompt, self.completion
+
+    def apply_to(self, record: RequestRecord) -> None:
+        record.prompt_tokens, record.completion_tokens = self.prompt, self.completion
+        record.cached_tokens = self.cached
+        record.runtime_prefill_ms, record.runtime_decode_ms = self.prefill_ms, self.decode_ms
 
 
 def find_usage_object(data: bytes) -> Usage | None:
-    """(prompt_tokens, completion_tokens) from the last `"usage": {...}` in a JSON text, else None. The
-    OpenAI names (`prompt_tokens`, `completion_tokens`) or the Responses / Anthropic ones (`input_tokens`,
-    `output_tokens`); a count the object does not carry is None.
+    """The usage of the last `"usage": {...}` in a JSON text (and llama.cpp's `"timings"` beside it), else None.
 
     Scans from the end: the usage object of a completion comes last, and an embeddings body can be
     megabytes of floats that are not worth parsing.
     """
-    at = data.rfind(USAGE_KEY)
+    usage = _last_object(data, USAGE_KEY)
+    if usage is None:
+        return None
+    cached = _cached_of(usage)
+    input_tokens = _int(usage.get("prompt_tokens"))
+    if input_tokens is None and (input_tokens := _int(usage.get("input_tokens"))) is not None and "cache_read_input_tokens" in usage:
+        input_tokens += (cached or 0) + (_int(usage.get("cache_creation_input_tokens")) or 0)
+    found = Usage(input_tokens, _int(usage.get("completion_tokens", usage.get("output_tokens"))), cached)
+    if TIMINGS_KEY in data:
+        timings = _last_object(data, TIMINGS_KEY)
+        if timings is not None:
+            found.prefill_ms, found.decode_ms = _ms(timings.get("prompt_ms")), _ms(timings.get("predicted_ms"))
+            if found.cached is None:
+                found.cached = _int(timings.get("cache_n"))
+    return found
+
+
+def _last_object(data: bytes, key: bytes) -> dict[str, Any] | None:
+    """The JSON object that is the value of the last `key` (a quoted name) in `data`, if it parses."""
+    at = data.rfind(key)
     while at >= 0:
-        start = at + len(USAGE_KEY)
+        start = at + len(key)
         while start < len(data) and data[start] in b" \t\r\n:":
             start += 1
         if start < len(data) and data[start] == 0x7B:  # '{'
             end = _matching_brace(data, start)
             if end > 0:
                 try:
-                    usage = orjson.loads(data[start:end])
+                    value = orjson.loads(data[start:end])
                 except orjson.JSONDecodeError:
                     return None
-                if isinstance(usage, dict):
-                    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-                    completion = usage.get("completion_tokens", usage.get("output_tokens"))
-                    return _int(prompt), _int(completion)
+                return value if isinstance(value, dict) else None
             return None
-        at = data.rfind(USAGE_KEY, 0, at)
+        at = data.rfind(key, 0, at)
     return None
+
+
+def _cached_of(usage: dict[str, Any]) -> int | None:
+    """Prompt tokens served from the runtime's prefix cache, in whichever API's words the usage uses."""
+    for details in ("prompt_tokens_details", "input_tokens_details"):
+        inner = usage.get(details)
+        if isinstance(inner, dict) and (cached := _int(inner.get("cached_tokens"))) is not None:
+            return cached
+    return _int(usage.get("cache_read_input_tokens"))
+
+
+def _ms(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _matching_brace(data: bytes, start: int) -> int:
@@ -190,10 +260,5 @@ class SseRelay:
         return sep.join(kept)
 
     def _merge(self, found: Usage | None) -> None:
-        if found is None:
-            return
-        known = self.usage
-        if known is None:
-            self.usage = found
-        else:
-            self.usage = (known[0] if found[0] is None else found[0], known[1] if found[1] is None else found[1])
+        if found is not None:
+            self.usage = found if self.usage is None else self.usage.merged(found)

@@ -230,7 +230,14 @@ def backends(sources: Sources, clocks: Clocks) -> dict[str, Any]:
             "predicted_load": state.predicted_load,
             "prefill_tps": state.prefill_tps,
             "decode_tps": state.decode_tps,
+            # The learned curves at 1..concurrency sequences running (`upstream/speed.py`).
+            "prefill_tps_by_inflight": state.prefill.table(backend.concurrency),
+            "decode_tps_by_inflight": state.decode.table(backend.concurrency),
             "learned_from": state.completed,
+            "prefix_cache": {
+                "cache_tokens": state.cache_capacity, "configured": bool(backend.cache_tokens),
+                "hit_ratio": state.prefix_hit_ratio, "blocks": len(state.prefix),
+            },
             "consecutive_failures": state.consecutive_failures,
             "ejections_total": state.ejections_total,
             "errors": dict(sorted(by_reason.items())),

@@ -9,36 +9,55 @@ read and write, so they are always back to zero when traffic stops. State is key
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator
 
 from aiohttp import web
 
 from proxy.config.model import Backend
-
+from proxy.upstream.prefix import PrefixIndex
+from proxy.upstream.speed import SpeedCurve
 
 # Before a backend has reported anything, assume a modest GPU runtime; the first completions replace these.
 PRIOR_PREFILL_TPS = 2000.0  # prompt tokens per second
 PRIOR_DECODE_TPS = 30.0  # completion tokens per second, per stream
+PREFILL_EVIDENCE_TOKENS = 64000.0
+DECODE_EVIDENCE_TOKENS = 8000.0
+# A runtime whose prefix cache size is neither configured (`cache_tokens`) nor learned yet: a modest GPU's KV
+# cache; corrected from the cached tokens it reports (`pipeline/cost.py`).
+DEFAULT_CACHE_TOKENS = 65536.0
 
 
 class BackendState:
     """Mutable facts about one backend: load, learned speed, health. Policies read and update it;
-    gauges read it at scrape time. No await ever sits between a read and a write of these fields."""
+    gauges read it at scrape time. No await ever sits between a read and a write of these fields.
+
+    `running_area` integrates the sequences it runs (our in-flight requests up to its `concurrency`) over
+    time, so a finished request knows how crowded the runtime was while it ran (`Lease.running`)."""
 
     __slots__ = (
-        "backend", "inflight", "predicted_load", "healthy", "prefill_tps", "decode_tps",
+        "backend", "inflight", "predicted_load", "healthy", "prefill", "decode",
         "consecutive_failures", "ejections", "ejected_until", "throttled_until", "next_probe_at",
         "runtime_waiting", "runtime_running", "runtime_kv_usage", "runtime_sampled_at", "ejections_total",
         "completed", "draining", "probe_misses", "served", "served_at_probe",
+        "inflight_tokens", "running_area", "running_at", "prefix", "cache_tokens", "prefix_hit_ratio",
     )
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.inflight = 0
         self.predicted_load = 0.0  # predicted seconds of work in flight
+        self.inflight_tokens = 0.0  # predicted completion tokens in flight (what a newcomer would slow)
+        self.running_area = 0.0  # ∫ sequences running dt (see the class docstring)
+        self.running_at = time.monotonic()
         self.healthy = True  # the active probe's verdict (and passive ejection's)
-        self.prefill_tps = PRIOR_PREFILL_TPS
-        self.decode_tps = PRIOR_DECODE_TPS
+        # Seconds per prompt token, and per completion token of one stream, at r running; memories sized to a few
+        # dozen typical requests each (prompts are longer than answers).
+        self.prefill = SpeedCurve(PRIOR_PREFILL_TPS, PREFILL_EVIDENCE_TOKENS)
+        self.decode = SpeedCurve(PRIOR_DECODE_TPS, DECODE_EVIDENCE_TOKENS)
+        self.prefix = PrefixIndex(0)  # what its prefix cache probably holds (least_cost with prefix)
+        self.cache_tokens = DEFAULT_CACHE_TOKENS  # learned size of that cache, unless configured
+        self.prefix_hit_ratio = 1.0  # share of the predicted cached tokens it reports having held
         self.consecutive_failures = 0
         self.ejections = 0  # ejections in a row (sets the back-off); reset once the backend serves again
         self.ejected_until = 0.0
@@ -55,10 +74,46 @@ class BackendState:
         self.served = 0  # requests answered (any status below 500): a busy runtime is not a dead one
         self.served_at_probe = 0  # `served` when the last probe ended: did it answer since?
 
-    def lease(self, cost: float) -> Lease:
+    @property
+    def prefill_tps(self) -> float:
+        """Prompt tokens per second of one request running alone (what the admin API shows first)."""
+        return self.prefill.tokens_per_second(1.0)
+
+    @prefill_tps.setter
+    def prefill_tps(self, tps: float) -> None:
+        self.prefill.a = 1.0 / tps
+
+    @property
+    def decode_tps(self) -> float:
+        """Completion tokens per second of one stream running alone."""
+        return self.decode.tokens_per_second(1.0)
+
+    @decode_tps.setter
+    def decode_tps(self, tps: float) -> None:
+        self.decode.a = 1.0 / tps
+
+    @property
+    def running(self) -> int:
+        """Sequences the runtime runs for us now: our requests in flight, up to its batch slots."""
+        return min(self.inflight, self.backend.concurrency)
+
+    @property
+    def cache_capacity(self) -> float:
+        """Its prefix cache in tokens: configured (`cache_tokens`), else learned."""
+        return float(self.backend.cache_tokens) or self.cache_tokens
+
+    def lease(self, cost: float, tokens: float = 0.0) -> Lease:
+        """Claim it for one request of `cost` predicted seconds and `tokens` predicted completion tokens."""
+        now = time.monotonic()
+        self._tick(now)
         self.inflight += 1
         self.predicted_load += cost
-        return Lease(self, cost)
+        self.inflight_tokens += tokens
+        return Lease(self, cost, tokens, now)
+
+    def _tick(self, now: float) -> None:
+        self.running_area += min(self.inflight, self.backend.concurrency) * (now - self.running_at)
+        self.running_at = now
 
     def is_healthy(self, now: float) -> bool:
         """Not held out on health (a probe's verdict or an ejection). A runtime's Retry-After is not ill
@@ -82,24 +137,43 @@ class ModelStats:
 
 
 class Lease:
-    """One request's claim on a backend; `release()` is idempotent (aiohttp `Connection.release`)."""
+    """One request's claim on a backend; `release()` is idempotent (aiohttp `Connection.release`).
 
-    __slots__ = ("state", "cost", "released")
+    Also what the request tells the cost model when it ends: how many sequences the runtime ran when it was
+    picked (`started_among`, itself included; more than `concurrency` means it waited in the runtime's
+    queue) and on average while it ran (`running`, set on release), and the cached prompt tokens that were
+    predicted for it there (`predicted_cached`)."""
 
-    def __init__(self, state: BackendState, cost: float) -> None:
+    __slots__ = ("state", "cost", "tokens", "released", "started_at", "started_area", "started_among", "running",
+                 "predicted_cached")
+
+    def __init__(self, state: BackendState, cost: float, tokens: float = 0.0, now: float = 0.0) -> None:
         self.state = state
         self.cost = cost
+        self.tokens = tokens
         self.released = False
+        self.started_at = now
+        self.started_area = state.running_area
+        self.started_among = state.inflight  # already counted: itself included
+        self.running = 1.0
+        self.predicted_cached: float | None = None  # None: the route does not price prefixes
 
     def release(self) -> None:
         if self.released:
             return
         self.released = True
         state = self.state
+        now = time.monotonic()
+        state._tick(now)
+        elapsed = now - self.started_at
+        if elapsed > 0:
+            self.running = max(1.0, (state.running_area - self.started_area) / elapsed)
         state.inflight -= 1
         state.predicted_load -= self.cost
+        state.inflight_tokens -= self.tokens
         if state.inflight == 0:
             state.predicted_load = 0.0  # no float drift left behind once idle
+            state.inflight_tokens = 0.0
             if state.draining is not None:
                 state.draining.forget(state)
 

@@ -206,7 +206,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     started = time.time()
     try:
         ports = {name: free_port() for name in ("stable", "canary", "next")}
-        sims = {"stable": ("--ttft-ms", "0", "--tokens-per-second", "0"),
+        sims = {"stable": ("--ttft-ms", "0", "--tokens-per-second", "0", "--prefix-cache-tokens", "65536"),
                 "canary": ("--ttft-ms", "300", "--tokens-per-second", "0", "--fail-rate", "0.5", "--max-batch", "64"),
                 "next": ("--ttft-ms", "0", "--tokens-per-second", "0")}
         for name, options in sims.items():

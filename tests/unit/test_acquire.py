@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from proxy.config.model import Backend, HealthSettings, Pool, Route, ServerSettings, Snapshot, Timeouts, Variant
+from proxy.config.model import Backend, Balance, HealthSettings, Pool, Route, ServerSettings, Snapshot, Timeouts, Variant
 from proxy.errors import NoHealthyBackendError, OverloadedError
 from proxy.observe.metrics import Metrics
 from proxy.pipeline.cost import Estimate, predicted_seconds
@@ -57,7 +57,7 @@ class Bench:
         self.pools = {p.name: p for p in pools}
         self.route = Route(
             "r", ("m",), re.compile("m"), (), tuple(Variant(p.name, p) for p in pools),
-            timeouts=Timeouts(queue=QUEUE_SECONDS), balance=balance,
+            timeouts=Timeouts(queue=QUEUE_SECONDS), balance=Balance(balance),
         )
         backends = tuple(b for p in pools for b in p.backends)
         self.snapshot = Snapshot(backends, pools, (self.route,), server=ServerSettings(max_queue=max_queue))

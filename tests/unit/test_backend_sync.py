@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from proxy.config.model import Backend
 from proxy.upstream.state import BackendStates
 
@@ -28,7 +30,7 @@ def test_kept_backend_keeps_its_state_and_takes_the_new_settings() -> None:
     state.decode_tps = 123.0  # learned
     heavier = backend("a", 8001, weight=3.0)
     states.sync([heavier])
-    assert states.get(heavier) is state and state.decode_tps == 123.0 and state.backend.weight == 3.0
+    assert states.get(heavier) is state and state.decode_tps == pytest.approx(123.0) and state.backend.weight == 3.0
 
 
 def test_idle_removed_backend_is_forgotten_at_once() -> None:

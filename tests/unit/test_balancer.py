@@ -9,7 +9,7 @@ import pytest
 
 from proxy.config.model import Backend, HealthSettings
 from proxy.errors import NoHealthyBackendError
-from proxy.pipeline.balancer import foreign_requests, in_panic, pick_backend, takes_requests
+from proxy.pipeline.balancer import foreign_requests, in_panic, pick_backend, queued_seconds, slowdown_seconds, takes_requests
 from proxy.upstream.state import BackendState, BackendStates
 from tests.unit.test_acquire import NEVER, Bench, at_once, backend, name, two
 from tests.unit.test_acquire import pool as make_pool
@@ -87,8 +87,12 @@ def test_least_cost_counts_no_wait_while_a_batch_slot_is_free() -> None:
     fast.inflight, fast.predicted_load = 3, 3.0  # busy, but 5 of its 8 slots are free
     costs = [1.0, 4.0]  # this request takes 1 s on fast, 4 s on slow
     assert pick_backend([fast, slow], costs, "least_cost", 0, NOW) == 0
-    fast.inflight, fast.predicted_load = 8, 40.0  # full: 40 s of work spread over 8 slots = 5 s wait
+    fast.inflight, fast.predicted_load = 8, 40.0  # full, 5 s each: a slot frees in ~5/8 s, still worth the wait
+    assert pick_backend([fast, slow], costs, "least_cost", 0, NOW) == 0
+    fast.predicted_load = 320.0  # full of 40 s generations: a slot frees in ~5 s, the slow one is done in 4
     assert pick_backend([fast, slow], costs, "least_cost", 0, NOW) == 1
+    fast.inflight, fast.predicted_load = 12, 60.0  # 4 queued ahead in the runtime: the 5th slot to free
+    assert queued_seconds(fast) == pytest.approx(5 * 60.0 / (12 * 8))
 
 
 def test_concurrency_one_is_the_whole_in_flight_load() -> None:
@@ -104,6 +108,35 @@ def test_equal_idle_backends_spread_by_occupancy() -> None:
     b = BackendState(Backend("b", "http://b:1", "b", 1, "", concurrency=4))
     a.inflight, a.predicted_load = 2, 2.0
     assert pick_backend([a, b], [1.0, 1.0], "least_cost", 0, NOW) == 1
+
+
+def test_a_newcomer_is_charged_for_slowing_the_streams_already_running() -> None:
+    """On a runtime whose streams share its cores (slope = solo speed), joining 3 running streams slows each:
+    an idle runtime that would take this request longer than the busy one still wins, once that is counted."""
+    fast = BackendState(Backend("fast", "http://f:1", "f", 1, "", concurrency=4))
+    slow = BackendState(Backend("slow", "http://s:1", "s", 1, "", concurrency=4))
+    fast.decode.a = fast.decode.b = 0.01  # 100 tok/s alone, 25 tok/s each with 4 running
+    fast.inflight, fast.inflight_tokens, fast.predicted_load = 3, 600.0, 6.0  # 3 streams of 200 tokens
+    assert slowdown_seconds(fast) == pytest.approx(0.01 * 0.5 * 600.0)
+    costs = [4 * 0.01 * 100, 5.0]  # 100 tokens: 4 s among 4 on fast, 5 s alone on slow
+    assert pick_backend([fast, slow], costs, "least_cost", 0, NOW) == 1  # 4 + 3 s of the others' time > 5
+    fast.decode.b = 0.0  # a runtime that batches for free: the newcomer costs the others nothing
+    assert slowdown_seconds(fast) == 0.0
+    assert pick_backend([fast, slow], [1.0, 3.0], "least_cost", 0, NOW) == 0
+
+
+def test_consistent_hash_keeps_a_key_on_one_backend_and_moves_only_a_lost_backends_keys() -> None:
+    pool = states((1, 0, 0.0, 0), (1, 0, 0.0, 0), (1, 0, 0.0, 0))
+    keys = [f"conversation-{i}" for i in range(300)]
+    picks = {k: pick_backend(pool, [1.0] * 3, "consistent_hash", 0, NOW, key=k) for k in keys}
+    assert all(pick_backend(pool, [1.0] * 3, "consistent_hash", 7, NOW, key=k) == picks[k] for k in keys)
+    assert sorted(set(picks.values())) == [0, 1, 2] and min(list(picks.values()).count(i) for i in range(3)) > 50
+    pool[1].healthy = False
+    moved = {k for k in keys if pick_backend(pool, [1.0] * 3, "consistent_hash", 0, NOW, key=k) != picks[k]}
+    assert moved == {k for k in keys if picks[k] == 1}  # only the lost backend's conversations move
+    pool[1].healthy = True
+    pool[0].inflight = 9  # no key: least_cost
+    assert pick_backend(pool, [1.0] * 3, "consistent_hash", 0, NOW) == 1
 
 
 # -- panic: too few of a pool healthy, so health is disregarded (Envoy's panic threshold) ---------------------

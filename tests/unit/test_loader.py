@@ -13,7 +13,7 @@ import pytest
 from proxy.config.durations import parse_duration, parse_size
 from proxy.config.globs import glob_covers
 from proxy.config.loader import RulesError, load_rules
-from proxy.config.model import Backend, Pool, Rollout, ServerSettings, Snapshot, Timeouts, Variant
+from proxy.config.model import Backend, Balance, Subject, Pool, Rollout, ServerSettings, Snapshot, Timeouts, Variant
 
 BASE = """\
 backends:
@@ -112,12 +112,12 @@ def test_valid_set_loads_into_expected_snapshot(valid_dir: Path) -> None:
     assert chat.name == "chat" and chat.models == ("llama*",) and chat.endpoints == ("chat", "completions")
     assert chat.variants == (Variant(name="llama-stable", pool=stable, weight=1.0),)
     assert chat.timeouts == Timeouts(connect=0.5, first_token=30.0, idle=30.0, total=300.0)
-    assert chat.balance == "least_conn"
+    assert chat.balance.policy == "least_conn"
     assert chat.source == f"{valid_dir}/20-routes.yml:2"
 
     assert canary.models == ("qwen-7b", "mistral-*") and canary.endpoints == ()
     assert canary.variants == (Variant("stable", stable, 90.0), Variant("canary", mixed, 10.0))
-    assert canary.balance == "round_robin"
+    assert canary.balance.policy == "round_robin"
     assert canary.timeouts == Timeouts(connect=0.5, first_token=60.0, idle=30.0, total=300.0)
     assert canary.rollout is not None and len(canary.rollout.digest) == 16
     assert replace(canary.rollout, digest="") == Rollout(candidate="canary", baseline="stable", steps=(10.0, 100.0),
@@ -157,7 +157,7 @@ def test_defaults_and_minimal_files(tmp_path: Path) -> None:
     snapshot = load_rules(rules, env={})
     route = snapshot.routes[0]
     assert snapshot.server == ServerSettings()
-    assert route.timeouts == Timeouts() and route.balance == "least_cost"
+    assert route.timeouts == Timeouts() and route.balance == Balance()
     assert snapshot.backends[0] == Backend(name="b1", url="http://127.0.0.1:8000", host="127.0.0.1", port=8000,
                                            base_path="", kind="openai", weight=1.0, max_inflight=0)
     assert snapshot.generation == 0
@@ -418,7 +418,7 @@ BROKEN: list[tuple[str, dict[str, str], str]] = [
     (
         "unknown balance",
         {"c.yaml": "routes:\n  - name: chat\n    match: {model: m1}\n    pool: p1\n    balance: fastest\n"},
-        "c.yaml:5: route 'chat': balance must be one of least_cost, least_conn, round_robin, got 'fastest'",
+        "c.yaml:5: route 'chat': balance must be one of least_cost, least_conn, round_robin, consistent_hash, got 'fastest'",
     ),
     (
         "bad duration",
@@ -563,7 +563,7 @@ BROKEN: list[tuple[str, dict[str, str], str]] = [
     (
         "defaults balance",
         {"c.yaml": "defaults:\n  balance: least_costs\n"},
-        "c.yaml:2: defaults: balance must be one of least_cost, least_conn, round_robin, got 'least_costs' "
+        "c.yaml:2: defaults: balance must be one of least_cost, least_conn, round_robin, consistent_hash, got 'least_costs' "
         "(did you mean 'least_cost'?)",
     ),
     (
@@ -868,3 +868,41 @@ def test_secrets_in_rule_files_never_reach_an_error_message(tmp_path: Path) -> N
     text = "\n".join(raised.value.errors)
     assert "hunter2" not in text and "4f9a8b7c6d5e4f3a2b1c" not in text
     assert "http://***@127.0.0.1:8000" in text  # still says which URL, and what is wrong with it
+
+
+# ------------------------------------------------------------------------------------------- balance forms
+
+
+def route_with(tmp_path: Path, balance: str, backend: str = "") -> str:
+    return BASE.replace("  b1: {url: \"http://127.0.0.1:8000\"}", f"  b1: {{url: \"http://127.0.0.1:8000\"{backend}}}") \
+        .replace("    pool: p1", f"    pool: p1\n    balance: {balance}")
+
+
+def test_balance_mappings_and_cache_tokens_load(tmp_path: Path) -> None:
+    rules = write(tmp_path / "a", {"r.yaml": route_with(tmp_path, "{policy: least_cost, prefix: false}",
+                                                      ", cache_tokens: 50000")})
+    snapshot = load_rules(rules, env={})
+    assert snapshot.routes[0].balance == Balance(policy="least_cost", prefix=False)
+    assert snapshot.backends[0].cache_tokens == 50000
+    rules = write(tmp_path / "b", {"r.yaml": route_with(tmp_path, "{policy: consistent_hash, by: \"header:X-Conv\"}")})
+    balance = load_rules(rules, env={}).routes[0].balance
+    assert balance.policy == "consistent_hash" and balance.by == Subject(by="header", header="x-conv")
+    rules = write(tmp_path / "c", {"r.yaml": route_with(tmp_path, "least_conn")})
+    assert load_rules(rules, env={}).routes[0].balance == Balance(policy="least_conn")
+
+
+@pytest.mark.parametrize(
+    ("balance", "message"),
+    [
+        ("{policy: consistent_hash}", "balance.by is required"),
+        ("{policy: least_cost, by: api_key}", "balance.by is for consistent_hash, not least_cost"),
+        ("{policy: least_conn, prefix: true}", "balance.prefix is for least_cost, not least_conn"),
+        ("{policy: consistent_hash, by: \"cookie:x\"}", "balance.by must be one of 'header:NAME', 'body:user', 'api_key'"),
+        ("{prefix: true}", "balance.policy is required"),
+        ("{policy: least_cost, prefix: maybe}", "balance.prefix must be true or false"),
+        ("{policy: least_cost, sticky: true}", "unknown key 'sticky' in balance of route 'base'"),
+    ],
+)
+def test_bad_balance_mappings_are_refused_with_their_line(tmp_path: Path, balance: str, message: str) -> None:
+    errors = load_errors(write(tmp_path, {"r.yaml": route_with(tmp_path, balance)}))
+    assert len(errors) == 1 and message in errors[0] and "r.yaml:9" in errors[0], errors

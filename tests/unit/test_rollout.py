@@ -15,7 +15,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from proxy.config.loader import load_rules
-from proxy.config.model import Pool, Rollout, Route, Sticky, Variant
+from proxy.config.model import Balance, Pool, Rollout, Route, Sticky, Variant
 from proxy.config.schema import RULES_SCHEMA
 from proxy.delivery.analysis import (
     ERROR_RATE,
@@ -257,7 +257,7 @@ def test_weights_follow_state_and_reloads_cost_one_rebuild() -> None:
     weights.apply(route, state[0])
     first = weights.variants_for(route)
     assert [v.weight for v in first] == [75.0, 25.0] and weights.variants_for(route) is first  # cached
-    reloaded = replace(route, balance="round_robin")  # same rollout block: same state, rebuilt once
+    reloaded = replace(route, balance=Balance("round_robin"))  # same rollout block: same state, rebuilt once
     assert [v.weight for v in weights.variants_for(reloaded)] == [75.0, 25.0]
     edited = replace(route, rollout=replace(ROLLOUT, interval=120.0, digest="d2"))  # a new rollout: from 0
     assert [v.weight for v in weights.variants_for(edited)] == [100.0, 0.0]

@@ -46,19 +46,23 @@ def test_key_sets_are_the_loaders(constant: str, definition: str | None) -> None
     assert getattr(loader, constant) == allowed_keys(definition)
 
 
+def test_balance_keys_are_the_mapping_forms() -> None:
+    assert loader.BALANCE_KEYS == ("policy", "prefix", "by")
+
+
 def test_every_loader_key_set_is_covered() -> None:
     """A new `*_KEYS` constant in the loader needs its schema definition (and a row above)."""
     covered = {"TOP_KEYS", "SERVER_KEYS", "DEFAULTS_KEYS", "HEALTH_KEYS", "TIMEOUT_KEYS", "BACKEND_KEYS",
                "POOL_KEYS", "ROUTE_KEYS", "MATCH_KEYS", "SPLIT_KEYS", "VARIANT_KEYS", "STICKY_KEYS", "RETRY_KEYS",
                "SHADOW_KEYS", "CACHE_KEYS", "ROLLOUT_KEYS", "FEEDBACK_KEYS", "WEBHOOK_KEYS",
-               "TENANT_KEYS", "TENANT_LIMIT_KEYS", "TLS_KEYS", "HEADERS_KEYS"}
+               "TENANT_KEYS", "TENANT_LIMIT_KEYS", "TLS_KEYS", "HEADERS_KEYS", "BALANCE_KEYS"}
     assert {name for name in vars(loader) if name.endswith("_KEYS")} == covered
 
 
 def test_enums_are_the_models() -> None:
     defs = RULES_SCHEMA["$defs"]
     assert tuple(defs["backend"]["properties"]["kind"]["enum"]) == BACKEND_KINDS
-    assert tuple(defs["balance"]["enum"]) == BALANCE_POLICIES
+    assert tuple(defs["balance_policy"]["enum"]) == BALANCE_POLICIES
     assert tuple(defs["match"]["properties"]["endpoints"]["items"]["enum"]) == ENDPOINTS
     assert tuple(defs["webhook"]["properties"]["events"]["items"]["enum"]) == WEBHOOK_EVENTS
 

@@ -22,20 +22,20 @@ def test_pass_through_returns_each_chunk_untouched_and_reads_usage() -> None:
     outputs = [relay.feed(c) for c in chunks]
     assert outputs == chunks  # never re-framed, never held back
     assert relay.finish() == b""
-    assert relay.usage == (5, 3)
+    assert relay.usage is not None and relay.usage.tokens == (5, 3)
 
 
 def test_strip_removes_only_the_usage_event() -> None:
     relay = SseRelay(strip_usage=True)
     assert run(relay, [TOKEN, TOKEN + USAGE + DONE]) == TOKEN + TOKEN + DONE
-    assert relay.usage == (5, 3)
+    assert relay.usage is not None and relay.usage.tokens == (5, 3)
 
 
 @pytest.mark.parametrize("cut", [1, 7, 30, len(USAGE) - 1])
 def test_strip_with_usage_event_split_across_chunks(cut: int) -> None:
     relay = SseRelay(strip_usage=True)
     assert run(relay, [TOKEN, USAGE[:cut], USAGE[cut:], DONE]) == TOKEN + DONE
-    assert relay.usage == (5, 3)
+    assert relay.usage is not None and relay.usage.tokens == (5, 3)
 
 
 def test_strip_mode_sends_complete_events_at_once() -> None:
@@ -50,7 +50,7 @@ def test_crlf_framed_events() -> None:
     token = TOKEN.replace(b"\n\n", b"\r\n\r\n")
     relay = SseRelay(strip_usage=True)
     assert run(relay, [token + usage]) == token
-    assert relay.usage == (5, 3)
+    assert relay.usage is not None and relay.usage.tokens == (5, 3)
 
 
 def test_usage_null_is_not_a_usage_event() -> None:
@@ -75,7 +75,31 @@ def test_usage_null_is_not_a_usage_event() -> None:
     ],
 )
 def test_find_usage_object(body: bytes, expected: tuple[int | None, int | None] | None) -> None:
-    assert find_usage_object(body) == expected
+    found = find_usage_object(body)
+    assert (None if found is None else found.tokens) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # vLLM / OpenAI, the Responses API, Anthropic (input_tokens counts only what was not read from the cache)
+        (b'{"usage":{"prompt_tokens":100,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":64}}}',
+         (100, 2, 64, None, None)),
+        (b'{"usage":{"input_tokens":100,"input_tokens_details":{"cached_tokens":32},"output_tokens":5}}',
+         (100, 5, 32, None, None)),
+        (b'{"usage":{"input_tokens":36,"cache_read_input_tokens":64,"cache_creation_input_tokens":0,'
+         b'"output_tokens":5}}', (100, 5, 64, None, None)),
+        # llama.cpp: timings beside the usage, cache_n when usage does not say
+        (b'{"usage":{"prompt_tokens":100,"completion_tokens":10},"timings":{"cache_n":60,"prompt_n":40,'
+         b'"prompt_ms":12.5,"predicted_n":10,"predicted_ms":80.25}}', (100, 10, 60, 12.5, 80.25)),
+        (b'{"usage":{"prompt_tokens":5,"completion_tokens":1},"timings":{"prompt_ms":"x","predicted_ms":-1}}',
+         (5, 1, None, None, None)),
+    ],
+)
+def test_cached_tokens_and_runtime_timings(body: bytes, expected: tuple[object, ...]) -> None:
+    found = find_usage_object(body)
+    assert found is not None
+    assert (found.prompt, found.completion, found.cached, found.prefill_ms, found.decode_ms) == expected
 
 
 def test_a_giant_event_is_held_once_and_refused_past_the_cap() -> None:
@@ -135,7 +159,7 @@ def test_messages_usage_is_merged_from_its_two_events_and_nothing_is_stripped(sp
     out = b"".join(relay.feed(MESSAGES_STREAM[i:i + split]) for i in range(0, len(MESSAGES_STREAM), split))
     out += relay.finish()
     assert out == MESSAGES_STREAM
-    assert relay.usage == (25, 15)  # input from message_start, output from message_delta
+    assert relay.usage is not None and relay.usage.tokens == (25, 15)  # input from message_start, output from message_delta
     assert relay.saw_done
 
 
@@ -143,7 +167,7 @@ def test_responses_usage_comes_from_response_completed() -> None:
     relay = SseRelay(strip_usage=False, endpoint="responses")
     assert relay.feed(RESPONSES_STREAM) == RESPONSES_STREAM
     relay.finish()
-    assert relay.usage == (9, 3)  # `"usage": null` of response.created is not a usage event
+    assert relay.usage is not None and relay.usage.tokens == (9, 3)  # `"usage": null` of response.created is not a usage event
     assert relay.saw_done
 
 
