@@ -17,12 +17,17 @@ seconds after the last arrival; requests still running then are cancelled and co
 their elapsed time as a lower bound of their latency (a percentile reached by such a value prints as `>x`).
 
 The proxy's access log (JSON lines on stderr, one per request, tagged with our X-Request-Id) tells which
-backend served each request; replaying those lines through `proxy/pipeline/cost.py`'s `learn` shows what
-least_cost believed about each backend's speed (the proxy does not expose it).
+backend served each request; GET /admin/backends after the warm-up and after every run shows what least_cost
+believed about each backend's speed.
+
+`--workload multiturn,noshare` (or `prefix`) runs the prefix-cache scenario instead (bench/routing_prefix.py):
+multi-turn conversations and shared system prompts on four equal runtimes with prefix caches.
 
     .venv/bin/python bench/routing.py                 # 3 seeds x 3 loads x 3 policies + homogeneous, ~3.5 min
     .venv/bin/python bench/routing.py --quick         # 1 seed, fewer requests: smoke run
     .venv/bin/python bench/routing.py --loads 0.8 --policies least_conn,least_cost --seeds 5
+    .venv/bin/python bench/routing.py --workload prefix          # multiturn at 50/80 % + noshare at 80 %, ~10 min
+    .venv/bin/python bench/routing.py --workload prefix --quick  # smoke run, ~2 min
 
 Numbers, not pass/fail: the exit status is non-zero only when the harness could not measure.
 """
@@ -31,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
+import os
 import json
 import math
 import random
@@ -40,6 +47,8 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +78,9 @@ class BackendSpec:
     prefill_tokens_per_second: float
     max_batch: int
     ttft_ms: float = TTFT_MS
+    cache_tokens: int = 0  # the runtime's prefix cache (SimConfig.prefix_cache_tokens), told to the proxy too
+    batch_slowdown: float = 0.0  # per-token time x (1 + s (running - 1)) (SimConfig.batch_slowdown)
+    block_tokens: int = 16  # SimConfig.prefix_block_tokens
 
 
 HETERO = (
@@ -138,9 +150,11 @@ def schedule(n: int, rate: float, seed: int, token_scale: float, max_tokens_cap:
     return out
 
 
-def body_for(req: Req) -> bytes:
+def body_for(req: Req, uid: str) -> bytes:
+    """The prompt starts with `uid` (then filler) so that no two requests share a prefix: a prefix-aware
+    balancer must not see the whole workload as one shared prompt. Its length is prompt_chars all the same."""
     reps = req.prompt_chars // len(FILLER) + 1
-    text = (FILLER * reps)[: req.prompt_chars]
+    text = (f"[{uid}] " + FILLER * reps)[: req.prompt_chars]
     return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": text}],
                        "max_tokens": req.max_tokens, "stream": True}, separators=(",", ":")).encode()
 
@@ -190,13 +204,29 @@ def sim_main(argv: list[str]) -> int:
     p.add_argument("--prefill", type=float, required=True)
     p.add_argument("--ttft-ms", type=float, required=True)
     p.add_argument("--max-batch", type=int, required=True)
+    p.add_argument("--cache-tokens", type=int, default=0)
+    p.add_argument("--block-tokens", type=int, default=16)
+    p.add_argument("--batch-slowdown", type=float, default=0.0)
+    p.add_argument("--report-timings", action="store_true")
     a = p.parse_args(argv)
     import uvloop
 
     from proxy.sim.runtime import SimConfig, serve
 
+    wanted: dict[str, Any] = {}
+    if a.cache_tokens:
+        wanted.update(prefix_cache_tokens=a.cache_tokens, prefix_block_tokens=a.block_tokens)
+    if a.batch_slowdown:
+        wanted["batch_slowdown"] = a.batch_slowdown
+    if a.report_timings:
+        wanted["report_timings"] = True
+    known = sim_fields()
+    missing = sorted(k for k in wanted if k not in known)
+    if missing:
+        print(f"routing.py _sim: SimConfig has no {', '.join(missing)}: running without", file=sys.stderr, flush=True)
     config = SimConfig(models=(MODEL,), tokens_per_second=a.tps, ttft_ms=a.ttft_ms,
-                       prefill_tokens_per_second=a.prefill, max_batch=a.max_batch)
+                       prefill_tokens_per_second=a.prefill, max_batch=a.max_batch,
+                       **{k: v for k, v in wanted.items() if k in known})
 
     async def run() -> int:
         loop = asyncio.get_running_loop()
@@ -215,17 +245,31 @@ def sim_main(argv: list[str]) -> int:
     return uvloop.run(run())
 
 
+def sim_fields() -> set[str]:
+    """The fields SimConfig has in this tree (the prefix cache and batch slowdown may not have landed)."""
+    from proxy.sim.runtime import SimConfig
+
+    return {f.name for f in dataclasses.fields(SimConfig)}
+
+
 class Sims:
-    def __init__(self, tmp: Path, label: str, specs: tuple[BackendSpec, ...]) -> None:
+    def __init__(self, tmp: Path, label: str, specs: tuple[BackendSpec, ...], report_timings: bool = False) -> None:
         self.specs = specs
         self.ports = {s.name: harness.free_port() for s in specs}
         self.procs: dict[str, harness.Proc] = {}
         try:
             for s in specs:
+                extra = []
+                if s.cache_tokens:
+                    extra += ["--cache-tokens", str(s.cache_tokens), "--block-tokens", str(s.block_tokens)]
+                if s.batch_slowdown:
+                    extra += ["--batch-slowdown", str(s.batch_slowdown)]
+                if report_timings:
+                    extra.append("--report-timings")
                 self.procs[s.name] = harness.Proc(f"{label}-sim-{s.name}", [
                     sys.executable, str(Path(__file__).resolve()), "_sim", "--port", str(self.ports[s.name]),
                     "--tps", str(s.tokens_per_second), "--prefill", str(s.prefill_tokens_per_second),
-                    "--ttft-ms", str(s.ttft_ms), "--max-batch", str(s.max_batch)], tmp)
+                    "--ttft-ms", str(s.ttft_ms), "--max-batch", str(s.max_batch), *extra], tmp)
             for s in specs:
                 harness.wait_ready(self.procs[s.name], f"http://127.0.0.1:{self.ports[s.name]}/health")
         except BaseException:
@@ -247,14 +291,15 @@ class Sims:
             p.stop()
 
 
-def start_proxy(tmp: Path, label: str, sims: Sims, policy: str) -> tuple[harness.Proc, int]:
-    d = tmp / label
-    d.mkdir()
-    port = harness.free_port()
+def rules_text(sims: Sims, balance: str, cache_tokens: bool = False) -> str:
+    """One pool of the runtimes; `balance` is YAML (a policy name or a flow mapping); `cache_tokens`: tell the
+    proxy each runtime's prefix-cache size."""
     # `concurrency` tells the proxy each runtime's batch size, as an operator would (only least_cost uses it).
-    backends = "\n".join(f'  {s.name}: {{url: "{sims.url(s.name)}", kind: vllm, concurrency: {s.max_batch}}}'
-                         for s in sims.specs)
-    (d / "bench.yaml").write_text(f"""\
+    backends = "\n".join(
+        f'  {s.name}: {{url: "{sims.url(s.name)}", kind: vllm, concurrency: {s.max_batch}'
+        + (f", cache_tokens: {s.cache_tokens}" if cache_tokens and s.cache_tokens else "") + "}"
+        for s in sims.specs)
+    return f"""\
 server: {{max_inflight: 100000}}
 backends:
 {backends}
@@ -264,9 +309,40 @@ routes:
   - name: bench
     match: {{model: "{MODEL}"}}
     pool: p
-    balance: {policy}
+    balance: {balance}
     timeouts: {{total: 10m, first_token: 5m, queue: 5m}}
-""")
+"""
+
+
+_CHECKED: dict[str, list[str]] = {}  # rules text with the runtimes' ports masked -> the loader's errors
+
+
+def check_rules(tmp: Path, text: str) -> list[str]:
+    """`python -m proxy check` on one rules text: [] when the loader takes it, else its error lines. Cached by
+    the text with ports masked, so each form of rule is checked once per session."""
+    import re
+    import subprocess
+
+    key = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", text)
+    if key in _CHECKED:
+        return _CHECKED[key]
+    d = Path(tempfile.mkdtemp(prefix="check-", dir=tmp))
+    (d / "bench.yaml").write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "proxy", "check", str(d)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    errors = [] if proc.returncode == 0 else [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    if proc.returncode != 0 and not errors:
+        errors = [f"exit status {proc.returncode}"]
+    _CHECKED[key] = errors
+    return errors
+
+
+def start_proxy(tmp: Path, label: str, sims: Sims, policy: str, text: str | None = None) -> tuple[harness.Proc, int]:
+    """A proxy on `text` (default: the plain `balance: <policy>` rules), ready."""
+    d = tmp / label
+    d.mkdir()
+    port = harness.free_port()
+    (d / "bench.yaml").write_text(rules_text(sims, policy) if text is None else text)
     proc = harness.Proc(f"{label}-proxy", [sys.executable, "-m", "proxy", "serve", "--rules", str(d), "--host",
                                       "127.0.0.1", "--port", str(port), "--no-watch"], tmp)
     try:
@@ -303,7 +379,8 @@ async def _fire(session: aiohttp.ClientSession, url: str, body: bytes, res: Resu
         done = False
         try:
             async with session.post(url, data=body, headers={"Content-Type": "application/json",
-                                                             "X-Request-Id": res.rid}) as resp:
+                                                             "X-Request-Id": res.rid,
+                                                             "X-Conversation-Id": res.rid}) as resp:
                 if resp.status != 200:
                     await resp.read()
                     res.error = f"HTTP {resp.status}"
@@ -325,8 +402,8 @@ async def _fire(session: aiohttp.ClientSession, url: str, body: bytes, res: Resu
 
 
 async def run_load(url: str, reqs: list[Req], tag: str, drain_cap: float, conc_cap: int) -> dict[str, Any]:
-    bodies = [body_for(r) for r in reqs]
     results = [Result(f"{tag}.{i}", r.max_tokens, r.prompt_chars, r.offset) for i, r in enumerate(reqs)]
+    bodies = [body_for(r, res.rid) for r, res in zip(reqs, results)]
     started: dict[str, float] = {}
     sem = asyncio.Semaphore(conc_cap)
     cap_bound = 0
@@ -418,43 +495,30 @@ def other_log_lines(path: Path, limit: int = 5) -> tuple[Counter[str], list[str]
     return levels, samples
 
 
-def replay_learning(lines: list[dict[str, Any]], specs: tuple[BackendSpec, ...]) -> dict[str, Any]:
-    """Feed the access log (completion order) through proxy/pipeline/cost.py's `learn`: what least_cost knew.
+def admin_get(port: int, path: str) -> Any:
+    """GET an admin JSON document from the proxy (Bearer SPLITSTREAM_ADMIN_TOKEN when this process has it:
+    the proxy inherits our environment; without it the proxy answers loopback clients)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    token = os.environ.get("SPLITSTREAM_ADMIN_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
 
-    Approximation: the proxy measures TTFT and duration from the attempt's start, the log from the request's
-    (they differ by the body read and the pick, well under a millisecond here)."""
-    from proxy.config.model import Backend
-    from proxy.pipeline import cost
-    from proxy.upstream.state import BackendState
 
-    states = {s.name: BackendState(Backend(name=s.name, url=f"http://{s.name}", host=s.name, port=0,
-                                           base_path="")) for s in specs}
-    stats = cost.new_model_stats()
+LEARNED_KEYS = ("decode_tps", "prefill_tps", "learned_from", "decode_tps_by_inflight", "prefill_tps_by_inflight",
+                "inflight", "predicted_load")
 
-    def snap() -> dict[str, Any]:
-        return {"model_completion_tokens": round(stats.completion_tokens, 1),
-                "model_bytes_per_token": round(stats.bytes_per_token, 2),
-                "backends": {n: {"decode_tps": round(st.decode_tps, 1), "prefill_tps": round(st.prefill_tps),
-                                 "learned_from": st.completed} for n, st in states.items()}}
 
-    snapshots: dict[str, Any] = {}
-    current = None
-    for ln in lines:
-        tag = str(ln.get("request_id", "")).split(".")[0]
-        if tag != "warm" and not (tag[:1] == "s" and tag[1:].isdigit()):
-            continue  # the proxy's own ids: readiness checks, nothing we sent
-        if current is not None and tag != current:
-            snapshots.setdefault(f"end of {current}", snap())
-        current = tag
-        st = states.get(str(ln.get("backend")))
-        if st is None or ln.get("status") != 200 or not (ln.get("prompt_tokens") or ln.get("completion_tokens")):
-            continue
-        ttft = None if ln.get("ttft_ms") is None else ln["ttft_ms"] / 1e3
-        cost.learn(stats, st, ln["bytes_in"], ln.get("prompt_tokens") or 0, ln.get("completion_tokens") or 0,
-                   ttft, ln["duration_ms"] / 1e3)
-    if current is not None:
-        snapshots[f"end of {current}"] = snap()
-    return snapshots
+def learned_snapshot(port: int) -> dict[str, Any]:
+    """What the proxy's balancer believes about each backend now (GET /admin/backends): learned speeds, and
+    per in-flight count where the proxy has them. {"error": ...} when the proxy did not answer."""
+    try:
+        doc = admin_get(port, "/admin/backends")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"backends": {str(b.get("name")): {k: b[k] for k in LEARNED_KEYS if k in b}
+                         for b in doc.get("backends", [])}}
 
 
 def backend_breakdown(results: list[Result], by_rid: dict[str, dict[str, Any]], specs: tuple[BackendSpec, ...],
@@ -489,11 +553,16 @@ def backend_breakdown(results: list[Result], by_rid: dict[str, dict[str, Any]], 
 # calibration: are the sims as fast as configured?
 
 
+def slowdown(s: BackendSpec) -> float:
+    """The batch slowdown the runtime really applies: none while SimConfig has no `batch_slowdown`."""
+    return s.batch_slowdown if s.batch_slowdown and "batch_slowdown" in sim_fields() else 0.0
+
+
 async def calibrate(sims: Sims) -> dict[str, Any]:
     """max_batch concurrent fixed-size streams straight to each runtime (all at once, 2 rounds): measured mean
-    service time vs the model ttft + prompt/prefill + (n-1)/tps."""
+    service time vs the model (ttft + prompt/prefill + (n-1)/tps) x (1 + batch_slowdown x (max_batch - 1)), the
+    sim slowing prefill and decode alike."""
     req = Req(0.0, 400, CALIBRATION_TOKENS)
-    body = body_for(req)
     out: dict[str, Any] = {}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -502,11 +571,12 @@ async def calibrate(sims: Sims) -> dict[str, Any]:
             times: list[float] = []
             sem = asyncio.Semaphore(10**6)
             for rnd in range(2):
-                res = [Result(f"cal{rnd}.{i}", req.max_tokens, req.prompt_chars, 0.0) for i in range(s.max_batch)]
-                await asyncio.gather(*(_fire(session, url, body, r, sem, {}) for r in res))
+                res = [Result(f"cal{rnd}.{s.name}.{i}", req.max_tokens, req.prompt_chars, 0.0)
+                       for i in range(s.max_batch)]
+                await asyncio.gather(*(_fire(session, url, body_for(req, r.rid), r, sem, {}) for r in res))
                 times += [r.e2e for r in res if r.e2e is not None and r.error is None]
             model = (s.ttft_ms / 1e3 + sim_prompt_tokens(req.prompt_chars) / s.prefill_tokens_per_second
-                     + (req.max_tokens - 1) / s.tokens_per_second)
+                     + (req.max_tokens - 1) / s.tokens_per_second) * (1 + slowdown(s) * (s.max_batch - 1))
             measured = statistics.fmean(times) if times else float("nan")
             out[s.name] = {"model_s": model, "measured_s": measured, "ratio": measured / model}
 
@@ -524,7 +594,9 @@ class Cell:
     def __init__(self, label: str, policy: str, load: float, rate: float) -> None:
         self.label, self.policy, self.load, self.rate = label, policy, load, rate
         self.proxy: harness.Proc | None = None
+        self.port = 0
         self.url = ""
+        self.learned: dict[str, Any] = {}  # "end of warm" / "end of s<seed>" -> learned_snapshot()
         self.warmup: dict[str, Any] = {}
         self.warmup_s = 0.0
         self.runs: list[dict[str, Any]] = []
@@ -541,8 +613,8 @@ def run_level(tmp: Path, sims: Sims, prefix: str, policies: list[str], load: flo
           + ", ".join(c.policy for c in cells), flush=True)
     try:
         for c in cells:
-            c.proxy, port = start_proxy(tmp, c.label, sims, c.policy)
-            c.url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            c.proxy, c.port = start_proxy(tmp, c.label, sims, c.policy)
+            c.url = f"http://127.0.0.1:{c.port}/v1/chat/completions"
         warm = schedule(args.warmup, WARMUP_LOAD * cap["rps"], WARMUP_SEED, args.token_scale,
                         max_tokens_cap=max(1, round(128 * args.token_scale)))
         for c in cells:
@@ -550,6 +622,7 @@ def run_level(tmp: Path, sims: Sims, prefix: str, policies: list[str], load: flo
             w = harness.run_async(run_load(c.url, warm, "warm", 30.0, args.concurrency_cap))
             c.warmup = summarize(w["results"], w["span_s"])
             c.warmup_s = time.monotonic() - t0
+            c.learned["end of warm"] = learned_snapshot(c.port)
             if c.warmup["errors"] or c.warmup["unfinished"]:
                 problems.append(f"{c.label}: warm-up had {c.warmup['errors']} errors, "
                                 f"{c.warmup['unfinished']} unfinished")
@@ -593,6 +666,7 @@ def _measure(c: Cell, sims: Sims, reqs: list[Req], seed: int, args: argparse.Nam
     if r["cap_bound"]:
         problems.append(f"{c.label} seed {seed}: the client concurrency cap bound {r['cap_bound']} times")
     c.raw.append(r["results"])
+    c.learned[f"end of s{seed}"] = learned_snapshot(c.port)
     print(f"    {c.label:<20} seed {seed}: {len(reqs)} req in {r['window_s']:.1f}s, wall {wall:4.1f}s  "
           f"p50 {_sec(s, 'e2e_p50_s')}  p99 {_sec(s, 'e2e_p99_s')}  ttft p99 {s['ttft_p99_ms']:5.0f} ms  "
           f"err {s['errors']}  unfin {s['unfinished']}  cpu% proxy {cpu['proxy']:.0f} sims {cpu['sims']:.0f} "
@@ -621,11 +695,16 @@ def _finish_cell(c: Cell, sims: Sims, args: argparse.Namespace, problems: list[s
     if samples:
         problems.append(f"{c.label}: proxy logged {dict(levels)}; first: {samples[0][:300]}")
     statuses = Counter(str(ln.get("status")) for ln in lines if ln.get("path", "").startswith("/v1/"))
-    learned = replay_learning(lines, sims.specs)
+    learned = c.learned
     if c.policy == "least_cost":
         for when, snap in learned.items():
+            if "error" in snap:
+                problems.append(f"{c.label} {when}: GET /admin/backends failed: {snap['error']}")
+                continue
             for spec in sims.specs:
-                got = snap["backends"][spec.name]["decode_tps"]
+                got = snap["backends"].get(spec.name, {}).get("decode_tps")
+                if got is None:
+                    continue
                 if got > 2 * spec.tokens_per_second or got < spec.tokens_per_second / 2:
                     problems.append(f"{c.label} {when}: least_cost's decode speed for {spec.name} is {got:g} "
                                     f"tokens/s (the runtime does {spec.tokens_per_second:g})")
@@ -637,7 +716,8 @@ def _finish_cell(c: Cell, sims: Sims, args: argparse.Namespace, problems: list[s
 
 
 ROUTING_SOURCES = ("proxy/pipeline/balancer.py", "proxy/pipeline/cost.py", "proxy/pipeline/dispatch.py",
-                   "proxy/upstream/state.py", "proxy/sim/runtime.py")
+                   "proxy/upstream/state.py", "proxy/upstream/prefix.py", "proxy/config/sections.py",
+                   "proxy/sim/runtime.py")
 
 
 def source_fingerprint() -> dict[str, str | None]:
@@ -746,73 +826,158 @@ def print_ratio(label: str, r: dict[str, Any] | None, target: float) -> None:
           f"{r['pooled_denominator']:.2f}s = {r['pooled_ratio']:.2f}, p95 ratio {r['pooled_p95_ratio']:.2f}")
 
 
-def print_learned(cells: list[dict[str, Any]]) -> None:
-    print("\nwhat least_cost believed (access log replayed through proxy/pipeline/cost.py learn(); "
-          "decode/prefill tokens/s):")
+def fmt_learned(b: dict[str, Any]) -> str:
+    """`decode/prefill (n=learned_from)`, then the decode speed at the smallest and largest in-flight count
+    when the proxy learns it per in-flight count (decode_tps_by_inflight)."""
+    def num(v: Any) -> str:
+        return f"{v:.0f}" if isinstance(v, (int, float)) else "?"
+
+    out = f"{num(b.get('decode_tps'))}/{num(b.get('prefill_tps'))} (n={b.get('learned_from', '?')})"
+    by = b.get("decode_tps_by_inflight")
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(by, dict):
+        pairs = sorted(by.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)
+    elif isinstance(by, list):
+        pairs = list(enumerate(by, 1))
+    if pairs:
+        (k0, v0), (k1, v1) = pairs[0], pairs[-1]
+        out += f" [decode@{k0} {num(v0)} .. @{k1} {num(v1)}]"
+    return out
+
+
+def print_learned(cells: list[dict[str, Any]], policies: tuple[str, ...] = ("least_cost",)) -> None:
+    cells = [c for c in cells if c["policy"] in policies]
+    if not cells:
+        return
+    print("\nwhat least_cost believed (GET /admin/backends; decode/prefill tokens/s):")
     for c in cells:
-        if c["policy"] != "least_cost":
-            continue
         for when, snap in c["learned"].items():
-            bs = "  ".join(f"{n} {b['decode_tps']:.0f}/{b['prefill_tps']:.0f} (n={b['learned_from']})"
-                           for n, b in snap["backends"].items())
-            print(f"  {c['label']:<22} {when:<12} completion est {snap['model_completion_tokens']:6.1f}  {bs}")
+            if "error" in snap:
+                print(f"  {c['label']:<22} {when:<12} {snap['error']}")
+                continue
+            bs = "  ".join(f"{n} {fmt_learned(b)}" for n, b in snap["backends"].items())
+            print(f"  {c['label']:<22} {when:<12} {bs}")
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+WORKLOADS = ("mixed", "multiturn", "noshare")
+PREFIX_WORKLOADS = ("multiturn", "noshare")
+
+
+def parse_workloads(text: str, parser: argparse.ArgumentParser) -> list[str]:
+    out: list[str] = []
+    for w in (x.strip() for x in text.split(",")):
+        if not w:
+            continue
+        names = list(PREFIX_WORKLOADS) if w == "prefix" else [w]
+        for n in names:
+            if n not in WORKLOADS:
+                parser.error(f"unknown workload {n!r} (choose from {', '.join(WORKLOADS)}, or prefix)")
+            if n not in out:
+                out.append(n)
+    if not out:
+        parser.error("--workload names none")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_sim":
         return sim_main(argv[1:])
+    import routing_prefix  # the prefix-cache scenario (multiturn, noshare); imports this module as `routing`
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="runs per (policy, load) (default 3)")
-    parser.add_argument("--requests", type=int, default=150, help="requests per run (default 150)")
-    parser.add_argument("--loads", default="0.6,0.8,0.95", help="fractions of pool capacity (default 0.6,0.8,0.95)")
-    parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated subset of {POLICIES}")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 60 requests: a smoke run")
+    parser.add_argument("--workload", default="mixed",
+                        help="comma-separated: mixed (default: heterogeneous and homogeneous pools, heavy-tailed "
+                             "single requests), multiturn (conversations and shared system prompts on four "
+                             "runtimes with prefix caches), noshare (the same sizes, no shared prefix); "
+                             "prefix = multiturn,noshare")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="runs per (policy, load) (default 3 for mixed, 2 for multiturn/noshare)")
+    parser.add_argument("--requests", type=int, default=150, help="mixed: requests per run (default 150)")
+    parser.add_argument("--loads", default=None,
+                        help="fractions of pool capacity (default: mixed 0.6,0.8,0.95; multiturn 0.5,0.8; "
+                             "noshare 0.8)")
+    parser.add_argument("--policies", default=None,
+                        help=f"comma-separated subset (mixed: {', '.join(POLICIES)}; multiturn: "
+                             f"{', '.join(routing_prefix.POLICIES)}; noshare: the same, default "
+                             f"{', '.join(routing_prefix.NOSHARE_POLICIES)}); names a workload does not know are "
+                             "skipped for it")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: mixed 1 seed x 60 requests; multiturn/noshare 1 seed, 80%% load only, "
+                             "short windows")
     parser.add_argument("--skip-homogeneous", action="store_true", help="skip the three-identical-backends check")
     parser.add_argument("--token-scale", type=float, default=0.25,
-                        help="multiplies the max_tokens mix (default 0.25: 4-16 / 32-64 / 128-256 tokens, so the "
-                             "default run fits ~4 minutes; 1.0 = 16-64 / 128-256 / 512-1024, ~4x longer)")
-    parser.add_argument("--warmup", type=int, default=WARMUP_REQUESTS,
-                        help=f"warm-up requests per proxy (default {WARMUP_REQUESTS})")
+                        help="mixed: multiplies the max_tokens mix (default 0.25: 4-16 / 32-64 / 128-256 tokens, so "
+                             "the default run fits ~4 minutes; 1.0 = 16-64 / 128-256 / 512-1024, ~4x longer)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"warm-up requests per proxy (default {WARMUP_REQUESTS} for mixed, "
+                             f"{routing_prefix.WARMUP_REQUESTS} for multiturn/noshare)")
     parser.add_argument("--drain-cap", type=float, default=None,
-                        help="seconds to wait after the last arrival before cancelling (default 30 x token-scale)")
-    parser.add_argument("--max-window", type=float, default=60.0, help="cut a run's arrivals after this many s")
+                        help="seconds to wait after the last arrival before cancelling (default: mixed 30 x "
+                             "token-scale, multiturn/noshare 30)")
+    parser.add_argument("--max-window", type=float, default=60.0, help="mixed: cut a run's arrivals after this many s")
     parser.add_argument("--concurrency-cap", type=int, default=5000, help="client-side in-flight limit (default 5000)")
     parser.add_argument("--no-calibrate", action="store_true", help="skip the direct sim speed check")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the process logs")
+    routing_prefix.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds, args.requests = 1, 60
-    if args.drain_cap is None:
-        args.drain_cap = 30.0 * args.token_scale
-    loads = [float(x) for x in args.loads.split(",") if x.strip()]
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    for p in policies:
-        if p not in POLICIES:
-            parser.error(f"unknown policy {p!r}")
-    if args.seeds < 1 or args.requests < 1 or not loads or any(not 0 < x < 2 for x in loads):
-        parser.error("--seeds and --requests must be positive, loads in (0, 2)")
+    workloads = parse_workloads(args.workload, parser)
+    explicit_policies = None if args.policies is None else [p.strip() for p in args.policies.split(",") if p.strip()]
+    if explicit_policies is not None:
+        unknown = [p for p in explicit_policies if p not in POLICIES and p not in routing_prefix.POLICIES]
+        if unknown or not explicit_policies:
+            parser.error(f"unknown policy {unknown[0]!r}" if unknown else "--policies names none")
+    explicit_loads = None
+    if args.loads is not None:
+        explicit_loads = [float(x) for x in args.loads.split(",") if x.strip()]
+        if not explicit_loads or any(not 0 < x < 2 for x in explicit_loads):
+            parser.error("loads must be in (0, 2)")
     harness.raise_nofile(65536)
 
-    moments = workload_moments(args.token_scale)
-    cap = capacity(HETERO, moments)
-    cap_homo = capacity(HOMO, moments)
-    print(f"workload: prompt chars median {moments['median_prompt_chars']:.0f}, mean {moments['mean_prompt_chars']:.0f}"
-          f", p99 {moments['p99_prompt_chars']}; max_tokens mix "
-          + ", ".join(f"{100 * s:.0f}% {round(lo * args.token_scale)}-{round(hi * args.token_scale)}"
-                      for s, lo, hi in MAX_TOKENS_MIX)
-          + f" (mean {moments['mean_completion_tokens']:.1f}); streaming")
-    for title, specs, c in (("heterogeneous", HETERO, cap), ("homogeneous", HOMO, cap_homo)):
-        parts = ", ".join(f"{s.name} {s.tokens_per_second:g} tok/s x{s.max_batch} prefill "
-                          f"{s.prefill_tokens_per_second:g}: {c['backends'][s.name]['rps']:.2f} req/s" for s in specs)
-        print(f"capacity {title}: {c['rps']:.2f} req/s ({parts}); without the TTFT/prefill correction "
-              f"{c['naive_rps']:.2f}")
-    n_cells = len(loads) * len(policies) + (0 if args.skip_homogeneous else 2)
-    print(f"{n_cells} proxies x ({args.warmup} warm-up + {args.seeds} x {args.requests} requests); drain cap "
-          f"{args.drain_cap:g} s", flush=True)
+    mixed = "mixed" in workloads
+    loads: list[float] = []
+    policies: list[str] = []
+    mixed_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    mixed_warmup = args.warmup if args.warmup is not None else WARMUP_REQUESTS
+    mixed_drain = args.drain_cap if args.drain_cap is not None else 30.0 * args.token_scale
+    if mixed:
+        if args.quick:
+            args.requests = 60
+        loads = explicit_loads or [0.6, 0.8, 0.95]
+        policies = [p for p in (explicit_policies or POLICIES) if p in POLICIES]
+        if mixed_seeds < 1 or args.requests < 1 or not policies:
+            parser.error("mixed: --seeds and --requests must be positive and --policies name one of "
+                         + ", ".join(POLICIES))
+    mixed_args = argparse.Namespace(**{**vars(args), "seeds": mixed_seeds, "warmup": mixed_warmup,
+                                      "drain_cap": mixed_drain})
+    plan = None
+    if any(w in PREFIX_WORKLOADS for w in workloads):
+        plan = routing_prefix.prepare(args, parser, workloads, explicit_loads, explicit_policies)
+
+    moments: dict[str, float] = {}
+    cap: dict[str, Any] = {}
+    cap_homo: dict[str, Any] = {}
+    if mixed:
+        moments = workload_moments(args.token_scale)
+        cap = capacity(HETERO, moments)
+        cap_homo = capacity(HOMO, moments)
+        print(f"mixed workload: prompt chars median {moments['median_prompt_chars']:.0f}, mean "
+              f"{moments['mean_prompt_chars']:.0f}, p99 {moments['p99_prompt_chars']}; max_tokens mix "
+              + ", ".join(f"{100 * s:.0f}% {round(lo * args.token_scale)}-{round(hi * args.token_scale)}"
+                          for s, lo, hi in MAX_TOKENS_MIX)
+              + f" (mean {moments['mean_completion_tokens']:.1f}); streaming")
+        for title, specs, c in (("heterogeneous", HETERO, cap), ("homogeneous", HOMO, cap_homo)):
+            parts = ", ".join(f"{s.name} {s.tokens_per_second:g} tok/s x{s.max_batch} prefill "
+                              f"{s.prefill_tokens_per_second:g}: {c['backends'][s.name]['rps']:.2f} req/s"
+                              for s in specs)
+            print(f"capacity {title}: {c['rps']:.2f} req/s ({parts}); without the TTFT/prefill correction "
+                  f"{c['naive_rps']:.2f}")
+        n_cells = len(loads) * len(policies) + (0 if args.skip_homogeneous else 2)
+        print(f"{n_cells} proxies x ({mixed_warmup} warm-up + {mixed_seeds} x {args.requests} requests); drain cap "
+              f"{mixed_drain:g} s", flush=True)
 
     started = dt.datetime.now(dt.timezone.utc)
     t_begin = time.monotonic()
@@ -821,84 +986,102 @@ def main(argv: list[str] | None = None) -> int:
     cells: list[dict[str, Any]] = []
     homo_cells: list[dict[str, Any]] = []
     calibration: dict[str, Any] = {}
+    prefix_out: dict[str, Any] = {}
     loadavg0 = runinfo.loadavg()
     with harness.reported_session(tmp, args.keep_logs, problems) as session:
-        sims = Sims(tmp, "het", HETERO)
-        try:
-            if not args.no_calibrate:
-                calibration["heterogeneous"] = harness.run_async(calibrate(sims))
-                cal = calibration["heterogeneous"]
-                measured = sum(s.max_batch / (cap["backends"][s.name]["mean_service_s"] * cal[s.name]["ratio"])
-                               for s in HETERO)
-                calibration["heterogeneous_capacity_rps"] = measured
-                print("calibration (max_batch concurrent 64-token streams straight to each sim, measured/model): "
-                      + ", ".join(f"{n} {v['measured_s']:.3f}/{v['model_s']:.3f}s ({v['ratio']:.2f})"
-                                  for n, v in cal.items())
-                      + f" -> measured capacity ~{measured:.2f} req/s", flush=True)
-            for load in loads:
-                cells += run_level(tmp, sims, "", policies, load, cap, args, problems)
-        finally:
-            sims.close()
-        if not args.skip_homogeneous:
-            sims = Sims(tmp, "homo", HOMO)
+        if mixed:
+            sims = Sims(tmp, "het", HETERO)
             try:
-                homo_cells += run_level(tmp, sims, "homo-", ["least_conn", "least_cost"], 0.8, cap_homo, args,
-                                        problems)
+                if not args.no_calibrate:
+                    calibration["heterogeneous"] = harness.run_async(calibrate(sims))
+                    cal = calibration["heterogeneous"]
+                    measured = sum(s.max_batch / (cap["backends"][s.name]["mean_service_s"] * cal[s.name]["ratio"])
+                                   for s in HETERO)
+                    calibration["heterogeneous_capacity_rps"] = measured
+                    print("calibration (max_batch concurrent 64-token streams straight to each sim, measured/model): "
+                          + ", ".join(f"{n} {v['measured_s']:.3f}/{v['model_s']:.3f}s ({v['ratio']:.2f})"
+                                      for n, v in cal.items())
+                          + f" -> measured capacity ~{measured:.2f} req/s", flush=True)
+                for load in loads:
+                    cells += run_level(tmp, sims, "", policies, load, cap, mixed_args, problems)
             finally:
                 sims.close()
+            if not args.skip_homogeneous:
+                sims = Sims(tmp, "homo", HOMO)
+                try:
+                    homo_cells += run_level(tmp, sims, "homo-", ["least_conn", "least_cost"], 0.8, cap_homo,
+                                            mixed_args, problems)
+                finally:
+                    sims.close()
+        if plan is not None:
+            routing_prefix.run(plan, tmp, problems, prefix_out)
     status = session.status
     wall = time.monotonic() - t_begin
 
-    cells.sort(key=lambda c: (c["load"], POLICIES.index(c["policy"])))
-    ratios = {
-        "hetero_80_least_cost_over_least_conn_p99": ratio(cells, 0.8, "least_cost", "least_conn"),
-        "hetero_80_least_cost_over_round_robin_p99": ratio(cells, 0.8, "least_cost", "round_robin"),
-        "homo_80_least_cost_over_least_conn_p99": ratio(homo_cells, 0.8, "least_cost", "least_conn"),
-    }
-    if cells:
-        print_table(f"heterogeneous pool (fast 1x / mid 0.5x / slow 0.25x), capacity {cap['rps']:.2f} req/s; "
-                    f"medians over {args.seeds} seed(s)", table_rows(cells))
-    if homo_cells:
-        print_table(f"homogeneous pool (3 x fast), capacity {cap_homo['rps']:.2f} req/s", table_rows(homo_cells))
-    print("\nratios of p99 end-to-end latency (medians over seeds):")
-    print_ratio("80% load, least_cost / least_conn  ", ratios["hetero_80_least_cost_over_least_conn_p99"],
-                TARGETS["hetero_80_least_cost_over_least_conn_p99"])
-    print_ratio("80% load, least_cost / round_robin ", ratios["hetero_80_least_cost_over_round_robin_p99"],
-                TARGETS["hetero_80_least_cost_over_round_robin_p99"])
-    print_ratio("homogeneous 80%, least_cost / least_conn", ratios["homo_80_least_cost_over_least_conn_p99"],
-                TARGETS["homo_80_least_cost_over_least_conn_p99"])
-    print_learned(cells + homo_cells)
+    ratios: dict[str, Any] = {}
+    if mixed:
+        cells.sort(key=lambda c: (c["load"], POLICIES.index(c["policy"])))
+        ratios = {
+            "hetero_80_least_cost_over_least_conn_p99": ratio(cells, 0.8, "least_cost", "least_conn"),
+            "hetero_80_least_cost_over_round_robin_p99": ratio(cells, 0.8, "least_cost", "round_robin"),
+            "homo_80_least_cost_over_least_conn_p99": ratio(homo_cells, 0.8, "least_cost", "least_conn"),
+        }
+        if cells:
+            print_table(f"heterogeneous pool (fast 1x / mid 0.5x / slow 0.25x), capacity {cap['rps']:.2f} req/s; "
+                        f"medians over {mixed_seeds} seed(s)", table_rows(cells))
+        if homo_cells:
+            print_table(f"homogeneous pool (3 x fast), capacity {cap_homo['rps']:.2f} req/s", table_rows(homo_cells))
+        print("\nratios of p99 end-to-end latency (medians over seeds):")
+        print_ratio("80% load, least_cost / least_conn  ", ratios["hetero_80_least_cost_over_least_conn_p99"],
+                    TARGETS["hetero_80_least_cost_over_least_conn_p99"])
+        print_ratio("80% load, least_cost / round_robin ", ratios["hetero_80_least_cost_over_round_robin_p99"],
+                    TARGETS["hetero_80_least_cost_over_round_robin_p99"])
+        print_ratio("homogeneous 80%, least_cost / least_conn", ratios["homo_80_least_cost_over_least_conn_p99"],
+                    TARGETS["homo_80_least_cost_over_least_conn_p99"])
+        print_learned(cells + homo_cells)
+    prefix_doc: dict[str, Any] | None = None
+    if plan is not None:
+        prefix_doc = routing_prefix.report(plan, prefix_out, problems)
     if problems:
         print("\nproblems:")
         for p in problems:
             print(f"  - {p}")
     print(f"\nwall time {wall:.0f} s")
 
-    if cells or homo_cells:
+    if cells or homo_cells or (prefix_doc and prefix_doc.get("cells")):
         machine = runinfo.machine_info("python")
         machine["loadavg_start"] = loadavg0
         machine["loadavg_end"] = runinfo.loadavg()
         machine["routing_sources_sha256"] = source_fingerprint()
-        runinfo.write_results("routing", started, wall, status == 0, {
-            "args": vars(args) | {"loads": loads, "policies": policies},
+        doc: dict[str, Any] = {
+            "args": vars(args) | {"workloads": workloads},
             "machine": machine,
-            "backends": {"heterogeneous": [asdict(s) for s in HETERO], "homogeneous": [asdict(s) for s in HOMO]},
-            "workload": {"max_tokens_mix": MAX_TOKENS_MIX, "token_scale": args.token_scale,
-                         "prompt_median_chars": PROMPT_MEDIAN_CHARS, "prompt_sigma": PROMPT_SIGMA,
-                         "prompt_chars_range": [PROMPT_MIN_CHARS, PROMPT_MAX_CHARS], "moments": moments,
-                         "warmup": {"requests": args.warmup, "load": WARMUP_LOAD,
-                                    "max_tokens_cap": max(1, round(128 * args.token_scale))}},
-            "capacity": {"heterogeneous": cap, "homogeneous": cap_homo, "calibration": calibration},
-            "targets": TARGETS,
-            "table": [dict(zip(HEADER, r)) for r in table_rows(cells)],
-            "table_homogeneous": [dict(zip(HEADER, r)) for r in table_rows(homo_cells)],
-            "ratios": ratios,
-            "cells": cells,
-            "homogeneous_cells": homo_cells,
-            "problems": problems,
-        })
+        }
+        if mixed:
+            doc.update({
+                "args": doc["args"] | {"loads": loads, "policies": policies, "seeds": mixed_seeds,
+                                       "warmup": mixed_warmup, "drain_cap": mixed_drain},
+                "backends": {"heterogeneous": [asdict(s) for s in HETERO], "homogeneous": [asdict(s) for s in HOMO]},
+                "workload": {"max_tokens_mix": MAX_TOKENS_MIX, "token_scale": args.token_scale,
+                             "prompt_median_chars": PROMPT_MEDIAN_CHARS, "prompt_sigma": PROMPT_SIGMA,
+                             "prompt_chars_range": [PROMPT_MIN_CHARS, PROMPT_MAX_CHARS], "moments": moments,
+                             "warmup": {"requests": mixed_warmup, "load": WARMUP_LOAD,
+                                        "max_tokens_cap": max(1, round(128 * args.token_scale))}},
+                "capacity": {"heterogeneous": cap, "homogeneous": cap_homo, "calibration": calibration},
+                "targets": TARGETS,
+                "table": [dict(zip(HEADER, r)) for r in table_rows(cells)],
+                "table_homogeneous": [dict(zip(HEADER, r)) for r in table_rows(homo_cells)],
+                "ratios": ratios,
+                "cells": cells,
+                "homogeneous_cells": homo_cells,
+            })
+        if prefix_doc is not None:
+            doc["prefix"] = prefix_doc
+        doc["problems"] = problems
+        runinfo.write_results("routing", started, wall, status == 0, doc)
     return status
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("routing", sys.modules["__main__"])  # routing_prefix imports this module by name
     sys.exit(main())
