@@ -242,7 +242,9 @@ class Dispatcher:
         """The request's predicted size in tokens, from what the pool's model taught so far, and its prompt's
         block chain when the route prices prefixes (least_cost with `prefix`)."""
         balance = route.balance
-        chain = prompt_chain(view.endpoint, view.data) if balance.prefix and balance.policy == "least_cost" else None
+        chain = None
+        if balance.prefix and balance.policy == "least_cost":
+            chain = prompt_chain(view.endpoint, view.data, len(view.body))
         return estimate(self._stats(pool), len(view.body), view.max_tokens, view.endpoint in SCORING_ENDPOINTS,
                         chain)
 

@@ -56,7 +56,11 @@ def chain(rendered: bytes) -> list[int]:
     return hashes
 
 
-def prompt_chain(endpoint: str, data: dict[str, Any]) -> list[int]:
-    """The request's block chain; empty for endpoints that generate nothing or prompts under one block."""
+def prompt_chain(endpoint: str, data: dict[str, Any], body_bytes: int = BLOCK_BYTES) -> list[int]:
+    """The request's block chain; empty for endpoints that generate nothing or prompts under one block. A body
+    under one block holds no whole block of prompt (the compact rendering is, but for a few bytes, no longer than the JSON it came
+    from), so most small requests skip the rendering altogether."""
+    if body_bytes < BLOCK_BYTES:
+        return []
     rendered = render(endpoint, data)
     return chain(rendered) if rendered is not None else []
