@@ -358,3 +358,37 @@ def reported_session(tmp: Path, keep_logs: bool, problems: list[str]) -> Iterato
             print(f"process logs kept in {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_aligned(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A titled text table: the first two columns left-aligned (load, policy), the numbers right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}")
+    line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+class ProcGroup:
+    """Named processes listening on 127.0.0.1 ports (simulated runtimes, llama-servers): one health check,
+    one CPU count and one stop for all of them."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, Proc] = {}
+        self.ports: dict[str, int] = {}
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def check(self) -> None:
+        for p in self.procs.values():
+            p.check()
+
+    def cpu_ticks(self) -> int:
+        return sum(p.cpu_ticks() for p in self.procs.values())
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            p.stop()

@@ -243,12 +243,12 @@ def new_session(keep_alive: bool = True) -> aiohttp.ClientSession:
 # processes
 
 
-class Servers:
+class Servers(harness.ProcGroup):
     """The two llama-servers, one model each, on free ports."""
 
     def __init__(self, tmp: Path, binary: Path, models: dict[str, dict[str, Any]], extra: list[str]) -> None:
+        super().__init__()
         self.ports = {name: harness.free_port() for name in BACKENDS}
-        self.procs: dict[str, harness.Proc] = {}
         self.args: dict[str, list[str]] = {}
         try:
             for name in BACKENDS:
@@ -263,20 +263,6 @@ class Servers:
         except BaseException:
             self.close()
             raise
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.ports[name]}"
-
-    def check(self) -> None:
-        for p in self.procs.values():
-            p.check()
-
-    def cpu_ticks(self) -> int:
-        return sum(p.cpu_ticks() for p in self.procs.values())
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            p.stop()
 
 
 def proxy_tree(ref: str | None, tmp: Path) -> tuple[dict[str, str], list[str], str]:
@@ -648,13 +634,7 @@ def table_rows(cells: list[Cell], loads: list[float]) -> list[list[str]]:
 
 
 def print_table(title: str, rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    print(f"\n{title}")
-    line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(HEADER, widths)))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print("  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths))))
+    harness.print_aligned(title, HEADER, rows)
     if any(r[1].endswith("*") for r in rows):
         print(f"* other processes used more than {OTHER_CPU_LIMIT:g}% of a core during at least one run (see problems)")
 

@@ -252,11 +252,11 @@ def sim_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(SimConfig)}
 
 
-class Sims:
+class Sims(harness.ProcGroup):
     def __init__(self, tmp: Path, label: str, specs: tuple[BackendSpec, ...], report_timings: bool = False) -> None:
         self.specs = specs
+        super().__init__()
         self.ports = {s.name: harness.free_port() for s in specs}
-        self.procs: dict[str, harness.Proc] = {}
         try:
             for s in specs:
                 extra = []
@@ -275,20 +275,6 @@ class Sims:
         except BaseException:
             self.close()
             raise
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.ports[name]}"
-
-    def check(self) -> None:
-        for p in self.procs.values():
-            p.check()
-
-    def cpu_ticks(self) -> int:
-        return sum(p.cpu_ticks() for p in self.procs.values())
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            p.stop()
 
 
 def rules_text(sims: Sims, balance: str, cache_tokens: bool = False) -> str:
@@ -781,13 +767,7 @@ HEADER = ["load", "policy", "p50 e2e", "p95 e2e", "p99 e2e", "p50 ttft", "p99 tt
 
 
 def print_table(title: str, rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    print(f"\n{title}")
-    line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(HEADER, widths)))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    harness.print_aligned(title, HEADER, rows)
     if any(r[1].endswith("*") for r in rows):
         print(f"* other processes used more than {OTHER_CPU_LIMIT:g}% of a core during at least one of this cell's "
               "runs (see problems)")

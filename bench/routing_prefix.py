@@ -929,13 +929,7 @@ def table_rows(cells: list[dict[str, Any]]) -> list[list[str]]:
 
 
 def print_table(title: str, rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    print(f"\n{title}")
-    line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(HEADER, widths)))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print("  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths))))
+    harness.print_aligned(title, HEADER, rows)
 
 
 def print_ratio_grid(cells: list[dict[str, Any]], load: float) -> None:
